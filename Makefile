@@ -1,0 +1,42 @@
+# lungburden — build, demo and test on a fresh Debian 12 / Python 3.11 machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools
+DEMO_DIR ?= demo-out
+
+.PHONY: install demo test lint system-deps clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Debian packages the integration tests talk to (real Orthanc, DCMTK, dciodvfy).
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+demo: install
+	rm -rf $(DEMO_DIR)
+	$(VENV)/bin/lungburden phantom $(DEMO_DIR)/phantom --seed 7
+	$(VENV)/bin/lungburden analyze $(DEMO_DIR)/phantom --out $(DEMO_DIR)/result
+
+lint: install
+	$(VENV)/bin/ruff check lungburden tests
+
+test: install system-deps
+	$(VENV)/bin/ruff check lungburden tests
+	$(VENV)/bin/python -m pytest -q -ra
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) *.egg-info

@@ -1,0 +1,207 @@
+"""Load one CT series into a :class:`CTVolume` in Hounsfield units (DICOM PS3.3 C.7.6.2, C.11.1).
+
+Geometry comes from highdicom (:func:`highdicom.get_volume_from_series`), which sorts the
+instances along the slice normal (never by InstanceNumber) and builds the LPS affine. Before
+that, :func:`check_series` applies the rejection rules with a message naming the series and the
+reason; nothing is resampled (tilted or non-uniform series are rejected, see README).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage
+
+log = logging.getLogger(__name__)
+
+
+class SeriesRejected(ValueError):
+    """A series cannot be analysed; ``str(exc)`` names the series and the reason."""
+
+    def __init__(self, series_uid: str, reason: str):
+        self.series_uid = series_uid
+        self.reason = reason
+        super().__init__(f"series {series_uid} rejected: {reason}")
+
+
+@dataclass(frozen=True)
+class LoadLimits:
+    """Tolerances of the rejection rules (configurable from YAML ``selection``)."""
+
+    min_slices: int = 16
+    #: Allowed relative deviation of a slice gap from the median gap.
+    spacing_tolerance: float = 0.05
+    #: Allowed angle (degrees) between the stacking direction and the slice normal (gantry tilt).
+    max_tilt_degrees: float = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class CTVolume:
+    """A CT series in Hounsfield units on its own voxel grid.
+
+    ``hu`` is ``float32`` with axes ``(slice, row, column)``. Slice order is highdicom's: along
+    the slice normal of a right-handed frame (for a supine axial chest CT the first slice is the
+    most superior). ``affine`` maps ``(slice, row, column, 1)`` indices to LPS patient
+    coordinates in mm. ``datasets`` are the source instances in the same slice order, with
+    their pixel data removed (headers only), for the derivation references of SEG and SR.
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+    datasets: tuple[Dataset, ...]
+    series_instance_uid: str
+    study_instance_uid: str
+    frame_of_reference_uid: str
+    source_files: tuple[Path, ...] = field(default=())
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm along (slice, row, column)."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """Volume of one voxel in mL (mm³ / 1000), from the true geometry."""
+        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
+
+    def to_highdicom(self) -> hd.Volume:
+        return hd.Volume(
+            array=self.hu,
+            affine=self.affine,
+            coordinate_system="PATIENT",
+            frame_of_reference_uid=self.frame_of_reference_uid,
+        )
+
+
+def _series_uid(datasets: Sequence[Dataset]) -> str:
+    return str(datasets[0].get("SeriesInstanceUID", "<no SeriesInstanceUID>")) if datasets else "<empty>"
+
+
+def check_series(datasets: Sequence[Dataset], limits: LoadLimits = LoadLimits()) -> None:
+    """Raise :class:`SeriesRejected` if ``datasets`` is not one analysable axial CT stack.
+
+    Works on headers only (``stop_before_pixels`` datasets are fine, except for the pixel data
+    check, which :func:`load_volume` repeats on full datasets).
+    """
+    uid = _series_uid(datasets)
+    if not datasets:
+        raise SeriesRejected(uid, "no instances")
+    for ds in datasets:
+        sop_class = ds.get("SOPClassUID", "")
+        if ds.get("Modality") != "CT" or sop_class != CTImageStorage:
+            raise SeriesRejected(
+                uid,
+                f"not a CT image series (Modality={ds.get('Modality', '?')}, "
+                f"SOPClassUID={sop_class or '?'}); only CT Image Storage is analysed",
+            )
+    image_types = {tuple(str(v).upper() for v in ds.get("ImageType", [])) for ds in datasets}
+    if any("LOCALIZER" in t for t in image_types):
+        raise SeriesRejected(uid, "localizer/scout series (ImageType contains LOCALIZER)")
+    for ds in datasets:
+        missing = [k for k in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing") if k not in ds]
+        if missing:
+            raise SeriesRejected(uid, f"instance {ds.get('SOPInstanceUID', '?')} lacks {', '.join(missing)}")
+    if len(datasets) < limits.min_slices:
+        raise SeriesRejected(uid, f"{len(datasets)} slices, fewer than the minimum of {limits.min_slices}")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(sizes) > 1:
+        raise SeriesRejected(uid, f"mixed in-plane sizes {sorted(sizes)}")
+    orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        raise SeriesRejected(uid, "mixed image orientations within the series")
+    spacings = np.array([[float(v) for v in ds.PixelSpacing] for ds in datasets])
+    if np.abs(spacings - spacings[0]).max() > 1e-4:
+        raise SeriesRejected(uid, "mixed pixel spacings within the series")
+    row_dir, col_dir = orientations[0][:3], orientations[0][3:]
+    normal = np.cross(row_dir, col_dir)
+    if abs(abs(normal[2]) - 1.0) > 0.1:
+        raise SeriesRejected(uid, "not an axial series (slice normal is not head-feet)")
+    tilt = float(datasets[0].get("GantryDetectorTilt", 0) or 0)
+    if abs(tilt) > limits.max_tilt_degrees:
+        raise SeriesRejected(uid, f"gantry tilt of {tilt} degrees; tilted series are not resampled")
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    along = positions @ normal
+    order = np.argsort(along)
+    along_sorted = along[order]
+    gaps = np.diff(along_sorted)
+    if np.any(gaps < 1e-3):
+        dup = int(np.sum(gaps < 1e-3))
+        raise SeriesRejected(
+            uid, f"{dup} duplicate slice positions (multi-phase or repeated acquisition in one series)"
+        )
+    median_gap = float(np.median(gaps))
+    worst = float(np.max(np.abs(gaps - median_gap)))
+    if worst > limits.spacing_tolerance * median_gap:
+        raise SeriesRejected(
+            uid,
+            f"non-uniform slice spacing (median gap {median_gap:.3f} mm, a gap deviates by {worst:.3f} mm; "
+            "missing slices?)",
+        )
+    # Gantry tilt also shows as stacking offsets perpendicular to the normal.
+    steps = np.diff(positions[order], axis=0)
+    cosines = np.clip((steps @ normal) / np.linalg.norm(steps, axis=1), -1.0, 1.0)
+    angle = float(np.degrees(np.arccos(cosines.min())))
+    if angle > limits.max_tilt_degrees:
+        raise SeriesRejected(
+            uid, f"slices are stacked {angle:.1f} degrees off the slice normal (gantry tilt); not resampled"
+        )
+
+
+def load_volume(
+    datasets: Sequence[Dataset],
+    limits: LoadLimits = LoadLimits(),
+    source_files: Sequence[Path] = (),
+) -> CTVolume:
+    """Build a :class:`CTVolume` from the full datasets of one series (any order).
+
+    Pixel data are decoded by pydicom (compressed syntaxes through pylibjpeg), and the modality
+    LUT (Rescale Slope/Intercept, PS3.3 C.11.1) is applied by highdicom; a missing rescale is
+    read as slope 1, intercept 0.
+    """
+    check_series(datasets, limits)
+    uid = _series_uid(datasets)
+    for ds in datasets:
+        if "PixelData" not in ds:
+            raise SeriesRejected(uid, f"instance {ds.get('SOPInstanceUID', '?')} has no Pixel Data")
+    try:
+        volume = hd.get_volume_from_series(list(datasets), dtype=np.float32)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as exc:
+        raise SeriesRejected(uid, f"pixel data or geometry unreadable: {exc}") from exc
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    slice_index = np.rint(volume.map_reference_to_indices(positions)[:, 0]).astype(int)
+    order = np.argsort(slice_index)
+    files = tuple(Path(source_files[i]) for i in order) if source_files else ()
+    headers = []
+    for i in order:
+        header = datasets[i].copy()
+        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+            if keyword in header:
+                delattr(header, keyword)
+        headers.append(header)
+    first = datasets[0]
+    return CTVolume(
+        hu=np.ascontiguousarray(volume.array, dtype=np.float32),
+        affine=np.asarray(volume.affine, dtype=np.float64),
+        datasets=tuple(headers),
+        series_instance_uid=str(first.SeriesInstanceUID),
+        study_instance_uid=str(first.StudyInstanceUID),
+        frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "")),
+        source_files=files,
+    )
+
+
+def load_files(paths: Sequence[Path], limits: LoadLimits = LoadLimits()) -> CTVolume:
+    """Read the files of one series and load them (see :func:`load_volume`)."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    return load_volume(datasets, limits, source_files=paths)
