@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset) -> dict:
         "matrix": list(volume.shape[1:]),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
         "software_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
     }
 
