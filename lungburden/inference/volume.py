@@ -158,6 +158,20 @@ def check_series(datasets: Sequence[Dataset], limits: LoadLimits = LoadLimits())
         )
 
 
+_PIXEL_KEYWORDS = frozenset({"PixelData", "FloatPixelData", "DoubleFloatPixelData"})
+
+
+def header_only(ds: Dataset) -> Dataset:
+    """A new dataset with the elements of ``ds`` except the pixel data (``ds`` is left unchanged)."""
+    header = Dataset()
+    for element in ds:
+        if element.keyword not in _PIXEL_KEYWORDS:
+            header.add(element)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
+
+
 def load_volume(
     datasets: Sequence[Dataset],
     limits: LoadLimits = LoadLimits(),
@@ -182,13 +196,7 @@ def load_volume(
     slice_index = np.rint(volume.map_reference_to_indices(positions)[:, 0]).astype(int)
     order = np.argsort(slice_index)
     files = tuple(Path(source_files[i]) for i in order) if source_files else ()
-    headers = []
-    for i in order:
-        header = datasets[i].copy()
-        for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-            if keyword in header:
-                delattr(header, keyword)
-        headers.append(header)
+    headers = [header_only(datasets[i]) for i in order]
     first = datasets[0]
     return CTVolume(
         hu=np.ascontiguousarray(volume.array, dtype=np.float32),

@@ -1,0 +1,161 @@
+"""The ``lungburden`` command line: ``analyze``, ``phantom``, ``models`` and the subsystems' commands.
+
+Subsystems (node, training, Orthanc plugin) add their own subcommands through an
+``add_subcommands(subparsers)`` function; each command calls the shared pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+import time
+from pathlib import Path
+
+from lungburden import __version__
+
+log = logging.getLogger("lungburden")
+
+#: Modules that contribute subcommands when present.
+COMMAND_MODULES = (
+    "lungburden.inference.commands",
+    "lungburden.dicom_node.commands",
+    "lungburden.orthanc_plugin.commands",
+)
+
+EXIT_BAD_INPUT = 2
+
+
+def _print_summary(document: dict, out_dir: Path) -> None:
+    def ml(key: str) -> str:
+        return f"{document[key]:9.1f} mL"
+
+    print(
+        f"Series {document['series_instance_uid']}\n"
+        f"  {document['slices']} slices, voxel {' x '.join(f'{s:g}' for s in document['voxel_spacing_mm'])} mm, "
+        f"model {document['model']}\n"
+        f"  Lung volume       {ml('lung_volume_ml')}  (right {document['right_lung_volume_ml']:.1f}, "
+        f"left {document['left_lung_volume_ml']:.1f})\n"
+        f"  GGO               {ml('ggo_volume_ml')}  {document['ggo_percent']:6.2f} % of lung\n"
+        f"  High opacity      {ml('high_opacity_volume_ml')}  {document['high_opacity_percent']:6.2f} % of lung\n"
+        f"  Pneumonia burden  {document['burden_percent']:9.2f} %\n"
+        f"  SEG     {out_dir / 'seg.dcm'}\n"
+        f"  SR      {out_dir / 'sr.dcm'}\n"
+        f"  result  {out_dir / 'result.json'}"
+    )
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Find the series under INPUT_DIR, select one, analyse it and write SEG, SR and result.json."""
+    from lungburden.inference.selection import SelectionRules, select_series
+    from lungburden.inference.series import discover_series
+    from lungburden.inference.volume import LoadLimits, SeriesRejected
+    from lungburden.pipeline import process_series
+
+    input_dir = Path(args.input_dir)
+    if not input_dir.exists():
+        print(f"error: {input_dir} does not exist", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    rules = SelectionRules(min_slices=args.min_slices)
+    limits = LoadLimits(min_slices=args.min_slices)
+    candidates = discover_series(input_dir)
+    if args.series:
+        candidates = [c for c in candidates if c.series_instance_uid == args.series]
+    outcome = select_series(candidates, rules)
+    for candidate, reason in outcome.rejected:
+        print(f"not analysed: {candidate.describe()}: {reason}", file=sys.stderr)
+    if not outcome.accepted:
+        which = f"series {args.series}" if args.series else "an analysable CT series"
+        print(f"error: found no {which} under {input_dir}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    started = time.perf_counter()
+
+    def progress(step: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f} s] {step} ...", file=sys.stderr, flush=True)
+
+    for candidate in outcome.accepted:
+        print(f"analysing {candidate.describe()}", file=sys.stderr)
+        try:
+            outputs = process_series(candidate.files, Path(args.out), model=args.model, limits=limits,
+                                     progress=progress)
+        except SeriesRejected as exc:
+            print(f"not analysed: {exc}", file=sys.stderr)
+            continue
+        except KeyError as exc:  # unknown model name
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        progress("done")
+        _print_summary(outputs.result, Path(args.out))
+        return 0
+    print(f"error: no series under {input_dir} could be analysed (reasons above)", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def cmd_phantom(args: argparse.Namespace) -> int:
+    """Write a synthetic chest CT series with its ground truth (labels.nii.gz, truth.json)."""
+    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+
+    spec = PhantomSpec(
+        seed=args.seed, slices=args.slices, slice_spacing_mm=args.spacing,
+        contrast=args.contrast, burden_percent=args.burden,
+    )
+    phantom = generate_phantom(spec)
+    out = write_phantom_series(phantom, Path(args.out_dir), spec)
+    print(f"phantom series (seed {spec.seed}, {spec.slices} slices of {spec.slice_spacing_mm} mm) written to {out}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """List the registered segmenters."""
+    from lungburden.inference.segmenter import DEFAULT_SEGMENTER, available_segmenters
+
+    for name in available_segmenters():
+        print(f"{name}{'  (default)' if name == DEFAULT_SEGMENTER else ''}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lungburden", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"lungburden {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="analyse a chest CT series found in a folder")
+    p.add_argument("input_dir", help="folder (searched recursively) with the DICOM files")
+    p.add_argument("--out", required=True, help="output folder for seg.dcm, sr.dcm, result.json")
+    p.add_argument("--model", default=None, help="segmenter name (see `lungburden models`)")
+    p.add_argument("--series", default=None, help="analyse this SeriesInstanceUID instead of the selected one")
+    p.add_argument("--min-slices", type=int, default=16, help="reject series with fewer slices (default 16)")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("phantom", help="write a synthetic chest CT series with ground truth")
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--slices", type=int, default=64)
+    p.add_argument("--spacing", type=float, default=5.0, help="slice spacing = thickness in mm (default 5)")
+    p.add_argument("--contrast", action="store_true", help="IV contrast (bright vessels, heart, aorta)")
+    p.add_argument("--burden", type=float, default=None, help="target pneumonia burden in %% (default random)")
+    p.set_defaults(func=cmd_phantom)
+
+    p = sub.add_parser("models", help="list the available segmenters")
+    p.set_defaults(func=cmd_models)
+
+    for module_name in COMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            importlib.import_module(module_name).add_subcommands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
