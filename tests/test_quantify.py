@@ -46,7 +46,7 @@ def test_volumes_burden_and_means_exact():
 
 def test_left_is_positive_x_even_with_flipped_columns():
     labels = _two_lungs()
-    flipped = np.diag([1.0, 1.0, -1.0, 1.0])  # column index increases towards patient right
+    flipped = _axial_affine(col_sign=-1.0)  # column index increases towards patient right
     assert left_lung_mask(labels, _axial_affine())[:, 20, 40].all()
     assert not left_lung_mask(labels, flipped)[:, 20, 40].any()
     assert left_lung_mask(labels, flipped)[:, 20, 10].all()
