@@ -1,0 +1,567 @@
+"""Evaluation against ground truth (paper section 2.8) and the model comparison (section 3.5, Table 4).
+
+Every case goes through the product path: a :class:`~lungburden.inference.volume.CTVolume` is
+given to a segmenter's ``segment`` (the :class:`~lungburden.inference.segmenter.Segmenter`
+protocol), and the resulting label map is compared with the truth **on the source grid**:
+
+- Dice (DSC = 2TP / (2TP + FP + FN), section 2.8) per case for GGO, high opacity, the lesion mask
+  (GGO or high opacity) and the lung field (labels 1-3), and pooled (TP/FP/FN summed over cases).
+  A case where truth and prediction are both empty for a class has no Dice for it (excluded from
+  the mean, counted as ``n_empty``);
+- volumes (mL) and burden (%) from :func:`~lungburden.inference.quantify.quantify`;
+- Spearman r, Bland-Altman bias (model - truth) with 95 % limits of agreement (bias ± 1.96 SD),
+  and the paired Wilcoxon signed-rank test (scipy.stats), with Bland-Altman and scatter PNGs;
+- per fold (a cross-validation run evaluates each fold's model on its own test cases, Fig. 3) and
+  overall.
+
+:func:`compare_models` puts several models side by side (Dice as above, plus CPU time and peak
+memory of ``segment`` on 16 slices and on a 120-slice series, measured in a fresh subprocess per
+model), like Table 4.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lungburden import labels as L
+from lungburden.inference.quantify import Quantities, quantify
+
+log = logging.getLogger(__name__)
+
+#: The overlap classes of the report: name -> label values forming the mask.
+DICE_CLASSES: dict[str, tuple[int, ...]] = {
+    "ggo": (L.GGO,),
+    "high_opacity": (L.HIGH_OPACITY,),
+    "lesion": (L.GGO, L.HIGH_OPACITY),
+    "lung": (L.LUNG, L.GGO, L.HIGH_OPACITY),
+}
+#: The quantities compared by Spearman / Bland-Altman / Wilcoxon (keys of Quantities).
+AGREEMENT_QUANTITIES: tuple[str, ...] = (
+    "ggo_volume_ml",
+    "high_opacity_volume_ml",
+    "opacity_volume_ml",
+    "lung_volume_ml",
+    "burden_percent",
+)
+
+
+# --------------------------------------------------------------------------------------------------
+# Overlap
+
+
+@dataclass
+class Overlap:
+    """Voxel counts of one class in one case (or pooled over cases)."""
+
+    tp: int = 0
+    fp: int = 0
+    fn: int = 0
+
+    @property
+    def dice(self) -> float | None:
+        """DSC = 2TP / (2TP + FP + FN); ``None`` when truth and prediction are both empty."""
+        denominator = 2 * self.tp + self.fp + self.fn
+        return 2.0 * self.tp / denominator if denominator else None
+
+    def __add__(self, other: Overlap) -> Overlap:
+        return Overlap(self.tp + other.tp, self.fp + other.fp, self.fn + other.fn)
+
+
+def overlap(truth: np.ndarray, pred: np.ndarray, values: Sequence[int]) -> Overlap:
+    """TP/FP/FN of the mask ``label in values`` between two label maps of the same shape."""
+    if truth.shape != pred.shape:
+        raise ValueError(f"truth {truth.shape} and prediction {pred.shape} differ in shape")
+    t = np.isin(truth, values)
+    p = np.isin(pred, values)
+    tp = int(np.count_nonzero(t & p))
+    return Overlap(tp=tp, fp=int(np.count_nonzero(p)) - tp, fn=int(np.count_nonzero(t)) - tp)
+
+
+def dice(truth: np.ndarray, pred: np.ndarray, values: Sequence[int]) -> float | None:
+    """Dice of the mask ``label in values`` (see :class:`Overlap`)."""
+    return overlap(truth, pred, values).dice
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement statistics
+
+
+@dataclass(frozen=True)
+class BlandAltman:
+    """Bias (mean of model - truth), SD of the differences and the 95 % limits of agreement."""
+
+    bias: float
+    sd: float
+    loa_low: float
+    loa_high: float
+
+
+def bland_altman(truth: Sequence[float], pred: Sequence[float]) -> BlandAltman:
+    """Bland-Altman agreement of paired measurements (difference = model - truth, SD with ddof 1)."""
+    t = np.asarray(truth, float)
+    p = np.asarray(pred, float)
+    diff = p - t
+    bias = float(diff.mean()) if diff.size else math.nan
+    sd = float(diff.std(ddof=1)) if diff.size > 1 else 0.0
+    return BlandAltman(bias=bias, sd=sd, loa_low=bias - 1.96 * sd, loa_high=bias + 1.96 * sd)
+
+
+def _quartiles(values: np.ndarray) -> tuple[float, float, float]:
+    if not values.size:
+        return (math.nan, math.nan, math.nan)
+    q1, med, q3 = np.percentile(values, [25, 50, 75])
+    return float(med), float(q1), float(q3)
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Model-versus-truth agreement of one quantity over cases (section 2.8)."""
+
+    quantity: str
+    n: int
+    truth_median: float
+    truth_q1: float
+    truth_q3: float
+    model_median: float
+    model_q1: float
+    model_q3: float
+    spearman_r: float | None
+    spearman_p: float | None
+    bland_altman: BlandAltman
+    wilcoxon_p: float | None
+
+
+def agreement(quantity: str, truth: Sequence[float], pred: Sequence[float]) -> Agreement:
+    """Spearman r, Bland-Altman and paired Wilcoxon signed-rank of paired values.
+
+    Spearman is undefined (``None``) with fewer than 3 cases or a constant series; Wilcoxon is 1.0
+    when all differences are zero and ``None`` with fewer than 2 cases.
+    """
+    from scipy import stats
+
+    t = np.asarray(truth, float)
+    p = np.asarray(pred, float)
+    r = rp = None
+    if t.size >= 3 and np.ptp(t) > 0 and np.ptp(p) > 0:
+        res = stats.spearmanr(t, p)
+        r, rp = float(res.statistic), float(res.pvalue)
+    w = None
+    if t.size >= 2:
+        if np.allclose(t, p):
+            w = 1.0
+        else:
+            w = float(stats.wilcoxon(p, t).pvalue)
+    tm, tq1, tq3 = _quartiles(t)
+    pm, pq1, pq3 = _quartiles(p)
+    return Agreement(quantity, int(t.size), tm, tq1, tq3, pm, pq1, pq3, r, rp, bland_altman(t, p), w)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclass
+class CaseResult:
+    """The comparison of one case: overlaps per class, quantities of truth and model, timing."""
+
+    case_id: str
+    source: str
+    fold: int | None
+    overlaps: dict[str, Overlap]
+    truth: Quantities
+    model: Quantities
+    seconds: float
+    slices: int
+
+    @property
+    def dice(self) -> dict[str, float | None]:
+        return {name: o.dice for name, o in self.overlaps.items()}
+
+    def to_dict(self) -> dict:
+        return {
+            "case_id": self.case_id,
+            "source": self.source,
+            "fold": self.fold,
+            "slices": self.slices,
+            "seconds": round(self.seconds, 3),
+            "dice": {k: (None if v is None else round(v, 5)) for k, v in self.dice.items()},
+            "overlap": {k: asdict(v) for k, v in self.overlaps.items()},
+            "truth": self.truth.to_dict(),
+            "model": self.model.to_dict(),
+        }
+
+
+def compare_labels(
+    case_id: str,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    hu: np.ndarray,
+    affine: np.ndarray,
+    *,
+    source: str = "",
+    fold: int | None = None,
+    seconds: float = 0.0,
+) -> CaseResult:
+    """Compare a predicted label map with the truth on the same (source) grid."""
+    overlaps = {name: overlap(truth, pred, values) for name, values in DICE_CLASSES.items()}
+    return CaseResult(
+        case_id=case_id,
+        source=source,
+        fold=fold,
+        overlaps=overlaps,
+        truth=quantify(truth, hu, affine),
+        model=quantify(pred, hu, affine),
+        seconds=seconds,
+        slices=int(truth.shape[0]),
+    )
+
+
+def evaluate_cases(segmenter, cases: Iterable, fold: int | None = None, progress: bool = True) -> list[CaseResult]:
+    """Run ``segmenter.segment`` on every case's :class:`CTVolume` and compare with its labels.
+
+    ``cases`` yields :class:`lungburden.inference.training.data.RawCase` (HU, labels, affine on
+    the source grid).
+    """
+    from tqdm import tqdm
+
+    results = []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress, leave=False):
+        volume = case.to_volume()
+        start = time.perf_counter()
+        pred = segmenter.segment(volume)
+        seconds = time.perf_counter() - start
+        if pred.shape != case.labels.shape:
+            raise RuntimeError(f"segmenter returned {pred.shape} for case {case.case_id} of shape {case.labels.shape}")
+        results.append(
+            compare_labels(case.case_id, case.labels, pred, volume.hu, volume.affine, source=case.source,
+                           fold=fold, seconds=seconds)
+        )
+    return results
+
+
+# --------------------------------------------------------------------------------------------------
+# Summary
+
+
+@dataclass
+class DiceSummary:
+    """Mean ± SD of the per-case Dice (over cases where it is defined) and the pooled Dice."""
+
+    mean: float | None
+    sd: float | None
+    n: int
+    n_empty: int
+    pooled: float | None
+
+
+@dataclass
+class Summary:
+    """Everything in ``report.json`` except the per-case rows."""
+
+    n_cases: int
+    dice: dict[str, DiceSummary]
+    agreement: dict[str, Agreement]
+    mean_seconds: float
+    per_fold: dict[str, dict[str, DiceSummary]] = field(default_factory=dict)
+
+
+def summarize_dice(results: Sequence[CaseResult]) -> dict[str, DiceSummary]:
+    out = {}
+    for name in DICE_CLASSES:
+        values = [r.overlaps[name].dice for r in results]
+        defined = np.array([v for v in values if v is not None], float)
+        pooled = sum((r.overlaps[name] for r in results), Overlap()).dice
+        out[name] = DiceSummary(
+            mean=float(defined.mean()) if defined.size else None,
+            sd=float(defined.std(ddof=1)) if defined.size > 1 else (0.0 if defined.size else None),
+            n=int(defined.size),
+            n_empty=len(values) - int(defined.size),
+            pooled=pooled,
+        )
+    return out
+
+
+def summarize(results: Sequence[CaseResult]) -> Summary:
+    """Dice (overall and per fold) and agreement of every quantity in :data:`AGREEMENT_QUANTITIES`."""
+    agreements = {
+        q: agreement(q, [getattr(r.truth, q) for r in results], [getattr(r.model, q) for r in results])
+        for q in AGREEMENT_QUANTITIES
+    }
+    folds = sorted({r.fold for r in results if r.fold is not None})
+    per_fold = {str(k): summarize_dice([r for r in results if r.fold == k]) for k in folds}
+    return Summary(
+        n_cases=len(results),
+        dice=summarize_dice(results),
+        agreement=agreements,
+        mean_seconds=float(np.mean([r.seconds for r in results])) if results else 0.0,
+        per_fold=per_fold,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Report
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.{digits}f}"
+
+
+def _clean(obj):
+    """JSON-safe copy (NaN -> None)."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    return obj
+
+
+def plot_agreement(results: Sequence[CaseResult], quantity: str, out_dir: Path, title: str = "") -> Path:
+    """Bland-Altman plot (left) and scatter with identity line (right) of one quantity; PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = np.array([getattr(r.truth, quantity) for r in results], float)
+    p = np.array([getattr(r.model, quantity) for r in results], float)
+    ba = bland_altman(t, p)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
+    mean = (t + p) / 2
+    ax1.scatter(mean, p - t, s=14, alpha=0.8)
+    for y, style in ((ba.bias, "-"), (ba.loa_low, "--"), (ba.loa_high, "--")):
+        ax1.axhline(y, color="tab:red", linestyle=style, linewidth=1)
+    ax1.set_xlabel(f"mean of model and truth ({quantity})")
+    ax1.set_ylabel("model - truth")
+    ax1.set_title(f"Bland-Altman: bias {_fmt(ba.bias, 2)}, LoA [{_fmt(ba.loa_low, 2)}, {_fmt(ba.loa_high, 2)}]",
+                  fontsize=9)
+    ax2.scatter(t, p, s=14, alpha=0.8)
+    hi = float(max(t.max(initial=0), p.max(initial=0))) or 1.0
+    ax2.plot([0, hi], [0, hi], color="grey", linewidth=1)
+    ax2.set_xlabel(f"truth ({quantity})")
+    ax2.set_ylabel(f"model ({quantity})")
+    ag = agreement(quantity, t, p)
+    ax2.set_title(f"Spearman r = {_fmt(ag.spearman_r)}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"agreement-{quantity}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _dice_table(dice: dict[str, DiceSummary]) -> list[str]:
+    lines = ["| class | mean DSC ± SD | n (defined) | n (both empty) | pooled DSC |", "|---|---|---|---|---|"]
+    for name, d in dice.items():
+        lines.append(f"| {name} | {_fmt(d.mean)} ± {_fmt(d.sd)} | {d.n} | {d.n_empty} | {_fmt(d.pooled)} |")
+    return lines
+
+
+def _agreement_table(agreements: dict[str, Agreement]) -> list[str]:
+    lines = [
+        "| quantity | truth median [IQR] | model median [IQR] | Spearman r (p) | bias [95 % LoA] | Wilcoxon p |",
+        "|---|---|---|---|---|---|",
+    ]
+    for q, a in agreements.items():
+        ba = a.bland_altman
+        lines.append(
+            f"| {q} | {_fmt(a.truth_median, 1)} [{_fmt(a.truth_q1, 1)} – {_fmt(a.truth_q3, 1)}] "
+            f"| {_fmt(a.model_median, 1)} [{_fmt(a.model_q1, 1)} – {_fmt(a.model_q3, 1)}] "
+            f"| {_fmt(a.spearman_r)} ({_fmt(a.spearman_p, 4)}) "
+            f"| {_fmt(ba.bias, 2)} [{_fmt(ba.loa_low, 2)}, {_fmt(ba.loa_high, 2)}] | {_fmt(a.wilcoxon_p, 4)} |"
+        )
+    return lines
+
+
+def write_report(
+    results: Sequence[CaseResult],
+    out_dir: Path,
+    *,
+    title: str = "lungburden evaluation",
+    info: dict | None = None,
+    plots: bool = True,
+) -> Summary:
+    """Write ``report.md``, ``report.json`` and the agreement PNGs into ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(results)
+    pngs = [plot_agreement(results, q, out_dir, title) for q in AGREEMENT_QUANTITIES] if plots and results else []
+    document = {
+        "title": title,
+        "info": info or {},
+        "summary": asdict(summary),
+        "cases": [r.to_dict() for r in results],
+        "plots": [p.name for p in pngs],
+    }
+    (out_dir / "report.json").write_text(json.dumps(_clean(document), indent=2) + "\n")
+    md = [f"# {title}", ""]
+    for key, value in (info or {}).items():
+        md.append(f"- **{key}**: {value}")
+    md += ["", f"{summary.n_cases} cases; mean segmentation time {summary.mean_seconds:.2f} s per case.", "",
+           "## Dice (section 2.8)", ""]
+    md += _dice_table(summary.dice)
+    if len(summary.per_fold) > 1:
+        for k, d in summary.per_fold.items():
+            md += ["", f"### Fold {k}", ""] + _dice_table(d)
+    md += ["", "## Volumes and burden: model versus truth", "",
+           "Bias = mean(model - truth); LoA = bias ± 1.96 SD; Wilcoxon = paired signed-rank test.", ""]
+    md += _agreement_table(summary.agreement)
+    if pngs:
+        md += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in pngs]
+    md += ["", "## Cases", "", "| case | source | fold | slices | DSC GGO | DSC high | DSC lesion | DSC lung "
+           "| burden truth % | burden model % | s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        d = r.dice
+        md.append(
+            f"| {r.case_id} | {r.source} | {'' if r.fold is None else r.fold} | {r.slices} | {_fmt(d['ggo'])} "
+            f"| {_fmt(d['high_opacity'])} | {_fmt(d['lesion'])} | {_fmt(d['lung'])} | {r.truth.burden_percent:.2f} "
+            f"| {r.model.burden_percent:.2f} | {r.seconds:.2f} |"
+        )
+    (out_dir / "report.md").write_text("\n".join(md) + "\n")
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# Compute cost (Table 4)
+
+
+@dataclass(frozen=True)
+class ComputeCost:
+    """Cost of one ``segment`` call on a synthetic series of ``slices`` slices (rows × cols)."""
+
+    slices: int
+    rows: int
+    wall_s: float
+    cpu_s: float
+    #: Peak resident memory of the measuring process (MiB), and its growth during ``segment``.
+    peak_rss_mib: float
+    peak_rss_growth_mib: float
+    threads: int
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int, rows: int) -> None:
+    try:
+        import torch
+
+        from lungburden.inference.training.data import synthetic_volume
+
+        volume = synthetic_volume(slices=slices, rows=rows, seed=7)
+        segmenter = build_segmenter(*segmenter_spec)
+        before = _peak_rss_mib()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        segmenter.segment(volume)
+        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+        peak = _peak_rss_mib()
+        queue.put(asdict(ComputeCost(slices, rows, wall, cpu, peak, peak - before, torch.get_num_threads())))
+    except Exception as exc:  # reported to the parent
+        queue.put({"error": f"{type(exc).__name__}: {exc}"})
+
+
+def measure_compute(name: str, weights: str | None, slices: int, rows: int = 512, timeout_s: float = 1800) -> dict:
+    """Time and peak memory of ``segment`` in a fresh (spawned) process, so models do not share RSS."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_measure_in_child, args=(queue, (name, weights), slices, rows))
+    proc.start()
+    try:
+        result = queue.get(timeout=timeout_s)
+    except Exception as exc:
+        result = {"error": f"no result: {exc}"}
+    proc.join(timeout=10)
+    if proc.is_alive():
+        proc.terminate()
+    return result
+
+
+def build_segmenter(name: str, weights: str | None = None):
+    """A segmenter by registry name, or a network segmenter loaded from a checkpoint path."""
+    if weights:
+        from lungburden.inference.predict import ConvLSTMSegmenter
+
+        return ConvLSTMSegmenter.from_checkpoint(Path(weights))
+    from lungburden.inference.segmenter import get_segmenter
+
+    return get_segmenter(name)
+
+
+@dataclass
+class ModelComparison:
+    """One row of the Table-4-style comparison."""
+
+    name: str
+    weights: str | None
+    summary: Summary | None
+    compute: dict[str, dict] = field(default_factory=dict)
+
+
+def write_comparison(rows: Sequence[ModelComparison], out_dir: Path, info: dict | None = None) -> Path:
+    """``comparison.md`` / ``comparison.json``: Dice per class and compute cost per model."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = sorted({k for r in rows for k in r.compute}, key=lambda s: int(s.split("x")[0]))
+    md = ["# Model comparison (paper Table 4 style)", ""]
+    for key, value in (info or {}).items():
+        md.append(f"- **{key}**: {value}")
+    md += ["", "Dice = pooled DSC over all cases (mean per-case DSC in brackets). CPU time = process CPU "
+           "seconds of one `segment` call (all threads), wall = elapsed; memory = peak RSS of a fresh process "
+           "(growth during `segment` in brackets).", ""]
+    header = "| model | DSC GGO | DSC high opacity | DSC lesion | DSC lung |"
+    sep = "|---|---|---|---|---|"
+    for s in sizes:
+        header += f" {s}: wall / CPU s | {s}: peak MiB |"
+        sep += "---|---|"
+    md += [header, sep]
+    for r in rows:
+        line = f"| {r.name} |"
+        for c in DICE_CLASSES:
+            d = r.summary.dice[c] if r.summary else None
+            line += f" {_fmt(d.pooled) if d else '–'} ({_fmt(d.mean) if d else '–'}) |"
+        for s in sizes:
+            c = r.compute.get(s, {})
+            if "error" in c or not c:
+                line += f" {c.get('error', '–')} | – |"
+            else:
+                line += (f" {c['wall_s']:.2f} / {c['cpu_s']:.2f} | {c['peak_rss_mib']:.0f} "
+                         f"(+{c['peak_rss_growth_mib']:.0f}) |")
+        md.append(line)
+    (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
+    doc = {"info": info or {}, "models": [
+        {"name": r.name, "weights": r.weights, "summary": asdict(r.summary) if r.summary else None,
+         "compute": r.compute} for r in rows]}
+    (out_dir / "comparison.json").write_text(json.dumps(_clean(doc), indent=2) + "\n")
+    return out_dir / "comparison.md"
+
+
+def cpu_description() -> str:
+    """CPU model and usable cores (for the reports)."""
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} usable cores"

@@ -1,0 +1,140 @@
+"""Evaluation metrics on hand-made masks (Dice, Bland-Altman, Spearman, Wilcoxon) and report files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from lungburden import labels as L
+from lungburden.inference.evaluation import (
+    ModelComparison,
+    Overlap,
+    agreement,
+    bland_altman,
+    compare_labels,
+    dice,
+    evaluate_cases,
+    overlap,
+    summarize,
+    write_comparison,
+    write_report,
+)
+from lungburden.inference.training.data import RawCase
+
+AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # voxel = 2 mm³ = 0.002 mL
+
+
+def _maps() -> tuple[np.ndarray, np.ndarray]:
+    """Truth and prediction with known counts.
+
+    truth: lung 100 voxels of which GGO 20 and high 10; prediction: same lung field, GGO 15 of the
+    true 20 + 5 false, high 10 of which 5 true.
+    """
+    truth = np.zeros((1, 10, 20), np.uint8)
+    truth[0, :, :10] = L.LUNG  # 100 voxels of lung field
+    truth[0, 0:2, :10] = L.GGO  # 20 GGO
+    truth[0, 2, :10] = L.HIGH_OPACITY  # 10 high
+    pred = truth.copy()
+    pred[0, 0, 5:10] = L.LUNG  # 5 GGO missed (FN)
+    pred[0, 5, 0:5] = L.GGO  # 5 GGO false (FP)
+    pred[0, 2, 5:10] = L.LUNG  # 5 high missed
+    pred[0, 6, 0:5] = L.HIGH_OPACITY  # 5 high false
+    return truth, pred
+
+
+def test_dice_exact_values():
+    truth, pred = _maps()
+    assert overlap(truth, pred, (L.GGO,)) == Overlap(tp=15, fp=5, fn=5)
+    assert dice(truth, pred, (L.GGO,)) == pytest.approx(30 / 40)
+    assert dice(truth, pred, (L.HIGH_OPACITY,)) == pytest.approx(10 / 20)
+    # lesion = GGO or high: truth 30, pred 30, overlap 15 + 5 = 20 → FP 10, FN 10
+    assert dice(truth, pred, (L.GGO, L.HIGH_OPACITY)) == pytest.approx(40 / 60)
+    assert dice(truth, pred, (L.LUNG, L.GGO, L.HIGH_OPACITY)) == pytest.approx(1.0)
+    empty = np.zeros_like(truth)
+    assert dice(empty, empty, (L.GGO,)) is None
+    assert dice(truth, empty, (L.GGO,)) == 0.0
+
+
+def test_case_result_and_pooled_dice():
+    truth, pred = _maps()
+    hu = np.full(truth.shape, -800.0, np.float32)
+    r1 = compare_labels("a", truth, pred, hu, AFFINE, fold=0)
+    r2 = compare_labels("b", truth, truth, hu, AFFINE, fold=1)
+    assert r1.dice["ggo"] == pytest.approx(0.75)
+    assert r1.truth.ggo_volume_ml == pytest.approx(20 * 0.002)
+    assert r1.model.high_opacity_volume_ml == pytest.approx(10 * 0.002)
+    s = summarize([r1, r2])
+    # per-case mean of 0.75 and 1.0; pooled: TP 35, FP 5, FN 5 → 70/80
+    assert s.dice["ggo"].mean == pytest.approx(0.875)
+    assert s.dice["ggo"].pooled == pytest.approx(70 / 80)
+    assert s.dice["ggo"].sd == pytest.approx(np.std([0.75, 1.0], ddof=1))
+    assert set(s.per_fold) == {"0", "1"}
+    assert s.per_fold["1"]["high_opacity"].mean == pytest.approx(1.0)
+
+
+def test_bland_altman_numbers():
+    truth = [10.0, 20.0, 30.0, 40.0]
+    pred = [12.0, 19.0, 33.0, 44.0]  # differences 2, -1, 3, 4
+    ba = bland_altman(truth, pred)
+    d = np.array([2.0, -1.0, 3.0, 4.0])
+    assert ba.bias == pytest.approx(2.0)
+    assert ba.sd == pytest.approx(d.std(ddof=1))
+    assert ba.loa_low == pytest.approx(2.0 - 1.96 * d.std(ddof=1))
+    assert ba.loa_high == pytest.approx(2.0 + 1.96 * d.std(ddof=1))
+
+
+def test_spearman_and_wilcoxon():
+    truth = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    pred = [1.5, 1.8, 3.3, 4.5, 5.2, 7.0]  # same ranks → r = 1
+    a = agreement("x", truth, pred)
+    assert a.spearman_r == pytest.approx(1.0)
+    assert a.wilcoxon_p == pytest.approx(stats.wilcoxon(pred, truth).pvalue)
+    assert a.truth_median == pytest.approx(3.5)
+    rev = agreement("x", truth, truth[::-1])
+    assert rev.spearman_r == pytest.approx(-1.0)
+    same = agreement("x", truth, truth)
+    assert same.wilcoxon_p == 1.0
+    constant = agreement("x", [0.0, 0.0, 0.0], [0.0, 1.0, 2.0])
+    assert constant.spearman_r is None
+
+
+class _Oracle:
+    """A segmenter returning the truth (with one voxel wrong) for evaluate_cases."""
+
+    def __init__(self, cases):
+        self.truth = {c.hu.tobytes()[:64]: c.labels for c in cases}
+
+    def segment(self, volume):
+        out = self.truth[volume.hu.tobytes()[:64]].copy()
+        out[0, 5, 9] = L.GGO  # a lung voxel
+        return out
+
+
+def test_evaluate_cases_and_report_files(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(4):
+        truth, _ = _maps()
+        truth[0, 9, : 2 + i] = L.GGO
+        hu = rng.normal(-700, 50, truth.shape).astype(np.float32)
+        cases.append(RawCase(f"c{i}", hu, truth, AFFINE, source="test"))
+    results = evaluate_cases(_Oracle(cases), cases, fold=2, progress=False)
+    assert [r.case_id for r in results] == ["c0", "c1", "c2", "c3"]
+    assert all(r.overlaps["ggo"].fp == 1 for r in results)
+    summary = write_report(results, tmp_path, title="test", info={"model": "oracle"})
+    for name in ("report.md", "report.json", "agreement-ggo_volume_ml.png", "agreement-burden_percent.png"):
+        assert (tmp_path / name).is_file(), name
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["summary"]["n_cases"] == 4
+    assert doc["cases"][0]["fold"] == 2
+    assert doc["summary"]["agreement"]["ggo_volume_ml"]["bland_altman"]["bias"] == pytest.approx(0.002)
+    assert summary.agreement["ggo_volume_ml"].spearman_r == pytest.approx(1.0)
+    assert "| ggo |" in (tmp_path / "report.md").read_text()
+    path = write_comparison([ModelComparison("oracle", None, summary, {"16x512": {
+        "slices": 16, "rows": 512, "wall_s": 1.0, "cpu_s": 2.0, "peak_rss_mib": 300.0,
+        "peak_rss_growth_mib": 20.0, "threads": 2}})], tmp_path)
+    text = path.read_text()
+    assert "oracle" in text and "1.00 / 2.00" in text

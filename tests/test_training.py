@@ -1,0 +1,314 @@
+"""Training data sources on tiny fixtures, augmentation alignment, folds, and a tiny training run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from lungburden import labels as L
+from lungburden.inference.training import data as D
+
+SPACING = (5.0, 5.0, 5.0)
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+def _chest(n: int = 16, size: int = 64) -> dict[str, np.ndarray]:
+    """A tiny chest: air, a soft-tissue body, two -850 HU lungs, a -500 HU GGO blob in the right
+    lung and a +20 HU consolidation blob in the left lung (all on a 5 mm grid, source order)."""
+    z, y, x = np.mgrid[0:n, 0:size, 0:size].astype(float)
+    zc, yc = (n - 1) / 2, size / 2
+    body = ((y - yc) / (0.36 * size)) ** 2 + ((x - yc) / (0.45 * size)) ** 2 < 1
+    right = ((z - zc) / (0.42 * n)) ** 2 + ((y - yc) / (0.22 * size)) ** 2 + ((x - 0.3 * size) / (0.12 * size)) ** 2 < 1
+    left = ((z - zc) / (0.42 * n)) ** 2 + ((y - yc) / (0.22 * size)) ** 2 + ((x - 0.7 * size) / (0.12 * size)) ** 2 < 1
+    lung = right | left
+    ggo = right & (((z - zc) / 3) ** 2 + ((y - yc) / 5) ** 2 + ((x - 0.3 * size) / 4) ** 2 < 1)
+    high = left & (((z - zc) / 2) ** 2 + ((y - yc - 3) / 4) ** 2 + ((x - 0.7 * size) / 3) ** 2 < 1)
+    hu = np.full((n, size, size), -1000.0, np.float32)
+    hu[body] = 40.0
+    hu[lung] = -850.0
+    hu[ggo] = -500.0
+    hu[high] = 20.0
+    return {"hu": hu, "lung": lung, "ggo": ggo, "high": high, "left": left, "right": right}
+
+
+def _expected_labels(c: dict[str, np.ndarray]) -> np.ndarray:
+    out = np.where(c["lung"], L.LUNG, L.BACKGROUND).astype(np.uint8)
+    out[c["ggo"]] = L.GGO
+    out[c["high"]] = L.HIGH_OPACITY
+    return out
+
+
+AFFINE_LPS = np.array([[0, 0, 5.0, -160.0], [0, 5.0, 0, -160.0], [-5.0, 0, 0, 40.0], [0, 0, 0, 1]])
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1)
+
+
+# ------------------------------------------------------------------------------------ NIfTI
+
+
+def test_read_nifti_orientation(tmp_path):
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    a = rng.integers(-1000, 100, (5, 6, 7)).astype(np.int16)  # (i, j, k) with i→R, j→A, k→S
+    nib.save(nib.Nifti1Image(a, np.diag([1.5, 1.5, 2.0, 1.0])), str(tmp_path / "x.nii.gz"))
+    arr, affine = D.read_nifti(tmp_path / "x.nii.gz")
+    assert arr.shape == (7, 6, 5)  # (slice, row, col)
+    np.testing.assert_array_equal(arr, a[::-1, ::-1, ::-1].transpose(2, 1, 0))
+    # columns go to patient left (+x LPS), rows posterior (+y), slices to the feet (-z)
+    np.testing.assert_allclose(affine[:3, :3], [[0, 0, 1.5], [0, 1.5, 0], [-2.0, 0, 0]])
+    D.write_nifti(tmp_path / "y.nii.gz", arr, affine)
+    arr2, affine2 = D.read_nifti(tmp_path / "y.nii.gz")
+    np.testing.assert_array_equal(arr2, arr)
+    np.testing.assert_allclose(affine2, affine)
+
+
+def test_label_map_parsing_and_errors():
+    assert D.parse_label_map("1:ggo, 2:high,3:consolidation") == {1: "ggo", 2: "high", 3: "consolidation"}
+    with pytest.raises(ValueError, match="unknown class"):
+        D.parse_label_map("1:tumour")
+    with pytest.raises(ValueError, match="VALUE:CLASS"):
+        D.parse_label_map("ggo")
+    hu = np.zeros((1, 2, 2), np.float32)
+    with pytest.raises(ValueError, match=r"mask values \[4\]"):
+        D.apply_label_map(np.array([[[0, 1], [4, 1]]]), {1: "ggo"}, hu)
+
+
+def test_nifti_medseg_layout_with_lung_masks(tmp_path):
+    c = _chest()
+    root = tmp_path / "medseg"
+    for d in ("rp_im", "rp_msk", "rp_lung_msk"):
+        (root / d).mkdir(parents=True)
+    D.write_nifti(root / "rp_im" / "1.nii.gz", c["hu"].astype(np.int16), AFFINE_LPS)
+    mask = np.zeros(c["hu"].shape, np.uint8)
+    mask[c["ggo"]] = 1
+    mask[c["high"]] = 2  # consolidation
+    D.write_nifti(root / "rp_msk" / "1.nii.gz", mask, AFFINE_LPS)
+    D.write_nifti(root / "rp_lung_msk" / "1.nii.gz", (c["left"] * 1 + c["right"] * 2).astype(np.uint8), AFFINE_LPS)
+    src = D.NiftiPairSource(root, "medseg")
+    assert src.case_ids() == ["medseg-1"]
+    case = src.load("medseg-1")
+    np.testing.assert_array_equal(case.labels, _expected_labels(c))
+    np.testing.assert_allclose(case.affine, AFFINE_LPS)
+    np.testing.assert_array_equal(case.hu, c["hu"])
+
+
+def test_nifti_mosmed_layout_lesion_split_and_derived_lung(tmp_path):
+    c = _chest()
+    root = tmp_path / "mosmed"
+    (root / "studies" / "CT-1").mkdir(parents=True)
+    (root / "masks").mkdir()
+    D.write_nifti(root / "studies" / "CT-1" / "study_0001.nii.gz", c["hu"].astype(np.int16), AFFINE_LPS)
+    D.write_nifti(root / "masks" / "study_0001_mask.nii.gz", (c["ggo"] | c["high"]).astype(np.uint8), AFFINE_LPS)
+    (root / "studies" / "CT-1" / "study_0002.nii.gz").write_bytes(b"")  # no mask: not a case
+    case = D.NiftiPairSource(root, "mosmed").load("mosmed-study_0001")
+    np.testing.assert_array_equal(case.labels == L.GGO, c["ggo"])  # -500 HU → GGO
+    np.testing.assert_array_equal(case.labels == L.HIGH_OPACITY, c["high"])  # +20 HU → high
+    assert _dice(case.labels > 0, c["lung"]) > 0.9  # lung from lung_field_mask
+
+
+def test_nifti_covid19ctseg_layout_and_custom_map(tmp_path):
+    c = _chest()
+    root = tmp_path / "c19"
+    for d in ("COVID-19-CT-Seg_20cases", "Infection_Mask", "Lung_Mask"):
+        (root / d).mkdir(parents=True)
+    D.write_nifti(root / "COVID-19-CT-Seg_20cases" / "coronacases_001.nii.gz", c["hu"].astype(np.int16), AFFINE_LPS)
+    D.write_nifti(root / "Infection_Mask" / "coronacases_001.nii.gz", (c["ggo"] | c["high"]).astype(np.uint8),
+                  AFFINE_LPS)
+    D.write_nifti(root / "Lung_Mask" / "coronacases_001.nii.gz", c["lung"].astype(np.uint8), AFFINE_LPS)
+    case = D.NiftiPairSource(root, "covid19ctseg", label_map="1:ggo").load("c19seg-coronacases_001")
+    np.testing.assert_array_equal(case.labels == L.GGO, c["ggo"] | c["high"])
+    np.testing.assert_array_equal(case.labels > 0, c["lung"])
+
+
+def test_nifti_generic_rejects_non_hu_images(tmp_path):
+    c = _chest()
+    root = tmp_path / "gen"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    scaled = ((c["hu"] + 1000) / 1100 * 255).clip(0, 255).astype(np.uint8)
+    D.write_nifti(root / "images" / "a.nii.gz", scaled, AFFINE_LPS)
+    D.write_nifti(root / "masks" / "a.nii.gz", _expected_labels(c), AFFINE_LPS)
+    src = D.NiftiPairSource(root, "generic")
+    with pytest.raises(ValueError, match="not Hounsfield"):
+        src.load(src.case_ids()[0])
+
+
+# ------------------------------------------------------------------------------------ DICOM SEG
+
+
+def _ct_datasets(hu: np.ndarray) -> list[Dataset]:
+    """An axial CT series (pydicom datasets, inferior slice first in the list) of ``hu`` (superior first)."""
+    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    n = hu.shape[0]
+    out = []
+    for k in range(n):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+        ds.SOPClassUID = CTImageStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.Modality = "CT"
+        ds.Manufacturer = "Test"
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Seg", "SEG-1", "19700101", "O"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
+        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "1", ""
+        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20240101", "120000", 2, k + 1
+        ds.PositionReferenceIndicator = ""
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-160.0, -160.0, 40.0 - 5.0 * (n - 1 - k)]  # slice n-1-k of hu
+        ds.PixelSpacing = [5.0, 5.0]
+        ds.SliceThickness = 5.0
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+        ds.PixelData = hu[n - 1 - k].astype(np.int16).tobytes()
+        out.append(ds)
+    return out
+
+
+def _write_seg(path: Path, cts: list[Dataset], segments: list[tuple[str, object, object, np.ndarray]]) -> None:
+    """Write a BINARY SEG of ``segments`` (label, category, type, mask in hu order) over ``cts``."""
+    n = len(cts)
+    pixels = np.stack([np.stack([m[n - 1 - k] for k in range(n)]) for *_, m in segments], -1).astype(np.uint8)
+    algo = hd.AlgorithmIdentificationSequence(name="test", family=codes.DCM.ArtificialIntelligence, version="1")
+    descs = [
+        hd.seg.SegmentDescription(segment_number=i + 1, segment_label=label, segmented_property_category=cat,
+                                  segmented_property_type=typ,
+                                  algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                                  algorithm_identification=algo)
+        for i, (label, cat, typ, _) in enumerate(segments)
+    ]
+    seg = hd.seg.Segmentation(
+        source_images=cts, pixel_array=pixels, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=descs, series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="test", manufacturer_model_name="test", software_versions="1",
+        device_serial_number="1", omit_empty_frames=False,
+    )
+    seg.save_as(path, enforce_file_format=True)
+
+
+def test_dicom_ct_and_seg_pairs(tmp_path):
+    c = _chest()
+    cts = _ct_datasets(c["hu"])
+    (tmp_path / "ct").mkdir()
+    for k, ds in enumerate(cts):
+        ds.save_as(tmp_path / "ct" / f"{k:03d}.dcm", enforce_file_format=True)
+    anat, abnormal = codes.SCT.AnatomicalStructure, codes.SCT.MorphologicallyAbnormalStructure
+    _write_seg(tmp_path / "seg-full.dcm", cts, [
+        ("Lung field", anat, codes.SCT.Lung, c["lung"]),
+        ("Ground glass opacity", abnormal, codes.DCM.GroundGlassOpacity, c["ggo"]),
+        ("High opacity", abnormal, hd.sr.CodedConcept("95436008", "SCT", "Lung consolidation"), c["high"]),
+    ])
+    _write_seg(tmp_path / "seg-infection.dcm", cts, [
+        ("Infection", abnormal, codes.DCM.AbnormalOpacity, c["ggo"] | c["high"]),
+    ])
+    src = D.DicomSegSource(tmp_path)
+    assert len(src.case_ids()) == 2
+    cases = {src.cases[cid][0].name: src.load(cid) for cid in src.case_ids()}
+    full = cases["seg-full.dcm"]
+    np.testing.assert_array_equal(full.hu, c["hu"])  # the volume is superior first, like hu
+    np.testing.assert_array_equal(full.labels, _expected_labels(c))
+    assert full.meta["segments"] == ["1:lung", "2:ggo", "3:high"]
+    inf = cases["seg-infection.dcm"]  # abnormal opacity → split by HU; lung from lung_field_mask
+    np.testing.assert_array_equal(inf.labels == L.GGO, c["ggo"])
+    np.testing.assert_array_equal(inf.labels == L.HIGH_OPACITY, c["high"])
+    assert _dice(inf.labels > 0, c["lung"]) > 0.9
+    # user overrides by label
+    src2 = D.DicomSegSource(tmp_path, seg_map="infection:ggo")
+    cid = next(k for k, (p, _) in src2.cases.items() if p.name == "seg-infection.dcm")
+    np.testing.assert_array_equal(src2.load(cid).labels == L.GGO, c["ggo"] | c["high"])
+
+
+# ------------------------------------------------------------------------------------ cache, windows, augmentation
+
+
+class _ListSource:
+    name = "list"
+
+    def __init__(self, cases: list[D.RawCase]):
+        self.cases = {c.case_id: c for c in cases}
+        self.loads = 0
+
+    def case_ids(self):
+        return sorted(self.cases)
+
+    def cache_key(self, case_id):
+        return case_id
+
+    def load(self, case_id):
+        self.loads += 1
+        return self.cases[case_id]
+
+
+def test_preprocess_cache_and_windows(tmp_path):
+    c = _chest()
+    raw = D.RawCase("tiny", c["hu"], _expected_labels(c), AFFINE_LPS, source="test")
+    src = _ListSource([raw])
+    index = D.CaseIndex([src])
+    cache = D.CaseCache(tmp_path / "cache", size=32)
+    case = cache.get(index, "tiny")
+    assert case.image.shape == (16, 32, 32) and case.image.dtype == np.float16
+    assert case.labels.shape == (16, 32, 32) and set(np.unique(case.labels)) <= {0, 1, 2, 3}
+    assert (case.labels == L.GGO).any() and (case.labels == L.HIGH_OPACITY).any()
+    again = cache.get(index, "tiny")
+    assert src.loads == 1  # second time from the npz
+    np.testing.assert_array_equal(again.labels, case.labels)
+    sampler = D.WindowSampler([case])
+    picks = sampler.sample(20, np.random.default_rng(0))
+    x, y = D.make_batch([case], picks, context=2)
+    assert x.shape == (20, 5, 32, 32) and x.dtype == torch.float32 and y.shape == (20, 32, 32)
+    # centre channel is the target slice; edges replicate
+    x0, _ = D.make_batch([case], [(0, 0)], context=2)
+    torch.testing.assert_close(x0[0, 0], x0[0, 2])
+    assert len(sampler.evenly(4)) == 4
+
+
+def test_augmentation_identical_for_all_slices_and_label():
+    g = torch.Generator().manual_seed(0)
+    yy, xx = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    blob = (((yy - 30) ** 2 + (xx - 24) ** 2) < 12**2) | ((yy > 40) & (yy < 56) & (xx > 36) & (xx < 58))
+    y = blob.long()[None].repeat(6, 1, 1)
+    x = blob.float()[None, None].repeat(6, 3, 1, 1)  # three identical slices per window
+    xw, yw = D.augment_batch(x, y, g)
+    assert xw.shape == x.shape and yw.shape == y.shape and yw.dtype == y.dtype
+    torch.testing.assert_close(xw[:, 0], xw[:, 2])  # same transform for every slice of a window
+    agree = ((xw[:, 1] > 0.5).long() == yw).float().mean()
+    assert agree > 0.99  # label follows the image
+    assert not torch.equal(yw[0], y[0])  # something moved
+
+
+def test_augmentation_parameters_in_range():
+    g = torch.Generator().manual_seed(1)
+    theta = D.affine_thetas(2000, D.Augmentation(), g)
+    lin = theta[:, :, :2]
+    scale = 1 / torch.sqrt(torch.det(lin))
+    angle = torch.rad2deg(torch.atan2(lin[:, 1, 0], lin[:, 0, 0]))
+    assert scale.min() >= 0.9 - 1e-4 and scale.max() <= 1.05 + 1e-4
+    assert angle.abs().max() <= 10.0 + 1e-3 and angle.abs().max() > 9.0
+    shift_px_at_256 = theta[:, :, 2].abs() * 128
+    assert shift_px_at_256.max() <= 10.0 + 1e-3 and shift_px_at_256.max() > 9.0
+
+
+def test_split_folds_groups_real_variants():
+    ids = [f"phantom-{i}" for i in range(1000, 1012)] + [f"real-chest-crop-1-s{i}" for i in range(1000, 1004)]
+    folds = D.split_folds(ids, 5, seed=0)
+    assert sorted(sum(folds, [])) == sorted(ids)
+    assert sum(any(i.startswith("real-") for i in f) for f in folds) == 1
+    sizes = sorted(len(f) for f in folds)
+    assert sizes[-1] - sizes[0] <= 4
