@@ -1,0 +1,219 @@
+"""TID 1500 Measurement Report (PS3.16) in a Comprehensive 3D SR (PS3.3 A.35.13), built by highdicom.
+
+Content tree (see docs/conformance.md for the codes and the reasons behind them)::
+
+    Imaging Measurement Report (TID 1500)
+      Language, Observation Context: device observer = the algorithm (TID 1002/1004)
+      Procedure Reported: SCT 169069000 "CT of chest"
+      Imaging Measurements
+        Measurement Group (TID 1411) "Lung field"   -> SEG segment 1
+            finding Lung, site Lung; Volume; Volume (site Lung, laterality Left); ... Right
+        Measurement Group (TID 1411) "Ground glass opacity" -> SEG segment 2
+            finding GGO, site Lung; Volume; Volume Ratio [%] of the lung field; Mean attenuation
+        Measurement Group (TID 1411) "High opacity" -> SEG segment 3
+            finding Lung consolidation, site Lung; Volume; Volume Ratio [%]; Mean attenuation
+        Measurement Group (TID 1501) "Pneumonia burden"
+            finding Abnormal opacity (GGO + high opacity), site Lung; Volume; Volume Ratio [%]
+
+Volumes are in UCUM ``cm3`` (= mL), ratios in ``%`` of the lung field volume, mean attenuation in
+``[hnsf'U]`` (concept Attenuation Coefficient with derivation Mean). A mean that is ``None``
+(empty class) is left out. The mean HU of the aerated parenchyma (label 1 only,
+``Quantities.lung_mean_hu``) has no segment of its own and is not encoded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import highdicom as hd
+from pydicom.sr.codedict import codes as pydicom_codes
+from pydicom.sr.coding import Code
+
+import lungburden
+from lungburden.inference.quantify import Quantities
+from lungburden.inference.segmenter import AlgorithmInfo
+from lungburden.inference.volume import CTVolume
+from lungburden.results import codes
+from lungburden.results.seg import (
+    MANUFACTURER,
+    MANUFACTURER_MODEL_NAME,
+    SEGMENT_GGO,
+    SEGMENT_HIGH_OPACITY,
+    SEGMENT_LUNG_FIELD,
+    algorithm_equipment,
+    algorithm_family,
+    deterministic_uid,
+    device_uid,
+    drop_incomplete_references,
+)
+
+#: Tracking identifier (TID 4108) of the burden group, which has no segment of its own.
+BURDEN_TRACKING_ID = "Pneumonia burden"
+
+
+def _tracking(segmentation: hd.seg.Segmentation, segment_number: int) -> hd.sr.TrackingIdentifier:
+    """The segment's own Tracking ID / UID from the SEG, so SR and SEG track the same finding."""
+    item = segmentation.SegmentSequence[segment_number - 1]
+    if int(item.SegmentNumber) != segment_number:
+        raise ValueError(f"segment {segment_number} is not item {segment_number} of the SEG")
+    return hd.sr.TrackingIdentifier(uid=str(item.TrackingUID), identifier=str(item.TrackingID))
+
+
+def _volume(value_ml: float, finding_sites: Sequence[hd.sr.FindingSite] | None = None) -> hd.sr.Measurement:
+    return hd.sr.Measurement(
+        name=codes.VOLUME, value=value_ml, unit=codes.CUBIC_CENTIMETER, finding_sites=finding_sites
+    )
+
+
+def _ratio(percent: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=codes.VOLUME_RATIO, value=percent, unit=codes.PERCENT)
+
+
+def _mean_hu(mean: float | None) -> list[hd.sr.Measurement]:
+    if mean is None:
+        return []
+    return [
+        hd.sr.Measurement(
+            name=codes.ATTENUATION_COEFFICIENT,
+            value=mean,
+            unit=codes.HOUNSFIELD_UNIT,
+            derivation=codes.MEAN,
+        )
+    ]
+
+
+def measurement_groups(
+    segmentation: hd.seg.Segmentation,
+    quantities: Quantities,
+    algorithm: AlgorithmInfo,
+    burden_tracking_uid: str,
+) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]:
+    """The Imaging Measurements groups of the report (TID 1411 per segment, TID 1501 burden)."""
+    algorithm_id = hd.sr.AlgorithmIdentification(
+        name=algorithm.name, version=algorithm.version, family=algorithm_family(algorithm)
+    )
+    lung_site = [hd.sr.FindingSite(codes.LUNG)]
+
+    def group(
+        segment_number: int,
+        finding: Code,
+        category: Code,
+        measurements: list[hd.sr.Measurement],
+    ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+        return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(segmentation, segment_number),
+            referenced_segment=hd.sr.ReferencedSegment.from_segmentation(segmentation, segment_number),
+            finding_type=finding,
+            finding_category=category,
+            algorithm_id=algorithm_id,
+            finding_sites=lung_site,
+            measurements=measurements,
+        )
+
+    q = quantities
+    return [
+        group(
+            SEGMENT_LUNG_FIELD,
+            codes.LUNG,
+            codes.ANATOMICAL_STRUCTURE,
+            [
+                _volume(q.lung_volume_ml),
+                _volume(q.left_lung_volume_ml, [hd.sr.FindingSite(codes.LUNG, laterality=codes.LEFT)]),
+                _volume(q.right_lung_volume_ml, [hd.sr.FindingSite(codes.LUNG, laterality=codes.RIGHT)]),
+            ],
+        ),
+        group(
+            SEGMENT_GGO,
+            codes.GROUND_GLASS_OPACITY,
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            [_volume(q.ggo_volume_ml), _ratio(q.ggo_percent), *_mean_hu(q.ggo_mean_hu)],
+        ),
+        group(
+            SEGMENT_HIGH_OPACITY,
+            codes.CONSOLIDATION,
+            codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            [_volume(q.high_opacity_volume_ml), _ratio(q.high_opacity_percent), *_mean_hu(q.high_opacity_mean_hu)],
+        ),
+        hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=burden_tracking_uid, identifier=BURDEN_TRACKING_ID),
+            finding_type=codes.ABNORMAL_OPACITY,
+            finding_category=codes.MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
+            algorithm_id=algorithm_id,
+            finding_sites=lung_site,
+            measurements=[_volume(q.opacity_volume_ml), _ratio(q.burden_percent)],
+        ),
+    ]
+
+
+def build_measurement_report(
+    volume: CTVolume,
+    segmentation: hd.seg.Segmentation,
+    quantities: Quantities,
+    algorithm: AlgorithmInfo,
+    *,
+    series_number: int = 9002,
+    instance_number: int = 1,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_description: str = "Pneumonia burden report (lungburden)",
+    manufacturer: str = MANUFACTURER,
+    manufacturer_model_name: str = MANUFACTURER_MODEL_NAME,
+    software_versions: str | Sequence[str] | None = None,
+    device_serial_number: str = "1",
+    institution_name: str | None = None,
+    is_final: bool = False,
+) -> hd.sr.Comprehensive3DSR:
+    """Encode ``quantities`` as a TID 1500 Measurement Report referencing ``segmentation``.
+
+    Same patient and study as the source, new series. Evidence (Current Requested Procedure
+    Evidence Sequence) lists the source CT instances and the SEG. The document is COMPLETE and
+    UNVERIFIED; PRELIMINARY unless ``is_final``.
+    """
+    if str(segmentation.StudyInstanceUID) != volume.study_instance_uid:
+        raise ValueError("the segmentation belongs to another study than the volume")
+    observer = hd.sr.ObserverContext(
+        observer_type=pydicom_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(algorithm),
+            name=algorithm.name,
+            manufacturer_name=manufacturer,
+            model_name=f"{algorithm.name} {algorithm.version}",
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=codes.CT_OF_CHEST,
+        imaging_measurements=measurement_groups(
+            segmentation,
+            quantities,
+            algorithm,
+            burden_tracking_uid=deterministic_uid(
+                "tracking", volume.series_instance_uid, algorithm.name, algorithm.version, "burden"
+            ),
+        ),
+    )
+    if software_versions is None:
+        software_versions = (lungburden.__version__, algorithm.version)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
+        sr = hd.sr.Comprehensive3DSR(
+            evidence=[*volume.datasets, segmentation],
+            content=report,
+            series_instance_uid=series_instance_uid or hd.UID(),
+            series_number=series_number,
+            sop_instance_uid=sop_instance_uid or hd.UID(),
+            instance_number=instance_number,
+            manufacturer=manufacturer,
+            is_complete=True,
+            is_final=is_final,
+            is_verified=False,
+            institution_name=institution_name,
+            contributing_equipment=[algorithm_equipment(algorithm, manufacturer=manufacturer)],
+            series_description=series_description,
+            manufacturer_model_name=manufacturer_model_name,
+            software_versions=software_versions if isinstance(software_versions, str) else list(software_versions),
+            device_serial_number=device_serial_number,
+        )
+    drop_incomplete_references(sr)
+    return sr
