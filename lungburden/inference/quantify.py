@@ -1,10 +1,11 @@
 """Volumes (mL), pneumonia burden (%) and mean attenuation from a label map (paper section 2.7).
 
 Burden = (GGO + high opacity) / (whole lung field incl. lesions) x 100, as in the paper.
-The lung field (labels 1-3) is split into right and left lung by connected components: the
-components are assigned to the side (LPS +x = patient left) of their centroid relative to the
-lung field's centroid; a single merged component is split by the sagittal plane through that
-centroid. Volumes use the true voxel volume of the source grid.
+The lung field (labels 1-3) is split into right and left lung at the sagittal plane through its
+centroid (LPS +x = patient left), by connected components: a component with at least 90 % of its
+voxels on one side goes whole to that side; one that straddles the plane (both lungs joined
+through the airways, or one merged field) is split by the plane. Volumes use the true voxel
+volume of the source grid.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ def _mean(values: np.ndarray) -> float | None:
     return round(float(values.mean()), 1) if values.size else None
 
 
+#: A component with more than this fraction of its voxels on each side of the plane is split.
+STRADDLE_FRACTION = 0.1
+
+
 def left_lung_mask(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Boolean mask of the patient's left lung within the lung field (see module docstring)."""
     field = labels > 0
@@ -56,15 +61,17 @@ def left_lung_mask(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
         + affine[0, 3]
     )
     midline = float(x[field].mean())
+    right_of_plane = x > midline
     components, count = ndimage.label(field)
-    if count == 1:
-        return field & (x > midline)
-    left = np.zeros_like(field)
-    sums = ndimage.sum_labels(x, components, index=np.arange(1, count + 1))
-    sizes = ndimage.sum_labels(field, components, index=np.arange(1, count + 1))
-    left_ids = np.flatnonzero(sums / sizes > midline) + 1
-    left[np.isin(components, left_ids)] = True
-    return left
+    ids = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(field, components, index=ids)
+    on_left = ndimage.sum_labels(field & right_of_plane, components, index=ids)
+    fraction_left = on_left / sizes
+    # Components clearly on one side go whole to that side; a component straddling the plane
+    # (lungs joined through the airways, or a single merged field) is split at the plane.
+    whole_left = ids[fraction_left >= 1.0 - STRADDLE_FRACTION]
+    straddling = ids[(fraction_left > STRADDLE_FRACTION) & (fraction_left < 1.0 - STRADDLE_FRACTION)]
+    return np.isin(components, whole_left) | (np.isin(components, straddling) & right_of_plane)
 
 
 def quantify(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> Quantities:
