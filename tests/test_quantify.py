@@ -67,3 +67,11 @@ def test_empty_lung_gives_zero_burden_and_no_means():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="differs"):
         quantify(np.zeros((3, 4, 4), np.uint8), np.zeros((3, 4, 5), np.float32), np.eye(4))
+
+
+def test_lungs_joined_by_airway_are_split_at_the_plane():
+    labels = _two_lungs()
+    labels[:, 18:20, 25:35] = L.LUNG  # a bridge: both lungs are one component
+    q = quantify(labels, np.zeros(labels.shape, np.float32), _axial_affine())
+    # The plane lies between the lungs, so each lung keeps its own voxels (+ part of the bridge).
+    assert 3.0 < q.left_lung_volume_ml < 3.2 and 4.0 < q.right_lung_volume_ml < 4.2
