@@ -55,11 +55,11 @@ KNOWN_WARNINGS = [
 SR_FIELDS = [f for f in Quantities.__dataclass_fields__ if f != "lung_mean_hu"]
 
 
-def _tool_or_skip(name: str) -> None:
+def _require_tool(name: str) -> None:
     try:
         find_tool(name)
     except ToolNotFound:
-        pytest.skip(f"{name} not installed")
+        pytest.fail(f"{name} not installed (make test installs it)")
 
 
 def _assert_conformant(path: Path) -> None:
@@ -314,8 +314,8 @@ def test_parse_dciodvfy():
 
 @pytest.mark.integration
 def test_synthetic_tools_roundtrip(synthetic, tmp_path):
-    _tool_or_skip("dciodvfy")
-    _tool_or_skip("segimage2itkimage")
+    _require_tool("dciodvfy")
+    _require_tool("segimage2itkimage")
     seg_path = write_dataset(synthetic.seg, tmp_path / "seg.dcm")
     sr_path = write_dataset(synthetic.sr, tmp_path / "sr.dcm")
     _assert_conformant(seg_path)
@@ -402,14 +402,14 @@ def test_real_seg_frames_reference_their_source_slices(real):
 
 @pytest.mark.integration
 def test_real_dciodvfy_zero_errors(real):
-    _tool_or_skip("dciodvfy")
+    _require_tool("dciodvfy")
     _assert_conformant(real.seg_path)
     _assert_conformant(real.sr_path)
 
 
 @pytest.mark.integration
 def test_real_dcmqi_masks_equal_labels(real):
-    _tool_or_skip("segimage2itkimage")
+    _require_tool("segimage2itkimage")
     masks = read_seg_with_dcmqi(real.seg_path, real.out / "dcmqi-seg", reference_affine=real.volume.affine)
     expected = segment_masks(real.labels)
     assert expected[2].any() and expected[3].any()
@@ -420,7 +420,7 @@ def test_real_dcmqi_masks_equal_labels(real):
 
 @pytest.mark.integration
 def test_real_dcmqi_sr_numbers_equal_quantify(real):
-    _tool_or_skip("tid1500reader")
+    _require_tool("tid1500reader")
     values = read_sr_with_dcmqi(real.sr_path, real.out / "dcmqi-sr")
     q = real.quantities.to_dict()
     assert set(values) == set(SR_FIELDS)
