@@ -67,7 +67,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     for candidate, reason in outcome.rejected:
         print(f"not analysed: {candidate.describe()}: {reason}", file=sys.stderr)
     if not outcome.accepted:
-        which = f"series {args.series}" if args.series else "an analysable CT series"
+        which = f"series {args.series}" if args.series else "analysable CT series"
         print(f"error: found no {which} under {input_dir}", file=sys.stderr)
         return EXIT_BAD_INPUT
     started = time.perf_counter()

@@ -79,7 +79,7 @@ class ThresholdSegmenter:
     high_opacity_min_hu: float = -300.0
     min_lesion_ml: float = 0.05
     info: AlgorithmInfo = AlgorithmInfo(
-        name="lungburden threshold baseline",
+        name="lungburden-threshold",
         version=__version__,
         family="Artificial Intelligence",
         parameters={"ggo_hu": "-750..-300", "high_opacity_hu": ">-300"},

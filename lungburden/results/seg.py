@@ -252,7 +252,7 @@ def build_segmentation(
             if isinstance(software_versions, str)
             else list(software_versions),
             device_serial_number=device_serial_number,
-            content_description=f"Lung field, ground-glass and high opacity by {algorithm.name}",
+            content_description=f"Lung, GGO and high opacity: {algorithm.name}"[:64],  # LO: 64 chars
             content_creator_name=content_creator_name,
             content_label="LUNGBURDEN",
             transfer_syntax_uid=ExplicitVRLittleEndian,
