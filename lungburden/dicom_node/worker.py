@@ -1,0 +1,225 @@
+"""Inference workers: processes that take queued jobs and run the shared pipeline on them.
+
+Workers run in their own processes (``multiprocessing`` spawn), so the SCP keeps accepting
+while a series is analysed. A worker claims a job atomically in the job store, keeps its lease
+alive with a heartbeat thread, calls :func:`lungburden.pipeline.process_series` and records
+the outcome; deliveries are then performed by the exporter
+(:class:`~lungburden.dicom_node.exporters.ExportRunner`). A worker dies with its parent (Linux
+``PR_SET_PDEATHSIG``), so after a ``kill -9`` of the node no orphan finishes a job behind the
+restarted node's back; the restarted node re-queues the job (see :meth:`JobStore.requeue_lost`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from lungburden.config.schema import Config
+from lungburden.dicom_node.jobs import Job, JobStore
+
+log = logging.getLogger(__name__)
+
+#: Keys of result.json copied into the job record (``lungburden jobs``, ``/jobs``): no patient data.
+RESULT_KEYS = (
+    "study_instance_uid", "series_instance_uid", "model", "model_version", "burden_percent",
+    "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml", "seg_sop_instance_uid",
+    "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid", "slices",
+)
+
+ProcessFn = Callable[..., object]
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask Linux to kill this process when its parent dies (no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def uid_seed(job: Job, model_name: str, model_version: str) -> str:
+    """The seed of the deterministic result UIDs of one series version and model (idempotency)."""
+    return f"{job.series_instance_uid}/{job.instance_set_hash}/{model_name}/{model_version}"
+
+
+class JobRunner:
+    """Runs claimed jobs through the pipeline (the segmenter is loaded once per process)."""
+
+    def __init__(self, config: Config, store: JobStore, process_fn: ProcessFn | None = None):
+        self.config = config
+        self.store = store
+        self._process_fn = process_fn
+        self._segmenters: dict[str, object] = {}
+
+    @property
+    def process_fn(self) -> ProcessFn:
+        if self._process_fn is None:
+            from lungburden.pipeline import process_series
+
+            self._process_fn = process_series
+        return self._process_fn
+
+    def _segmenter(self, model: str) -> object:
+        if model not in self._segmenters:
+            from lungburden.inference.segmenter import get_segmenter
+
+            self._segmenters[model] = get_segmenter(model)
+        return self._segmenters[model]
+
+    def result_dir(self, job: Job) -> Path:
+        return self.config.storage_dir / "results" / f"job-{job.id:06d}-v{job.version}"
+
+    def run(self, job: Job) -> None:
+        """Process one claimed job; never raises (the outcome is recorded in the store)."""
+        from lungburden.inference.volume import SeriesRejected
+
+        lease = self.config.processing.job_lease_seconds
+        stop_beat = threading.Event()
+
+        def beat() -> None:
+            while not stop_beat.wait(lease / 4):
+                try:
+                    self.store.heartbeat(job.id, lease)
+                except Exception:  # noqa: BLE001
+                    log.exception("heartbeat of job %d failed", job.id)
+
+        beater = threading.Thread(target=beat, name=f"heartbeat-{job.id}", daemon=True)
+        beater.start()
+        start = time.perf_counter()
+        out_dir = self.result_dir(job)
+        try:
+            missing = [f for f in job.files if not f.exists()]
+            if missing:
+                raise SeriesRejected(job.series_instance_uid,
+                                     f"{len(missing)} spooled instances are gone (retention clean-up?)")
+            shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted attempt
+            kwargs: dict[str, object] = {"model": job.model, "limits": self.config.selection.to_limits()}
+            params = inspect.signature(self.process_fn).parameters
+            if "segmenter" in params:
+                segmenter = self._segmenter(job.model)
+                kwargs["segmenter"] = segmenter
+                info = getattr(segmenter, "info", None)
+                version = getattr(info, "version", "?")
+            else:
+                version = "?"
+            if "uid_seed" in params:
+                kwargs["uid_seed"] = uid_seed(job, job.model, version)
+            log.info("job %d: analysing series %s version %d (%d instances, model %s)", job.id,
+                     job.series_instance_uid, job.version, len(job.files), job.model)
+            outputs = self.process_fn(list(job.files), out_dir, **kwargs)
+        except SeriesRejected as exc:
+            stop_beat.set()
+            shutil.rmtree(out_dir, ignore_errors=True)
+            log.warning("job %d: %s", job.id, exc)
+            self.store.job_failed(job.id, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker
+            stop_beat.set()
+            shutil.rmtree(out_dir, ignore_errors=True)
+            log.error("job %d failed: %s\n%s", job.id, exc, traceback.format_exc())
+            self.store.job_failed(job.id, f"processing error: {type(exc).__name__}: {exc}")
+            return
+        finally:
+            stop_beat.set()
+        result = dict(getattr(outputs, "result", {}) or {})
+        summary = {k: result[k] for k in RESULT_KEYS if k in result}
+        names = [d.name for d in self.config.destinations]
+        self.store.job_succeeded(job.id, out_dir, summary, names)
+        log.info("job %d: series %s analysed in %.1f s (burden %s %%); delivering to %s", job.id,
+                 job.series_instance_uid, time.perf_counter() - start, summary.get("burden_percent", "?"),
+                 ", ".join(names) or "no destination")
+
+    def run_next(self, job_ids: list[int] | None = None) -> bool:
+        job = self.store.claim_job(lease_seconds=self.config.processing.job_lease_seconds, job_ids=job_ids)
+        if job is None:
+            return False
+        self.run(job)
+        return True
+
+
+def worker_main(config: Config, stop: multiprocessing.synchronize.Event, index: int, log_level: int) -> None:
+    """Entry point of a worker process."""
+    set_parent_death_signal()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    parent = os.getppid()
+    store = JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
+    runner = JobRunner(config, store)
+    log.info("worker %d (pid %d) ready", index, os.getpid())
+    while not stop.is_set():
+        if os.getppid() != parent:
+            log.warning("worker %d: the node process is gone; exiting", index)
+            return
+        try:
+            if runner.run_next():
+                continue
+        except Exception:  # noqa: BLE001 - e.g. database locked for too long
+            log.exception("worker %d: error while taking a job", index)
+        stop.wait(0.25)
+
+
+class WorkerPool:
+    """Starts, watches and restarts the worker processes."""
+
+    def __init__(self, config: Config, count: int):
+        self.config = config
+        self.count = count
+        self._ctx = multiprocessing.get_context("spawn")
+        self.stop_event = self._ctx.Event()
+        self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
+        self.restarts = 0
+
+    def _spawn(self, index: int) -> None:
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(self.config, self.stop_event, index, logging.getLogger().getEffectiveLevel()),
+            name=f"lungburden-worker-{index}",
+            daemon=True,
+        )
+        proc.start()
+        self.processes[index] = proc
+
+    def start(self) -> None:
+        for i in range(self.count):
+            self._spawn(i)
+
+    def check(self) -> int:
+        """Restart dead workers; returns the number restarted."""
+        n = 0
+        if self.stop_event.is_set():
+            return 0
+        for i, proc in enumerate(self.processes):
+            if proc is None or not proc.is_alive():
+                if proc is not None:
+                    log.error("worker %d exited with code %s; restarting it", i, proc.exitcode)
+                self._spawn(i)
+                n += 1
+        self.restarts += n
+        return n
+
+    def alive(self) -> int:
+        return sum(1 for p in self.processes if p is not None and p.is_alive())
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for proc in self.processes:
+            if proc is not None:
+                proc.join(max(0.1, deadline - time.monotonic()))
+        for proc in self.processes:
+            if proc is not None and proc.is_alive():
+                log.warning("worker %s did not stop in time; terminating it", proc.name)
+                proc.terminate()
+                proc.join(2)
