@@ -82,3 +82,15 @@ def test_analyze_bad_input_exit_codes(tmp_path, capsys):
 def test_analyze_unknown_model(real_study, tmp_path, capsys):
     assert main(["analyze", str(real_study), "--out", str(tmp_path / "o"), "--model", "nope"]) == 2
     assert "unknown model 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_phantom_then_analyze(tmp_path, capsys):
+    phantom_dir, out = tmp_path / "p", tmp_path / "o"
+    assert main(["phantom", str(phantom_dir), "--seed", "7", "--slices", "24"]) == 0
+    truth = json.loads((phantom_dir / "truth.json").read_text())
+    assert main(["analyze", str(phantom_dir), "--out", str(out), "--model", "threshold"]) == 0
+    result = check_outputs(out, tmp_path)
+    assert result["series_instance_uid"] == truth["series_instance_uid"]
+    # The classical baseline finds the phantom's lungs (it is not expected to match lesions well).
+    assert result["lung_volume_ml"] == pytest.approx(truth["lung_volume_ml"], rel=0.15)
