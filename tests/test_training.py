@@ -235,6 +235,39 @@ def test_dicom_ct_and_seg_pairs(tmp_path):
     np.testing.assert_array_equal(src2.load(cid).labels == L.GGO, c["ggo"] | c["high"])
 
 
+# ------------------------------------------------------------------------------------ phantoms and real CT
+
+
+def test_phantom_source_varies_and_is_deterministic():
+    src = D.PhantomSource([1000, 1001, 1002, 1003, 1004, 1005], matrix=64, max_slices=16)
+    specs = [D.sample_phantom_spec(s, 64, 16) for s in src.seeds]
+    assert len({s.slice_spacing_mm for s in specs}) > 1 and len({s.contrast for s in specs}) == 2
+    assert all(0.625 <= s.slice_spacing_mm <= 5.0 and 0 <= s.burden_percent <= 80 for s in specs)
+    a, b = src.load("phantom-1001"), src.load("phantom-1001")
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert a.hu.shape == (16, 64, 64) and a.hu.dtype == np.float32 and a.source == "phantom"
+    assert abs(a.spacing[0] - specs[1].slice_spacing_mm) < 1e-6
+    assert set(np.unique(a.labels)) <= {0, 1, 2, 3} and (a.labels == L.LUNG).any()
+    vol = a.to_volume()
+    assert vol.shape == a.hu.shape and vol.datasets == ()
+
+
+@pytest.mark.skipif(not (D.DEFAULT_REAL_CT / "totalsegmentator-chest-crops").is_dir(), reason="no shared real CT")
+def test_real_ct_with_inserted_lesions():
+    src = D.RealCTSource(D.DEFAULT_REAL_CT, variants=1, seed_start=1000, clean=True)
+    ids = src.case_ids()
+    assert "real-chest-crop-2-clean" in ids and "real-chest-crop-2-s1000" in ids
+    assert not any(D.REAL_STUDY in i for i in ids)  # the specificity study is not a training default
+    clean, ins = src.load("real-chest-crop-2-clean"), src.load("real-chest-crop-2-s1000")
+    assert not (clean.labels >= L.GGO).any()
+    lung_ml = np.count_nonzero(clean.labels) * 1.5**3 / 1000
+    assert 1000 < lung_ml < 3000  # both lungs' central parts (crop edges padded)
+    np.testing.assert_array_equal(ins.labels > 0, clean.labels > 0)  # lesions inside the lung field
+    assert (ins.labels == L.GGO).any()
+    changed = ins.hu != clean.hu
+    assert changed.any() and not (changed & (clean.labels == 0)).any()  # only lung voxels change
+
+
 # ------------------------------------------------------------------------------------ cache, windows, augmentation
 
 
@@ -312,3 +345,47 @@ def test_split_folds_groups_real_variants():
     assert sum(any(i.startswith("real-") for i in f) for f in folds) == 1
     sizes = sorted(len(f) for f in folds)
     assert sizes[-1] - sizes[0] <= 4
+
+
+# ------------------------------------------------------------------------------------ training
+
+TINY = ["--size", "32", "--hparam", "context=1", "--hparam", "stem=4", "--hparam", "width=8", "--hparam", "growth=4",
+        "--hparam", "dense_layers=2", "--hparam", "features=8", "--hparam", "hidden=4", "--hparam", "head_width=4"]
+
+
+def test_make_splits_disjoint_and_final():
+    from lungburden.inference.training.trainer import TrainConfig, make_splits
+
+    ids = [f"phantom-{i}" for i in range(1000, 1010)]
+    splits = make_splits(ids, TrainConfig(folds=5))
+    assert [s.name for s in splits] == [f"fold-{k}" for k in range(5)]
+    assert sorted(sum((s.test for s in splits), [])) == sorted(ids)
+    for s in splits:
+        assert not set(s.train) & set(s.val) and not set(s.train) & set(s.test) and not set(s.val) & set(s.test)
+        assert sorted(s.train + s.val + s.test) == sorted(ids) and s.val
+    (final,) = make_splits(ids, TrainConfig(final=True))
+    assert final.test == [] and sorted(final.train + final.val) == sorted(ids)
+
+
+def test_tiny_training_run_writes_checkpoint_that_loads_and_resumes(tmp_path):
+    from lungburden.cli import main
+    from lungburden.inference.models import load_checkpoint
+
+    out = tmp_path / "run"
+    common = ["train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64", "--phantom-max-slices", "12",
+              "--final", "--windows-per-epoch", "8", "--batch", "4", "--micro-batch", "2",
+              "--val-windows-per-case", "3", "--cache", str(tmp_path / "cache"), "--threads", "1", "--quiet", *TINY]
+    assert main([*common, "--max-epochs", "2", "--real-ct", str(tmp_path / "none")]) == 0
+    model, ckpt = load_checkpoint(out / "final" / "best.pt")
+    meta = ckpt["metadata"]
+    assert ckpt["model"] == "convlstm" and model.context == 1 and model.input_size == 32
+    assert meta["epochs"] == 2 and meta["stop_reason"] == "max epochs 2"
+    assert sorted(meta["split"]["train"] + meta["split"]["val"]) == ["phantom-1000", "phantom-1001"]
+    assert meta["data"]["phantoms"] == 2 and meta["config"]["lr"] == 1e-3 and "git_commit" in meta
+    assert len(meta["history"]) == 2 and all(np.isfinite(h["train_loss"]) for h in meta["history"])
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    # resume to epoch 3, on slabs this time
+    assert main([*common, "--max-epochs", "3", "--resume", "--slab", "3", "--real-ct", str(tmp_path / "none")]) == 0
+    _, ckpt = load_checkpoint(out / "final" / "last.pt")
+    assert ckpt["metadata"]["epochs"] == 3 and len(ckpt["metadata"]["history"]) == 3
+    assert ckpt["metadata"]["history"][:2] == meta["history"]

@@ -459,9 +459,13 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int, rows: int) -> None:
+def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int, rows: int,
+                      threads: int | None) -> None:
     try:
         import torch
+
+        if threads:
+            torch.set_num_threads(threads)
 
         from lungburden.inference.training.data import synthetic_volume
 
@@ -477,13 +481,14 @@ def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def measure_compute(name: str, weights: str | None, slices: int, rows: int = 512, timeout_s: float = 1800) -> dict:
+def measure_compute(name: str, weights: str | None, slices: int, rows: int = 512, threads: int | None = None,
+                    timeout_s: float = 1800) -> dict:
     """Time and peak memory of ``segment`` in a fresh (spawned) process, so models do not share RSS."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure_in_child, args=(queue, (name, weights), slices, rows))
+    proc = ctx.Process(target=_measure_in_child, args=(queue, (name, weights), slices, rows, threads))
     proc.start()
     try:
         result = queue.get(timeout=timeout_s)

@@ -700,9 +700,10 @@ def tumour_boxes(study_root: Path) -> dict[float, list[tuple[int, int, int, int]
     return boxes
 
 
-def study_tumour_labels(volume, study_root: Path) -> np.ndarray:
-    """Boolean mask of the real study's tumour: voxels > :data:`LESION_SPLIT_HU` inside the
-    annotated boxes (the tumour is a genuine high-opacity finding; see docs/training.md)."""
+def study_tumour_labels(volume, study_root: Path, lung: np.ndarray) -> np.ndarray:
+    """Approximate mask of the real study's tumour: voxels > :data:`LESION_SPLIT_HU` inside the
+    annotated boxes and inside the lung field (the tumour is a genuine high-opacity finding; the
+    boxes also hold chest wall and aorta, hence the lung field restriction; see docs/training.md)."""
     mask = np.zeros(volume.shape, bool)
     z_of_slice = {round(float(ds.ImagePositionPatient[2]), 2): k for k, ds in enumerate(volume.datasets)}
     for z, boxes in tumour_boxes(study_root).items():
@@ -711,7 +712,7 @@ def study_tumour_labels(volume, study_root: Path) -> np.ndarray:
             continue
         for x0, y0, x1, y1 in boxes:
             mask[k, y0:y1 + 1, x0:x1 + 1] = volume.hu[k, y0:y1 + 1, x0:x1 + 1] > LESION_SPLIT_HU
-    return mask
+    return mask & lung
 
 
 @lru_cache(maxsize=4)
@@ -722,8 +723,8 @@ def load_real_background(path: Path, kind: str) -> tuple[np.ndarray, np.ndarray,
 
         volume = load_files(sorted(Path(path).glob("*.dcm")))
         lung = lung_mask_for(volume.hu, volume.spacing)
-        tumour = study_tumour_labels(volume, Path(path).parent)
-        return volume.hu, volume.affine, lung | tumour, tumour
+        tumour = study_tumour_labels(volume, Path(path).parent, lung)
+        return volume.hu, volume.affine, lung, tumour
     hu, affine = read_nifti(Path(path))
     hu = hu.astype(np.float32)
     lung = lung_mask_for(hu, np.linalg.norm(affine[:3, :3], axis=0), cropped_inside_body=True)
@@ -778,25 +779,28 @@ class RealCTSource:
         lesions = np.where(existing, np.uint8(L.HIGH_OPACITY), np.uint8(0)).astype(np.uint8)
         meta: dict[str, Any] = {"volume": vol.name, "seed": seed}
         if seed is not None:
-            hu, inserted, info = insert_synthetic_lesions(hu, affine, lung, seed)
+            hu, inserted, info = insert_synthetic_lesions(hu, affine, lung & ~existing, seed, vol.name)
             lesions = np.maximum(lesions, inserted)
             meta.update(info)
         labels = finalize_labels(lesions, lung)
         return RawCase(case_id, hu, labels, affine, source="real-ct", meta=meta)
 
 
-def insert_synthetic_lesions(hu: np.ndarray, affine: np.ndarray, lung: np.ndarray,
-                             seed: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def insert_synthetic_lesions(hu: np.ndarray, affine: np.ndarray, lung: np.ndarray, seed: int,
+                             name: str = "") -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Insert synthetic lesions into a copy of ``hu`` inside ``lung`` with
     :func:`lungburden.inference.phantom.insert_lesions`; returns ``(hu, lesion label map, info)``.
 
-    Burden 2-72 % (skewed low), drawn from ``seed``; lesion kinds as the phantom's plan.
+    Burden 2-72 % (skewed low) and lesions drawn from ``seed`` and the volume ``name``; lesion
+    kinds as the phantom's plan.
     """
+    import zlib
+
     from lungburden.inference.phantom import insert_lesions
 
-    rng = np.random.default_rng([seed, 0x2C])
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), 0x2C])
     burden = float(2.0 + 70.0 * rng.random() ** 1.5)
-    res = insert_lesions(hu, affine, seed=seed, burden_percent=burden, lung_mask=lung)
+    res = insert_lesions(hu, affine, seed=rng, burden_percent=burden, lung_mask=lung)
     lesions = np.where(np.isin(res.labels, (L.GGO, L.HIGH_OPACITY)), res.labels, 0).astype(np.uint8)
     return np.asarray(res.hu, np.float32), lesions, {"target_burden_percent": round(burden, 2)}
 
@@ -993,6 +997,28 @@ def make_batch(cases: Sequence[TrainingCase], picks: Sequence[tuple[int, int]], 
     return x, y
 
 
+def slab_starts(cases: Sequence[TrainingCase], picks: Sequence[tuple[int, int]], length: int
+                ) -> list[tuple[int, int, int]]:
+    """Turn sampled centre slices into slabs ``(case, first target, targets)`` of ``length`` targets."""
+    out = []
+    for ci, t in picks:
+        n = min(length, cases[ci].num_slices)
+        t0 = int(np.clip(t - n // 2, 0, cases[ci].num_slices - n))
+        out.append((ci, t0, n))
+    return out
+
+
+def make_slab(case: TrainingCase, t0: int, n: int, context: int):
+    """A contiguous slab for ``forward_sequence``: input ``(n + 2·context, S, S)`` (edges replicated)
+    and the labels of its ``n`` targets ``(n, S, S)`` (torch float32 / int64)."""
+    import torch
+
+    idx = np.clip(np.arange(t0 - context, t0 + n + context), 0, case.num_slices - 1)
+    x = torch.from_numpy(case.image[idx].astype(np.float32))
+    y = torch.from_numpy(case.labels[t0:t0 + n].astype(np.int64))
+    return x, y
+
+
 # --------------------------------------------------------------------------------------------------
 # Augmentation (section 2.4)
 
@@ -1026,16 +1052,17 @@ def affine_thetas(batch: int, aug: Augmentation, generator) -> Any:
 
 
 def warp(x, y, theta):
-    """Apply ``theta`` to windows ``x`` (B, K, S, S) bilinearly and labels ``y`` (B, S, S) by nearest
-    neighbour; outside the image is 0 (air after min-max) and background."""
+    """Apply ``theta`` to windows ``x`` (B, K, S, S) bilinearly and labels ``y`` (B, S, S) or
+    (B, T, S, S) by nearest neighbour; outside the image is 0 (air after min-max) and background."""
     import torch
     import torch.nn.functional as F
 
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     xw = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    yw = F.grid_sample(y[:, None].to(torch.float32), grid, mode="nearest", padding_mode="zeros",
-                       align_corners=False)[:, 0].round().to(y.dtype)
-    return xw, yw
+    y4 = y[:, None] if y.dim() == 3 else y
+    yw = F.grid_sample(y4.to(torch.float32), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    yw = yw.round().to(y.dtype)
+    return xw, (yw[:, 0] if y.dim() == 3 else yw)
 
 
 def augment_batch(x, y, generator, aug: Augmentation = Augmentation()):

@@ -1,0 +1,362 @@
+"""``lungburden train``, ``lungburden evaluate`` and ``lungburden compare`` (see docs/training.md).
+
+Added to the main CLI by :func:`add_subcommands` (lungburden/cli.py loads this module).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+#: Held-out evaluation phantoms use seeds 1..100; training phantoms start at 1000 (disjoint).
+EVAL_PHANTOM_SEED_START = 1
+TRAIN_PHANTOM_SEED_START = 1000
+
+
+def _default_real_ct() -> str | None:
+    from lungburden.inference.training.data import DEFAULT_REAL_CT
+
+    return str(DEFAULT_REAL_CT) if DEFAULT_REAL_CT.is_dir() else None
+
+
+def _add_data_arguments(p: argparse.ArgumentParser, *, training: bool) -> None:
+    g = p.add_argument_group("data")
+    seed0 = TRAIN_PHANTOM_SEED_START if training else EVAL_PHANTOM_SEED_START
+    g.add_argument("--phantoms", type=int, default=0, metavar="N", help="number of synthetic phantoms")
+    g.add_argument("--phantom-seed-start", type=int, default=seed0, metavar="S",
+                   help=f"first phantom seed (default {seed0}; training uses 1000+, evaluation 1..100)")
+    g.add_argument("--phantom-matrix", type=int, default=256, help="phantom in-plane matrix (default 256)")
+    g.add_argument("--phantom-max-slices", type=int, default=96, help="most slices per phantom (default 96)")
+    g.add_argument("--real-ct", default=_default_real_ct(), metavar="DIR",
+                   help="real CT folder (TotalSegmentator crops, Lung-PET-CT-Dx study); default the shared one")
+    g.add_argument("--real-ct-variants", type=int, default=0, metavar="N",
+                   help="inserted-lesion variants per real volume (default 0: not used)")
+    g.add_argument("--real-ct-seed-start", type=int, default=seed0, metavar="S",
+                   help=f"first lesion-insertion seed (default {seed0})")
+    g.add_argument("--real-ct-include-study", action="store_true",
+                   help="also use the Lung-PET-CT-Dx study (the specificity test case; off by default)")
+    if not training:
+        g.add_argument("--real-study", action="store_true",
+                       help="add the real volumes without inserted lesions (specificity; the study's tumour "
+                            "is high opacity) — with --real-ct-include-study for the Lung-PET-CT-Dx study")
+    g.add_argument("--nifti", action="append", default=[], metavar="DIR", help="NIfTI image/mask dataset folder")
+    g.add_argument("--nifti-layout", default="generic", choices=["medseg", "mosmed", "covid19ctseg", "generic"])
+    g.add_argument("--label-map", default=None, metavar="MAP",
+                   help='mask value → class, e.g. "1:ggo,2:high,3:high" (classes lung, ggo, high, lesion, '
+                        "background; default per layout)")
+    g.add_argument("--dicom-seg", action="append", default=[], metavar="DIR",
+                   help="folder with DICOM CT series and DICOM SEG instances referencing them")
+    g.add_argument("--seg-map", default=None, metavar="MAP",
+                   help='segment (number, label or SCHEME-VALUE code) → class, e.g. "Infection:lesion"')
+    g.add_argument("--cache", default=None, metavar="DIR", help="preprocessed-case cache (default ~/.cache/...)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the case cache")
+
+
+def _data_spec(args: argparse.Namespace):
+    from lungburden.inference.training.data import DataSpec
+
+    return DataSpec(
+        phantoms=args.phantoms,
+        phantom_seed_start=args.phantom_seed_start,
+        phantom_matrix=args.phantom_matrix,
+        phantom_max_slices=args.phantom_max_slices,
+        real_ct=args.real_ct,
+        real_ct_variants=args.real_ct_variants,
+        real_ct_seed_start=args.real_ct_seed_start,
+        real_ct_include_study=args.real_ct_include_study,
+        real_ct_clean=bool(getattr(args, "real_study", False)),
+        nifti=list(args.nifti),
+        nifti_layout=args.nifti_layout,
+        label_map=args.label_map,
+        dicom_seg=list(args.dicom_seg),
+        seg_map=args.seg_map,
+    )
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    from lungburden.inference.training.data import default_cache_dir
+
+    if args.no_cache:
+        return None
+    return Path(args.cache) if args.cache else default_cache_dir()
+
+
+def _hparams(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# train
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a model (section 2.6) with k-fold cross-validation (2.7) or the final model."""
+    import torch
+
+    from lungburden.inference.training.trainer import TrainConfig, run_training
+
+    config = TrainConfig(
+        model=args.model, model_hparams=_hparams(args.hparam), size=args.size, lr=args.lr, batch=args.batch,
+        micro_batch=args.micro_batch, windows_per_epoch=args.windows_per_epoch,
+        val_windows_per_case=args.val_windows_per_case, plateau_patience=args.patience, stop_lr=args.stop_lr,
+        max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
+        final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
+        augment=not args.no_augment, slab=args.slab, threads=args.threads, resume=args.resume, progress=not args.quiet,
+    )
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    try:
+        results = run_training(config, _data_spec(args), Path(args.out), _cache_dir(args))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for r in results:
+        last = r.history[-1] if r.history else None
+        dice = " ".join(f"{k} {v:.3f}" for k, v in (last.val_dice if last else {}).items() if v is not None)
+        print(f"{r.split.name}: {r.epochs} epochs, best epoch {r.best_epoch} (val loss {r.best_val_loss:.4f}), "
+              f"final lr {r.final_lr:.0e}, stopped: {r.stop_reason}; last val Dice {dice}\n  -> {r.best_checkpoint}")
+    if args.export:
+        if len(results) != 1:
+            print("error: --export needs a single model (--final or --fold k)", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        _export(results[0].best_checkpoint, Path(args.export))
+        print(f"exported {results[0].best_checkpoint} -> {args.export}")
+    return 0
+
+
+def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
+    """Copy a checkpoint to the shipped weights location, refusing files over ``max_mb``."""
+    size_mb = src.stat().st_size / 2**20
+    if size_mb > max_mb:
+        raise ValueError(f"{src} is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dst)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _cv_checkpoints(cv_dir: Path) -> list[Path]:
+    paths = sorted(cv_dir.glob("fold-*/best.pt"))
+    if not paths:
+        raise FileNotFoundError(f"{cv_dir}: no fold-*/best.pt (a `lungburden train --folds K` output folder)")
+    return paths
+
+
+def evaluate_cv(cv_dir: Path, progress: bool = True):
+    """Each fold's model on its own test cases (Fig. 3), concatenated; returns (results, info)."""
+    from lungburden.inference.evaluation import build_segmenter, evaluate_cases
+    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.training.data import CaseIndex, DataSpec
+
+    results, folds = [], []
+    for path in _cv_checkpoints(cv_dir):
+        _, ckpt = load_checkpoint(path)
+        meta = ckpt.get("metadata", {})
+        split = meta.get("split", {})
+        test = list(split.get("test", []))
+        index = CaseIndex(DataSpec.from_dict(meta.get("data", {})).build_sources())
+        segmenter = build_segmenter(ckpt["model"], str(path))
+        results += evaluate_cases(segmenter, index.iter_raw(test), fold=split.get("fold"), progress=progress)
+        folds.append(f"{path.parent.name}: {len(test)} test cases, epochs {meta.get('epochs')}")
+    return results, {"cross-validation": str(cv_dir), "folds": "; ".join(folds)}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a model against ground truth and write report.md / report.json / PNGs (section 2.8)."""
+    import torch
+
+    from lungburden.inference.evaluation import build_segmenter, cpu_description, evaluate_cases, write_report
+    from lungburden.inference.training.data import CaseIndex
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    started = time.perf_counter()
+    try:
+        if args.cv:
+            results, info = evaluate_cv(Path(args.cv), progress=not args.quiet)
+        else:
+            index = CaseIndex(_data_spec(args).build_sources())
+            if not index.ids():
+                print("error: no evaluation cases: give --phantoms, --real-study, --real-ct-variants, --nifti or "
+                      "--dicom-seg", file=sys.stderr)
+                return EXIT_BAD_INPUT
+            segmenter = build_segmenter(args.model, args.weights)
+            results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
+            info = {"model": args.weights or args.model, "cases": len(results)}
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    info.update({"command": " ".join(sys.argv), "cpu": cpu_description(), "threads": torch.get_num_threads(),
+                 "wall time": f"{time.perf_counter() - started:.0f} s"})
+    summary = write_report(results, out, title="lungburden evaluation", info=info, plots=not args.no_plots)
+    for name, d in summary.dice.items():
+        mean = "-" if d.mean is None else f"{d.mean:.3f}"
+        pooled = "-" if d.pooled is None else f"{d.pooled:.3f}"
+        print(f"Dice {name:13s} mean {mean} (n={d.n})  pooled {pooled}")
+    burden = summary.agreement["burden_percent"]
+    print(f"burden bias {burden.bland_altman.bias:+.2f} % [LoA {burden.bland_altman.loa_low:+.2f}, "
+          f"{burden.bland_altman.loa_high:+.2f}]; report in {out / 'report.md'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# compare
+
+
+def _pairs(items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"{what} {item!r} is not NAME=PATH")
+        out[name] = value
+    return out
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several models side by side: Dice on the same cases and compute cost (paper Table 4)."""
+    import torch
+
+    from lungburden.inference.evaluation import (
+        ModelComparison,
+        build_segmenter,
+        cpu_description,
+        evaluate_cases,
+        measure_compute,
+        summarize,
+        write_comparison,
+        write_report,
+    )
+    from lungburden.inference.training.data import CaseIndex
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        weights = _pairs(args.weights, "--weights")
+        cvs = _pairs(args.cv, "--cv")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    names = [n.strip() for n in args.models.split(",") if n.strip()]
+    index = CaseIndex(_data_spec(args).build_sources())
+    sizes = [int(s) for s in args.timing_slices.split(",") if s.strip()] if not args.no_timing else []
+    out = Path(args.out)
+    rows = []
+    for name in names:
+        ckpt = weights.get(name)
+        try:
+            if name in cvs:
+                results, _ = evaluate_cv(Path(cvs[name]), progress=not args.quiet)
+                ckpt = ckpt or str(_cv_checkpoints(Path(cvs[name]))[0])
+            elif index.ids():
+                segmenter = build_segmenter(name, ckpt)
+                results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
+            else:
+                results = []
+        except (ValueError, FileNotFoundError, KeyError) as exc:
+            print(f"{name}: not evaluated: {exc}", file=sys.stderr)
+            rows.append(ModelComparison(name, ckpt, None, {}))
+            continue
+        if results:
+            write_report(results, out / name, title=f"lungburden evaluation: {name}", info={"model": ckpt or name},
+                         plots=not args.no_plots)
+        compute = {}
+        for n in sizes:
+            print(f"{name}: timing {n} slices ...", file=sys.stderr)
+            compute[f"{n}x{args.timing_rows}"] = measure_compute(name, ckpt, n, args.timing_rows,
+                                                                 threads=args.threads)
+        rows.append(ModelComparison(name, ckpt, summarize(results) if results else None, compute))
+    info = {"command": " ".join(sys.argv), "cpu": cpu_description(), "threads": args.threads or torch.get_num_threads(),
+            "cases": len(index.ids()) if not cvs else "each model's cross-validation test sets"}
+    path = write_comparison(rows, out, info)
+    print(path.read_text())
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def add_subcommands(sub: argparse._SubParsersAction) -> None:
+    """Add ``train``, ``evaluate`` and ``compare`` to the ``lungburden`` parser."""
+    p = sub.add_parser("train", help="train a segmentation network (k-fold CV or the final model)",
+                       description=cmd_train.__doc__)
+    p.add_argument("--out", required=True, help="run folder (fold-K/ or final/ with best.pt, last.pt, state.pt)")
+    p.add_argument("--model", default="convlstm", choices=["convlstm", "unet2d", "unet3d"])
+    p.add_argument("--size", type=int, default=None, help="network input size S (default: the preprocessing's)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="model constructor argument (JSON value), e.g. --hparam hidden=16")
+    p.add_argument("--batch", type=int, default=32, help="windows per optimiser step (default 32)")
+    p.add_argument("--micro-batch", type=int, default=8, help="windows per forward pass (gradient accumulation)")
+    p.add_argument("--slab", type=int, default=0, metavar="N",
+                   help="convlstm: train on slabs of N consecutive targets (shared per-slice work, ~4x faster "
+                        "on CPU); 0 = independent windows (default)")
+    p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
+    p.add_argument("--patience", type=int, default=10, help="ReduceLROnPlateau patience in epochs (default 10)")
+    p.add_argument("--stop-lr", type=float, default=1e-7, help="stop when the lr reaches this (default 1e-7)")
+    p.add_argument("--windows-per-epoch", type=int, default=512, help="sampled windows per epoch (default 512)")
+    p.add_argument("--val-windows-per-case", type=int, default=12, help="validation windows per case (default 12)")
+    p.add_argument("--max-epochs", type=int, default=None, help="stop after this many epochs")
+    p.add_argument("--time-budget", type=float, default=None, metavar="MIN", help="stop each fold after MIN minutes")
+    p.add_argument("--folds", type=int, default=5, help="k of the k-fold cross-validation (default 5)")
+    p.add_argument("--fold", type=int, default=None, help="train only this fold (default: all)")
+    p.add_argument("--final", action="store_true", help="one model on all cases (train + val), for shipping")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share of the non-test cases")
+    p.add_argument("--seed", type=int, default=0, help="initialisation / sampling seed")
+    p.add_argument("--split-seed", type=int, default=0, help="fold split seed")
+    p.add_argument("--no-augment", action="store_true", help="disable the section 2.4 augmentation")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/<fold>/state.pt")
+    p.add_argument("--export", default=None, metavar="PATH", help="copy the best checkpoint here (e.g. "
+                   "lungburden/weights/convlstm.pt); single model only")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_data_arguments(p, training=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a model against ground truth (Dice, volumes, Bland-Altman)",
+                       description=cmd_evaluate.__doc__)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--model", default=None, help="registered segmenter name (see `lungburden models`)")
+    which.add_argument("--weights", default=None, metavar="PATH", help="a checkpoint written by `lungburden train`")
+    which.add_argument("--cv", default=None, metavar="DIR",
+                       help="a cross-validation run folder: each fold's model on its own test cases")
+    p.add_argument("--out", required=True, help="folder for report.md, report.json and the plots")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_arguments(p, training=False)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("compare", help="compare models side by side: Dice and CPU time / memory (Table 4)",
+                       description=cmd_compare.__doc__)
+    p.add_argument("--models", default="convlstm,unet2d,unet3d,threshold",
+                   help="comma-separated model names (default convlstm,unet2d,unet3d,threshold)")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH", help="checkpoint of a model")
+    p.add_argument("--cv", action="append", default=[], metavar="NAME=DIR",
+                   help="cross-validation folder of a model (Dice over its folds' test sets, as Table 4)")
+    p.add_argument("--timing-slices", default="16,120", help="series lengths to time (default 16,120)")
+    p.add_argument("--timing-rows", type=int, default=512, help="matrix of the timing series (default 512)")
+    p.add_argument("--no-timing", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_arguments(p, training=False)
+    p.set_defaults(func=cmd_compare)
