@@ -119,27 +119,34 @@ def storescu(port: int, paths: list[Path] | Path, aet: str = "STORESCU", called:
 class NodeProcess:
     """``python -m lungburden.dicom_node serve`` with a generated YAML config (ports 0 = free)."""
 
-    def __init__(self, workdir: Path, config: dict, env: dict[str, str] | None = None):
+    def __init__(self, workdir: Path, config: dict | None = None, env: dict[str, str] | None = None,
+                 config_path: Path | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.config.setdefault("node", {}).setdefault("storage_dir", str(self.workdir / "var"))
-        self.config["node"].setdefault("port", 0)
-        self.config["node"].setdefault("min_free_disk_mb", 50)
-        self.config.setdefault("http", {}).setdefault("port", 0)
-        self.config.setdefault("processing", {}).setdefault("model", "threshold")
-        self.config_path = self.workdir / "node.yaml"
-        self.config_path.write_text(yaml.safe_dump(self.config))
+        self.env = dict(env or {})
+        if config_path is None:
+            self.config = config or {}
+            self.config.setdefault("node", {}).setdefault("storage_dir", str(self.workdir / "var"))
+            self.config["node"].setdefault("port", 0)
+            self.config["node"].setdefault("min_free_disk_mb", 50)
+            self.config.setdefault("http", {}).setdefault("port", 0)
+            self.config.setdefault("processing", {}).setdefault("model", "threshold")
+            self.config_path = self.workdir / "node.yaml"
+            self.config_path.write_text(yaml.safe_dump(self.config))
+            self._storage = Path(self.config["node"]["storage_dir"])
+        else:  # an existing file adjusted by environment variables
+            self.config_path = Path(config_path)
+            self.env.setdefault("LUNGBURDEN_NODE__STORAGE_DIR", str(self.workdir / "var"))
+            self._storage = Path(self.env["LUNGBURDEN_NODE__STORAGE_DIR"])
         self.ready_file = self.workdir / "ready"
         self.log_path = self.workdir / "node.log"
-        self.env = env or {}
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.http_port = 0
 
     @property
     def storage_dir(self) -> Path:
-        return Path(self.config["node"]["storage_dir"])
+        return self._storage
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         self.ready_file.unlink(missing_ok=True)

@@ -126,7 +126,8 @@ def test_environment_overrides(tmp_path):
     path = tmp_path / "node.yaml"
     path.write_text(yaml.safe_dump({
         "node": {"port": 104, "storage_dir": "spool"},
-        "destinations": [{"name": "pacs", "type": "dimse", "host": "a", "port": 104, "ae_title": "PACS"}],
+        "destinations": [{"name": "pacs", "type": "dimse", "host": "a", "port": 104, "ae_title": "PACS"},
+                         {"name": "pacs-web", "type": "dicomweb", "url": "http://a/dicom-web"}],
     }))
     env = {
         "LUNGBURDEN_NODE__PORT": "11113",
@@ -136,6 +137,7 @@ def test_environment_overrides(tmp_path):
         "LUNGBURDEN_SELECTION__KERNEL_REGEX": "[LB]",      # not parsed as a YAML list
         "LUNGBURDEN_PROCESSING__MODEL": "threshold",
         "LUNGBURDEN_DESTINATIONS__PACS__HOST": "10.1.2.3",
+        "LUNGBURDEN_DESTINATIONS__PACS_WEB__URL": "http://10.1.2.3/dicom-web",
         "LUNGBURDEN_DESTINATIONS__OUT__TYPE": "folder",
         "LUNGBURDEN_DESTINATIONS__OUT__PATH": "results",
         "LUNGBURDEN_READY_FILE": "/tmp/x",                  # no "__": not a configuration key
@@ -148,6 +150,7 @@ def test_environment_overrides(tmp_path):
     assert config.selection.kernel_regex == "[LB]"
     assert config.processing.model == "threshold"
     assert config.destination("pacs").host == "10.1.2.3"
+    assert config.destination("pacs-web").url == "http://10.1.2.3/dicom-web"
     assert config.destination("out").path == tmp_path / "results"
     assert config.node.storage_dir == tmp_path / "spool"
 

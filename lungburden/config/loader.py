@@ -5,7 +5,8 @@
   (all problems are reported at once by :class:`ConfigError`).
 - Environment variables ``LUNGBURDEN_<SECTION>__<KEY>`` override the file, e.g.
   ``LUNGBURDEN_NODE__PORT=11113``; destinations are addressed by name,
-  ``LUNGBURDEN_DESTINATIONS__<NAME>__<KEY>`` (a new name creates a destination). Values are
+  ``LUNGBURDEN_DESTINATIONS__<NAME>__<KEY>`` (a new name creates a destination; ``-`` in a
+  name is written ``_``, e.g. ``LUNGBURDEN_DESTINATIONS__PACS_WEB__URL``). Values are
   read as YAML scalars/flow collections (``[A, B]``), except for text keys, which are taken
   verbatim. Variables without ``__`` are not configuration overrides and are ignored.
 - Relative paths (``node.storage_dir``, folder destinations, ``logging.file``) are resolved
@@ -211,7 +212,9 @@ def apply_env_overrides(raw: dict, environ: Mapping[str, str]) -> dict:
                 continue
             dests = raw.setdefault("destinations", []) or []
             raw["destinations"] = dests
-            match = [d for d in dests if isinstance(d, dict) and str(d.get("name", "")).lower() == parts[1]]
+            # names are matched case-insensitively, "-" written as "_" (shells reject "-" in names)
+            match = [d for d in dests if isinstance(d, dict)
+                     and str(d.get("name", "")).lower().replace("-", "_") == parts[1].replace("-", "_")]
             if match:
                 target = match[0]
             else:

@@ -215,7 +215,11 @@ def owner_alive(owner: str | None) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process stays a zombie until its new parent reaps it
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
 
 
 class JobStore:
