@@ -13,6 +13,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
+from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
 from lungburden.inference.selection import SelectionRules, check_selection, select_series
 from lungburden.inference.series import SkippedFile, discover_series
 from lungburden.inference.volume import LoadLimits, SeriesRejected, check_series, load_files, load_volume
@@ -56,6 +57,24 @@ def test_slice_order_ignores_file_order_and_instance_number(real_datasets, real_
     assert [d.SOPInstanceUID for d in v.datasets] == [d.SOPInstanceUID for d in real_volume.datasets]
 
 
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory) -> list[Path]:
+    out = tmp_path_factory.mktemp("phantom")
+    spec = PhantomSpec(seed=11, slices=18, rows=256, cols=256, slice_spacing_mm=2.5, contrast=True)
+    write_phantom_series(generate_phantom(spec), out, spec)
+    return sorted(out.glob("*.dcm"))
+
+
+def test_phantom_in_shuffled_file_order(phantom_series):
+    files = list(phantom_series)
+    random.Random(5).shuffle(files)
+    limits = LoadLimits(min_slices=16)
+    shuffled, ordered = load_files(files, limits), load_files(phantom_series, limits)
+    assert np.array_equal(shuffled.hu, ordered.hu)
+    assert shuffled.source_files == ordered.source_files
+    assert shuffled.spacing == pytest.approx((2.5, 400 / 256, 400 / 256))
+
+
 def _transcode(src: list[Path], dst: Path, how: str) -> list[Path]:
     dst.mkdir()
     out = []
@@ -81,10 +100,11 @@ def _transcode(src: list[Path], dst: Path, how: str) -> list[Path]:
         ("rle", "1.2.840.10008.1.2.5"),
     ],
 )
-def test_compressed_transfer_syntaxes_decode_losslessly(real_lung_series, tmp_path, how, ts):
+@pytest.mark.parametrize("source", ["real", "phantom"])
+def test_compressed_transfer_syntaxes_decode_losslessly(real_lung_series, phantom_series, tmp_path, how, ts, source):
     if how.startswith("jpeg-") and shutil.which("dcmcjpeg") is None:
         pytest.fail("DCMTK (dcmcjpeg/dcmcjpls) is required: make test installs it")
-    subset = real_lung_series[20:38]
+    subset = real_lung_series[20:38] if source == "real" else phantom_series
     files = _transcode(subset, tmp_path / how, how)
     assert pydicom.dcmread(files[0], stop_before_pixels=True).file_meta.TransferSyntaxUID == ts
     limits = LoadLimits(min_slices=16)
