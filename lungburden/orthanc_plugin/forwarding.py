@@ -1,0 +1,184 @@
+"""Deliveries of the Orthanc plugin: store the SEG + SR into Orthanc, forward them to Orthanc's peers.
+
+Each class has the ``send(job)`` method of the node's exporters, so the node's
+:class:`~lungburden.dicom_node.exporters.ExportRunner` retries them with back-off and
+dead-letters them like any destination:
+
+- ``orthanc:store`` (:class:`OrthancStoreExporter`): ``POST /instances`` of ``seg.dcm`` and
+  ``sr.dcm`` (they carry the source study's UIDs, so Orthanc files them in the source study).
+  With ``ReplacePrevious`` the SEG/SR stored earlier for the same source series (an older version
+  of it, or the same version before a re-run) are deleted from Orthanc first.
+- ``orthanc:modality:<name>``: ``POST /modalities/<name>/store`` (C-STORE by Orthanc to a peer of
+  its ``DicomModalities``).
+- ``orthanc:dicomweb:<name>``: ``POST /dicom-web/servers/<name>/stow`` (STOW-RS by Orthanc's
+  DICOMweb plugin to a server of its ``DicomWeb.Servers``).
+
+:class:`OrthancLinks` keeps, per job, the Orthanc identifiers of the source series and of the
+stored results, the ``STABLE_SERIES`` time and the time the results were stored (a table of its
+own, ``orthanc_jobs``, in the node's job database).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pydicom
+
+from lungburden.dicom_node.exporters import ExportError, result_files
+from lungburden.dicom_node.jobs import Job, JobStore
+from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
+
+log = logging.getLogger("lungburden.orthanc")
+
+STORE_DESTINATION = "orthanc:store"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS orthanc_jobs (
+    job_id              INTEGER PRIMARY KEY REFERENCES jobs(id),
+    orthanc_series_id   TEXT NOT NULL,
+    orthanc_study_id    TEXT,
+    event_at            REAL,                   -- STABLE_SERIES (or re-run request) time
+    stored_at           REAL,                   -- SEG + SR stored in Orthanc
+    seg_orthanc_id      TEXT,
+    sr_orthanc_id       TEXT,
+    seg_series_uid      TEXT,
+    sr_series_uid       TEXT
+);
+CREATE INDEX IF NOT EXISTS orthanc_jobs_seg ON orthanc_jobs(seg_series_uid);
+CREATE INDEX IF NOT EXISTS orthanc_jobs_sr ON orthanc_jobs(sr_series_uid);
+"""
+
+
+class OrthancLinks:
+    """The ``orthanc_jobs`` table: Orthanc identifiers and timings of each job."""
+
+    def __init__(self, store: JobStore):
+        self.store = store
+        with store.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+
+    def link(self, job_id: int, series_id: str, study_id: str, event_at: float, reset: bool = False) -> None:
+        """Attach a job to its Orthanc series; the event time is kept from the first event unless ``reset``."""
+        with self.store.transaction() as db:
+            db.execute(
+                "INSERT INTO orthanc_jobs (job_id, orthanc_series_id, orthanc_study_id, event_at) VALUES (?,?,?,?) "
+                "ON CONFLICT(job_id) DO UPDATE SET orthanc_series_id=excluded.orthanc_series_id, "
+                "orthanc_study_id=excluded.orthanc_study_id"
+                + (", event_at=excluded.event_at, stored_at=NULL" if reset else ""),
+                (job_id, series_id, study_id, event_at),
+            )
+
+    def get(self, job_id: int) -> dict | None:
+        rows = self.store.query("SELECT * FROM orthanc_jobs WHERE job_id=?", (job_id,))
+        return dict(rows[0]) if rows else None
+
+    def is_output_series(self, series_uid: str) -> bool:
+        rows = self.store.query("SELECT 1 FROM orthanc_jobs WHERE seg_series_uid=? OR sr_series_uid=? LIMIT 1",
+                                (series_uid, series_uid))
+        return bool(rows)
+
+    def set_output_uids(self, job_id: int, seg_series_uid: str, sr_series_uid: str) -> None:
+        with self.store.transaction() as db:
+            db.execute("INSERT INTO orthanc_jobs (job_id, orthanc_series_id) VALUES (?, '') "
+                       "ON CONFLICT(job_id) DO NOTHING", (job_id,))
+            db.execute("UPDATE orthanc_jobs SET seg_series_uid=?, sr_series_uid=? WHERE job_id=?",
+                       (seg_series_uid, sr_series_uid, job_id))
+
+    def set_stored(self, job_id: int, seg_id: str, sr_id: str) -> float | None:
+        """Record the stored results; returns the seconds since the event (``None`` if unknown)."""
+        now = time.time()
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE orthanc_jobs SET seg_orthanc_id=?, sr_orthanc_id=?, stored_at=COALESCE(stored_at, ?) "
+                "WHERE job_id=?",
+                (seg_id, sr_id, now, job_id),
+            )
+            row = db.execute("SELECT event_at, stored_at FROM orthanc_jobs WHERE job_id=?", (job_id,)).fetchone()
+        if row is None or row["event_at"] is None:
+            return None
+        return float(row["stored_at"]) - float(row["event_at"])
+
+    def previous_outputs(self, job: Job) -> list[tuple[int, str | None, str | None]]:
+        """Results stored in Orthanc for other jobs of the same source series: ``(job_id, seg_id, sr_id)``."""
+        rows = self.store.query(
+            "SELECT o.job_id, o.seg_orthanc_id, o.sr_orthanc_id FROM orthanc_jobs o JOIN jobs j ON j.id=o.job_id "
+            "WHERE j.series_instance_uid=? AND o.job_id<>? AND (o.seg_orthanc_id IS NOT NULL OR "
+            "o.sr_orthanc_id IS NOT NULL)",
+            (job.series_instance_uid, job.id),
+        )
+        return [(r["job_id"], r["seg_orthanc_id"], r["sr_orthanc_id"]) for r in rows]
+
+    def forget_outputs(self, job_id: int) -> None:
+        with self.store.transaction() as db:
+            db.execute("UPDATE orthanc_jobs SET seg_orthanc_id=NULL, sr_orthanc_id=NULL WHERE job_id=?", (job_id,))
+
+
+def _call(what: str, fn, *args):  # noqa: ANN001, ANN202 - tiny adapter
+    try:
+        return fn(*args)
+    except (OrthancError, OrthancUnavailable) as exc:
+        raise ExportError(f"{what}: {exc}") from exc
+
+
+class OrthancStoreExporter:
+    """``POST /instances`` of the SEG and SR (the source study), replacing earlier results."""
+
+    def __init__(self, client: OrthancClient, links: OrthancLinks, replace_previous: bool = True):
+        self.client = client
+        self.links = links
+        self.replace_previous = replace_previous
+
+    def store(self, job: Job) -> list[str]:
+        """Store both results (idempotent: Orthanc answers AlreadyStored) and return their Orthanc IDs."""
+        seg_path, sr_path = result_files(job)
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (seg_path, sr_path)]
+        self.links.set_output_uids(job.id, str(headers[0].SeriesInstanceUID), str(headers[1].SeriesInstanceUID))
+        ids = [_call("storing into Orthanc", self.client.store_instance, p.read_bytes()) for p in (seg_path, sr_path)]
+        return ids
+
+    def send(self, job: Job) -> None:
+        previous = self.links.get(job.id) or {}
+        seg_id, sr_id = self.store(job)
+        if self.replace_previous:  # after storing: a failed attempt never leaves the study without results
+            for oid in (previous.get("seg_orthanc_id"), previous.get("sr_orthanc_id")):
+                if oid and oid not in (seg_id, sr_id):  # a re-run produced new UIDs
+                    _call("deleting earlier results", self.client.delete, f"/instances/{oid}")
+            for old_job, *old_ids in self.links.previous_outputs(job):
+                for oid in filter(None, old_ids):
+                    if oid not in (seg_id, sr_id):
+                        _call("deleting earlier results", self.client.delete, f"/instances/{oid}")
+                self.links.forget_outputs(old_job)
+                log.info("job %d: SEG + SR of job %d (same source series) removed from Orthanc", job.id, old_job)
+        latency = self.links.set_stored(job.id, seg_id, sr_id)
+        log.info("job %d: SEG + SR of series %s stored in Orthanc%s", job.id, job.series_instance_uid,
+                 f" {latency:.1f} s after STABLE_SERIES" if latency is not None else "")
+
+
+class OrthancModalityForwarder:
+    """C-STORE by Orthanc to one of its ``DicomModalities``."""
+
+    def __init__(self, client: OrthancClient, links: OrthancLinks, modality: str):
+        self.client = client
+        self.modality = modality
+        self.storer = OrthancStoreExporter(client, links, replace_previous=False)
+
+    def send(self, job: Job) -> None:
+        ids = self.storer.store(job)
+        _call(f"forwarding to modality {self.modality}", self.client.post_json,
+              f"/modalities/{self.modality}/store", {"Resources": ids, "Synchronous": True})
+
+
+class OrthancDicomwebForwarder:
+    """STOW-RS by Orthanc's DICOMweb plugin to one of its ``DicomWeb.Servers``."""
+
+    def __init__(self, client: OrthancClient, links: OrthancLinks, server: str):
+        self.client = client
+        self.server = server
+        self.storer = OrthancStoreExporter(client, links, replace_previous=False)
+
+    def send(self, job: Job) -> None:
+        ids = self.storer.store(job)
+        _call(f"forwarding to DICOMweb server {self.server}", self.client.post_json,
+              f"/dicom-web/servers/{self.server}/stow", {"Resources": ids, "Synchronous": True})

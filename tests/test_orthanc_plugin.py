@@ -1,0 +1,374 @@
+"""The Orthanc Python plugin: configuration, the stdlib-only script, and a real Orthanc running it.
+
+Integration tests start Orthanc (Debian package) from the configuration printed by
+``lungburden orthanc-config``, send phantom series with DCMTK ``storescu`` and wait for the SEG +
+SR the plugin's worker stores into the source study.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+from orthanc import PYTHON_PLUGIN, OrthancServer, find_plugin, orthanc_available
+from pydicom.uid import MRImageStorage, generate_uid
+
+from lungburden.config.loader import ConfigError
+from lungburden.orthanc_plugin.settings import parse_section
+
+REPO = Path(__file__).resolve().parents[1]
+PLUGIN_SCRIPT = REPO / "lungburden" / "orthanc_plugin" / "plugin.py"
+MODEL = "threshold"
+WAIT_S = 120.0
+
+HAVE_ORTHANC_PLUGIN = orthanc_available() and find_plugin(PYTHON_PLUGIN) is not None and shutil.which("storescu")
+needs_orthanc = pytest.mark.skipif(not HAVE_ORTHANC_PLUGIN,
+                                   reason="needs Debian packages orthanc, orthanc-dicomweb, orthanc-python, dcmtk")
+
+
+# -- configuration and the plugin script (no Orthanc) --------------------------------------------
+
+def _cli_config(*args: str) -> dict:
+    out = subprocess.run([sys.executable, "-m", "lungburden.cli", "orthanc-config", *args], check=True,
+                         capture_output=True, text=True, timeout=60).stdout
+    return json.loads(out)
+
+
+def test_orthanc_config_command_prints_a_complete_configuration(tmp_path):
+    config = _cli_config("--http-port", "18999", "--dicom-port", "14999", "--storage", str(tmp_path / "db"),
+                         "--aet", "PACS1")
+    assert (config["HttpPort"], config["DicomPort"], config["DicomAet"]) == (18999, 14999, "PACS1")
+    assert config["StorageDirectory"] == config["IndexDirectory"] == str(tmp_path / "db")
+    assert [Path(p).name for p in config["Plugins"]] == ["libOrthancDicomWeb.so", "libOrthancPython.so"]
+    assert Path(config["PythonScript"]) == PLUGIN_SCRIPT
+    section = config["LungBurden"]
+    assert section["Python"] == sys.executable and section["WorkDir"] == str(tmp_path / "db" / "lungburden")
+    settings = parse_section(section, tmp_path / "work", "http://127.0.0.1:18999", orthanc_aet="PACS1")
+    assert settings.config.selection.min_slices == 16 and settings.config.node.ae_title == "PACS1"
+    assert settings.config.node.retention_hours == 24 and settings.replace_previous
+
+
+def test_section_errors_name_every_bad_key(tmp_path):
+    section = {"Python": 3, "ForwardToModalities": "PACS", "Unknwn": 1, "http": {"port": 1},
+               "selection": {"min_slices": "many"}, "node": {"port": 104}}
+    with pytest.raises(ConfigError) as err:
+        parse_section(section, tmp_path, "http://127.0.0.1:8042")
+    text = str(err.value)
+    for key in ("LungBurden.Python", "LungBurden.ForwardToModalities", "LungBurden.Unknwn", "LungBurden.http",
+                "LungBurden.node.port"):
+        assert key in text
+    with pytest.raises(ConfigError, match="selection.min_slices"):
+        parse_section({"selection": {"min_slices": "many"}}, tmp_path, "http://127.0.0.1:8042")
+
+
+def test_plugin_script_imports_the_standard_library_only():
+    tree = ast.parse(PLUGIN_SCRIPT.read_text())
+    modules = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            modules.add(node.module.split(".")[0])
+    assert modules - set(sys.stdlib_module_names) - {"__future__"} == {"orthanc"}
+    for path in PLUGIN_SCRIPT.parent.glob("*.py"):  # Orthanc puts this folder on sys.path
+        assert path.stem not in sys.stdlib_module_names
+
+
+def _fake_orthanc() -> types.ModuleType:
+    fake = types.ModuleType("orthanc")
+    fake.LUNGBURDEN_NO_AUTOLOAD = True
+    fake.ChangeType = types.SimpleNamespace(STABLE_SERIES=1, ORTHANC_STOPPED=2)
+    fake.LogInfo = fake.LogWarning = fake.LogError = lambda message: None
+    return fake
+
+
+def test_change_callback_only_queues(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.setitem(sys.modules, "orthanc", _fake_orthanc())
+    spec = importlib.util.spec_from_file_location("lungburden_plugin_under_test", PLUGIN_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    plugin = module.Plugin({"StorageDirectory": str(tmp_path), "LungBurden": {"Python": "/nonexistent"}})
+    start = time.perf_counter()
+    for i in range(1000):
+        plugin.on_change(1, 0, f"series-{i}")
+    assert time.perf_counter() - start < 0.5
+    assert not plugin.inbox.exists()  # no I/O in the callback: the dispatcher thread writes the inbox
+    assert plugin.events.qsize() == 1000
+    plugin.inbox.mkdir(parents=True)
+    plugin.queue_event(plugin.events.get())
+    assert len(list(plugin.inbox.glob("*.json"))) == 1
+    assert plugin.jobs() == [] and plugin.status()["inbox"] == 1
+
+
+# -- a real Orthanc with the plugin ----------------------------------------------------------------
+
+class PluginOrthanc:
+    """An Orthanc started from ``lungburden orthanc-config``, plus helpers to drive the plugin."""
+
+    def __init__(self, workdir: Path, section_overrides: dict | None = None):
+        self.server = OrthancServer(workdir / "orthanc", dicomweb=False)
+        config = _cli_config("--http-port", str(self.server.http_port), "--dicom-port", str(self.server.dicom_port),
+                             "--storage", str(self.server.workdir / "storage"), "--aet", "ORTHANC",
+                             "--stable-age", "1", "--model", MODEL)
+        config["Plugins"] = [p for p in config["Plugins"] if Path(p).exists()]
+        config["LungBurden"]["logging"]["file"] = str(workdir / "worker.log")
+        config["LungBurden"]["export"]["backoff_initial_seconds"] = 0.5
+        for key, value in (section_overrides or {}).items():
+            config["LungBurden"][key] = value
+        self.server.config.update(config)
+        self.worker_log = workdir / "worker.log"
+
+    def start(self) -> PluginOrthanc:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        return requests.request(method, self.server.url + path, timeout=30, **kwargs)
+
+    def status(self) -> dict:
+        return self.api("GET", "/lungburden/status").json()
+
+    def jobs(self, series_uid: str | None = None) -> list[dict]:
+        jobs = self.api("GET", "/lungburden/jobs").json()["jobs"]
+        return [j for j in jobs if series_uid is None or j["series_instance_uid"] == series_uid]
+
+    def healthy(self) -> bool:
+        return self.server.running and self.api("GET", "/system").ok
+
+    def send(self, files: list[Path]) -> None:
+        subprocess.run(["storescu", "-aec", "ORTHANC", "127.0.0.1", str(self.server.dicom_port), *map(str, files)],
+                       check=True, capture_output=True, timeout=120)
+
+    def logs(self) -> str:
+        worker = self.worker_log.read_text(errors="replace") if self.worker_log.exists() else ""
+        return f"--- Orthanc log ---\n{self.server.log_text()[-4000:]}\n--- worker log ---\n{worker[-4000:]}"
+
+    def wait_job(self, series_uid: str, states: tuple[str, ...] = ("done",), after_id: int = 0,
+                 timeout: float = WAIT_S, min_finished_at: float = 0.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for job in self.jobs(series_uid):
+                if (job["id"] > after_id and job["state"] in states
+                        and (job["finished_at"] or job["created_at"]) >= min_finished_at):
+                    return job
+            time.sleep(0.2)
+        raise AssertionError(f"no job in {states} for series {series_uid} after {timeout} s: "
+                             f"{self.jobs(series_uid)}\n{self.logs()}")
+
+    def study_outputs(self, study_uid: str) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {"SEG": [], "SR": []}
+        for series in self.server.series_in_study(study_uid):
+            modality = series["MainDicomTags"].get("Modality")
+            if modality in out:
+                out[modality] += series["Instances"]
+        return out
+
+
+def _sr_numbers(ds: pydicom.Dataset) -> list[tuple[str, str, float, str]]:
+    """Every NUM content item of an SR: (parent concept, concept code, value, unit), in document order."""
+    out = []
+
+    def walk(items, parent: str) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
+            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+                mv = item.MeasuredValueSequence[0]
+                out.append((parent, name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, name)
+
+    walk(ds.ContentSequence, "")
+    return out
+
+
+def _phantom(out_dir: Path, seed: int, slices: int = 32) -> list[Path]:
+    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+
+    spec = PhantomSpec(seed=seed, slices=slices, rows=256, cols=256)
+    write_phantom_series(generate_phantom(spec), out_dir, spec)
+    return sorted(out_dir.glob("*.dcm"))
+
+
+def _rewrite(files: list[Path], out_dir: Path, **changes) -> list[Path]:
+    """Copies of a series in a new study (new study, frame of reference, series and SOP UIDs) with changes."""
+    out_dir.mkdir(parents=True)
+    study_uid, frame_uid, series_uid = generate_uid(), generate_uid(), generate_uid()
+    written = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID, ds.SeriesInstanceUID = study_uid, frame_uid, series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        for key, value in changes.items():
+            setattr(ds, key, value)
+        if "SOPClassUID" in changes:
+            ds.file_meta.MediaStorageSOPClassUID = changes["SOPClassUID"]
+        written.append(out_dir / f.name)
+        ds.save_as(written[-1], enforce_file_format=True)
+    return written
+
+
+@pytest.fixture(scope="module")
+def plugin_orthanc(tmp_path_factory):
+    if not HAVE_ORTHANC_PLUGIN:
+        pytest.skip("needs Debian packages orthanc, orthanc-dicomweb, orthanc-python, dcmtk")
+    orthanc = PluginOrthanc(tmp_path_factory.mktemp("plugin-orthanc")).start()
+    deadline = time.monotonic() + 30
+    while not orthanc.status()["worker"]["running"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    yield orthanc
+    orthanc.stop()
+
+
+@pytest.fixture(scope="module")
+def phantom_series(tmp_path_factory) -> list[Path]:
+    return _phantom(tmp_path_factory.mktemp("phantom") / "series", seed=11)
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_series, tmp_path):
+    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
+    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    plugin_orthanc.send(phantom_series)
+    job = plugin_orthanc.wait_job(series_uid)
+    assert job["orthanc"]["stable_to_stored_seconds"] is not None
+    assert job["orthanc"]["stable_to_stored_seconds"] < WAIT_S
+    assert [d["destination"] for d in job["deliveries"]] == ["orthanc:store"]
+    outputs = plugin_orthanc.study_outputs(study_uid)
+    assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
+    assert {outputs["SEG"][0], outputs["SR"][0]} == {job["orthanc"]["seg"], job["orthanc"]["sr"]}
+
+    from lungburden.cli import main as cli_main
+
+    assert cli_main(["analyze", str(phantom_series[0].parent), "--out", str(tmp_path / "cli"), "--model", MODEL]) == 0
+    expected = json.loads((tmp_path / "cli" / "result.json").read_text())
+    stored_sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
+        plugin_orthanc.server.instance_file(job["orthanc"]["sr"])))
+    cli_sr = pydicom.dcmread(tmp_path / "cli" / "sr.dcm")
+    numbers = _sr_numbers(stored_sr)
+    assert numbers and numbers == _sr_numbers(cli_sr)
+    assert job["result"]["burden_percent"] == pytest.approx(expected["burden_percent"])
+    assert job["result"]["lung_volume_ml"] == pytest.approx(expected["lung_volume_ml"])
+    assert str(stored_sr.StudyInstanceUID) == study_uid
+
+    # GET /lungburden/jobs/{id} and errors of the REST routes
+    assert plugin_orthanc.api("GET", f"/lungburden/jobs/{job['id']}").json()["id"] == job["id"]
+    assert plugin_orthanc.api("GET", "/lungburden/jobs/99999").status_code == 404
+    assert plugin_orthanc.api("POST", "/lungburden/series/not-an-id/rerun").status_code == 400
+    assert plugin_orthanc.api("POST", f"/lungburden/series/{'0' * 8}{'-00000000' * 4}/rerun").status_code == 404
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_resent_or_restabilised_series_makes_no_duplicates(plugin_orthanc, phantom_series):
+    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
+    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    job = plugin_orthanc.wait_job(series_uid)
+    plugin_orthanc.send(phantom_series)  # re-sent: same instances
+    inbox = Path(plugin_orthanc.status()["work_dir"]) / "inbox"
+    (inbox / "0-restabilised.json").write_text(json.dumps(  # what the plugin writes on STABLE_SERIES
+        {"orthanc_series_id": job["orthanc"]["series"], "event_at": time.time(), "reason": "stable"}))
+    deadline = time.monotonic() + 15
+    while (plugin_orthanc.status()["inbox"] or time.monotonic() < deadline - 12) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    assert [j["id"] for j in plugin_orthanc.jobs(series_uid)] == [job["id"]]
+    outputs = plugin_orthanc.study_outputs(study_uid)
+    assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_rerun_replaces_the_results(plugin_orthanc, phantom_series):
+    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
+    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    before = plugin_orthanc.wait_job(series_uid)
+    requested = time.time()
+    answer = plugin_orthanc.api("POST", f"/lungburden/series/{before['orthanc']['series']}/rerun")
+    assert answer.ok and answer.json()["queued"]
+    after = plugin_orthanc.wait_job(series_uid, min_finished_at=requested)
+    assert after["id"] == before["id"] and after["orthanc"]["event_at"] >= requested
+    assert after["orthanc"]["stored_at"] >= requested
+    outputs = plugin_orthanc.study_outputs(study_uid)
+    assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
+    assert outputs["SR"] == [after["orthanc"]["sr"]]
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_non_ct_and_malformed_series_leave_orthanc_healthy(plugin_orthanc, phantom_series, tmp_path):
+    mr = _rewrite(phantom_series[:20], tmp_path / "mr", Modality="MR", SOPClassUID=MRImageStorage)
+    gap = _rewrite(phantom_series[:12] + phantom_series[14:], tmp_path / "gap")  # two slices missing
+    plugin_orthanc.send(mr)
+    plugin_orthanc.send(gap)
+    mr_uid = str(pydicom.dcmread(mr[0], stop_before_pixels=True).SeriesInstanceUID)
+    gap_uid = str(pydicom.dcmread(gap[0], stop_before_pixels=True).SeriesInstanceUID)
+    skipped = plugin_orthanc.wait_job(mr_uid, states=("skipped",))
+    assert "modality MR" in skipped["reason"]
+    failed = plugin_orthanc.wait_job(gap_uid, states=("failed",))
+    assert gap_uid in failed["reason"] and "rejected" in failed["reason"]
+    assert plugin_orthanc.healthy()
+    assert plugin_orthanc.status()["worker"]["running"]
+    for series in (mr, gap):
+        study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
+        assert plugin_orthanc.study_outputs(study_uid) == {"SEG": [], "SR": []}
+    log = plugin_orthanc.server.log_text()
+    assert gap_uid in log and mr_uid in log  # the reasons reach Orthanc's log, by UID
+    assert "PHANTOM" not in log and "PHANTOM" not in plugin_orthanc.logs()  # no patient name or ID
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_worker_crash_is_survived_and_the_job_completes_once(plugin_orthanc, tmp_path):
+    files = _phantom(tmp_path / "crash", seed=12, slices=40)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    restarts = plugin_orthanc.status()["worker"]["restarts"]
+    plugin_orthanc.send(files)
+    plugin_orthanc.wait_job(series_uid, states=("running",), timeout=60)
+    pid = plugin_orthanc.status()["worker"]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert plugin_orthanc.healthy()
+    job = plugin_orthanc.wait_job(series_uid)
+    status = plugin_orthanc.status()
+    assert status["worker"]["restarts"] == restarts + 1 and status["worker"]["pid"] != pid
+    assert status["worker"]["last_exit"]["returncode"] == -signal.SIGKILL
+    assert job["attempts"] == 2
+    outputs = plugin_orthanc.study_outputs(study_uid)
+    assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_invalid_configuration_is_reported_and_orthanc_keeps_running(tmp_path, phantom_series):
+    orthanc = PluginOrthanc(tmp_path, {"selection": {"min_slices": "many"}}).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not orthanc.status()["worker"]["error"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = orthanc.status()
+        assert "selection.min_slices" in status["worker"]["error"] and not status["worker"]["running"]
+        orthanc.send(phantom_series[:4])
+        deadline = time.monotonic() + 20
+        while not orthanc.status()["inbox"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert orthanc.status()["inbox"] == 1  # the STABLE_SERIES event is kept for a fixed worker
+        assert orthanc.healthy()
+    finally:
+        orthanc.stop()
