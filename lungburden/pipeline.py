@@ -99,12 +99,12 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset) -> dict:
 
 def write_outputs(seg: Dataset, sr: Dataset, document: dict, out_dir: Path) -> tuple[Path, Path, Path]:
     """Write ``seg.dcm``, ``sr.dcm`` and ``result.json``; each file appears atomically (rename)."""
+    from lungburden.results.seg import write_dataset
+
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = out_dir / "seg.dcm", out_dir / "sr.dcm", out_dir / "result.json"
-    for ds, path in zip((seg, sr), paths[:2], strict=True):
-        tmp = path.with_suffix(".dcm.tmp")
-        ds.save_as(tmp, enforce_file_format=True)
-        tmp.replace(path)
+    write_dataset(seg, paths[0])
+    write_dataset(sr, paths[1])
     tmp = paths[2].with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2) + "\n")
     tmp.replace(paths[2])

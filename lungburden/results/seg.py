@@ -14,6 +14,7 @@ The functions here build datasets in memory and do no I/O; write with :func:`wri
 
 from __future__ import annotations
 
+import os
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -270,7 +271,16 @@ def build_segmentation(
 
 
 def write_dataset(ds: Dataset, path: str | Path) -> Path:
-    """Write ``ds`` as a DICOM Part 10 file (PS3.10 file meta, enforced) and return the path."""
+    """Write ``ds`` as a DICOM Part 10 file (PS3.10 file meta, enforced) and return the path.
+
+    The file appears atomically (written to a temporary name, fsynced, renamed), so a reader
+    never sees a partial result.
+    """
     path = Path(path)
-    ds.save_as(path, enforce_file_format=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        ds.save_as(handle, enforce_file_format=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    tmp.replace(path)
     return path
