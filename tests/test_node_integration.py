@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import REAL_STUDY, REPO, NodeProcess, make_ct_dataset, storescu, write_phantom
+from node_helpers import REPO, NodeProcess, make_ct_dataset, storescu, write_phantom
 from orthanc import OrthancServer, orthanc_available
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE

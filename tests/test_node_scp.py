@@ -270,3 +270,19 @@ def test_spool_file_is_complete_when_success_is_returned(node, tmp_path):
     assert outcome.ok and outcome.path == service.spool.path_for(
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     assert Path(outcome.path).read_bytes() == _file_bytes(ds)
+
+
+@pytest.mark.skipif(not HAVE_STORESCU, reason="DCMTK storescu not installed")
+def test_node_demo_loopback(tmp_path, capsys):
+    """`lungburden node-demo` (used by `make demo`): phantom -> node -> results in a local folder."""
+    from node_helpers import write_phantom
+
+    from lungburden.dicom_node.commands import main
+
+    write_phantom(tmp_path / "phantom", seed=31)
+    assert main(["node-demo", str(tmp_path / "phantom"), "--out", str(tmp_path / "demo"), "--model", "threshold"]) == 0
+    printed = capsys.readouterr().out
+    assert "sent 24 instances by storescu" in printed and ": done" in printed
+    (result,) = (tmp_path / "demo" / "results").rglob("result.json")
+    assert sorted(p.name for p in result.parent.iterdir()) == ["result.json", "seg.dcm", "sr.dcm"]
+    assert json.loads(result.read_text())["burden_percent"] > 0

@@ -67,8 +67,9 @@ class NodeConfig:
     max_associations: int = 8
     #: C-STORE is refused with 0xA700 (Out of Resources) below this much free space in storage_dir.
     min_free_disk_mb: int = 1024
-    #: Also accept Enhanced CT Image Storage (multi-frame); the pipeline decides if it can analyse it.
-    accept_enhanced_ct: bool = True
+    #: Also negotiate Enhanced CT Image Storage (multi-frame). Off by default: the pipeline analyses
+    #: CT Image Storage only, and a modality offered both would send the form we cannot analyse.
+    accept_enhanced_ct: bool = False
     #: PS3.8 ARTIM/DIMSE/network timeouts of the SCP, seconds.
     network_timeout_seconds: float = 60.0
     maximum_pdu_size: int = 0

@@ -6,6 +6,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+from pathlib import Path
 
 from lungburden.config import ConfigError, load_config
 from lungburden.config.loader import dump_config
@@ -132,8 +133,20 @@ def cmd_pull(args: argparse.Namespace) -> int:
     return rc
 
 
+def cmd_node_demo(args: argparse.Namespace) -> int:
+    """Start a node on loopback, send a folder's DICOM files to it, list the delivered results."""
+    import logging
+
+    from lungburden.dicom_node.demo import run_demo
+
+    if not getattr(args, "verbose", False):
+        logging.getLogger().setLevel(logging.WARNING)
+        logging.getLogger("pynetdicom").setLevel(logging.ERROR)
+    return run_demo(args.input_dir, args.out, model=args.model)
+
+
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``serve``, ``jobs``, ``retry`` and ``pull`` to the ``lungburden`` command line."""
+    """Add ``serve``, ``jobs``, ``retry``, ``pull`` and ``node-demo`` to the ``lungburden`` command line."""
 
     def config_arg(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", "-c", default=None,
@@ -168,6 +181,12 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-wait", action="store_true", help="only enqueue (a running `serve` processes it)")
     p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     p.set_defaults(func=cmd_pull)
+
+    p = subparsers.add_parser("node-demo", help="loopback demo: a node, a storescu of INPUT_DIR, results in a folder")
+    p.add_argument("input_dir", type=Path, help="folder with the DICOM files to send (e.g. a phantom)")
+    p.add_argument("--out", type=Path, required=True, help="folder for the node's storage and the results")
+    p.add_argument("--model", default=None, help="segmenter (default: the shipped default)")
+    p.set_defaults(func=cmd_node_demo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,6 +10,7 @@ which writes it durably (fsync) before the Success response. Associations are li
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -158,7 +159,20 @@ class StorageSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_ABORTED, self._on_aborted),
         ]
-        self._server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
+        server = self.ae.start_server((self.node.host, self.node.port), block=False, evt_handlers=handlers)
+        accept = server.get_request
+
+        def get_request() -> tuple[socket.socket, object]:
+            # Disable Nagle's algorithm: small C-STORE responses must not wait for delayed ACKs.
+            sock, address = accept()
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            return sock, address
+
+        server.get_request = get_request  # type: ignore[method-assign]
+        self._server = server
         log.info("DICOM SCP %s listening on %s:%d (associations <= %d, calling AEs: %s)",
                  self.node.ae_title, self.node.host, self.port, self.node.max_associations,
                  ", ".join(self.node.allowed_calling_aets) or "any")
