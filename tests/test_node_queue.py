@@ -305,3 +305,21 @@ def test_journal_modes(tmp_path, journal):
     store = JobStore(tmp_path / "db.sqlite", journal_mode=journal)
     mode = store.query("PRAGMA journal_mode")[0][0]
     assert mode.upper() == journal
+
+
+def test_retention_purges_finished_series(tmp_path):
+    from lungburden.dicom_node.service import NodeService
+
+    config = _config(tmp_path, selection={"min_slices": 4}, node={"port": 0})
+    service = NodeService(config, start_workers=False)
+    _receive(config, service.store, write_ct_series(tmp_path / "in", slices=5))
+    (job,) = SeriesAssembler(config, service.store).poll(now=time.time() + 5)
+    assert service.purge(time.time() + 10) == 0  # queued: kept
+    JobRunner(config, service.store, process_fn=fake_process).run_next()
+    job = service.store.job(job.id)
+    assert job.state == "done" and job.result_dir.exists()
+    assert service.purge(time.time() - 3600) == 0  # too recent
+    assert service.purge(time.time() + 10) == 1
+    assert not list(service.spool.iter_files()) and not job.result_dir.exists()
+    assert service.store.instances(job.series_instance_uid) == []
+    assert service.store.job(job.id).state == "done"  # the record stays

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -127,6 +128,9 @@ class NodeService:
         n = 0
         for s in self.store.finished_series_before(cutoff):
             self.spool.remove_series(s.study_instance_uid, s.series_instance_uid)
+            for job in self.store.jobs(series_instance_uid=s.series_instance_uid):
+                if job.result_dir is not None:
+                    shutil.rmtree(job.result_dir, ignore_errors=True)
             self.store.forget_instances(s.series_instance_uid)
             n += 1
         if n:
