@@ -138,3 +138,60 @@ def test_evaluate_cases_and_report_files(tmp_path):
         "peak_rss_growth_mib": 20.0, "threads": 2}})], tmp_path)
     text = path.read_text()
     assert "oracle" in text and "1.00 / 2.00" in text
+
+
+# ------------------------------------------------------------------------------------ commands
+
+TINY_HPARAMS = dict(context=1, input_size=32, refine=4, width=8, growth=4, dense_layers=2, features=8, hidden=4,
+                    head_width=4)
+TINY_DATA = ["--phantom-matrix", "64", "--phantom-max-slices", "12", "--no-cache", "--threads", "1", "--quiet"]
+
+
+def _tiny_checkpoint(path, metadata=None):
+    import torch
+
+    from lungburden.inference.models import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(path, build_model("convlstm", **TINY_HPARAMS), metadata or {})
+    return path
+
+
+def test_evaluate_command_with_weights_and_cv(tmp_path):
+    from lungburden.cli import main
+    from lungburden.inference.training.data import DataSpec
+
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--weights", str(ckpt), "--phantoms", "2", "--out", str(out), *TINY_DATA]) == 0
+    doc = json.loads((out / "report.json").read_text())
+    assert [c["case_id"] for c in doc["cases"]] == ["phantom-1", "phantom-2"]  # evaluation seeds start at 1
+    assert (out / "agreement-burden_percent.png").is_file()
+    # a cross-validation folder: each fold's model on its own recorded test cases
+    data = DataSpec(phantoms=2, phantom_seed_start=1, phantom_matrix=64, phantom_max_slices=12).to_dict()
+    for k in range(2):
+        (tmp_path / "cv" / f"fold-{k}").mkdir(parents=True)
+        _tiny_checkpoint(tmp_path / "cv" / f"fold-{k}" / "best.pt",
+                         {"data": data, "split": {"fold": k, "test": [f"phantom-{k + 1}"]}, "epochs": 1})
+    assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--out", str(tmp_path / "cv-eval"), *TINY_DATA]) == 0
+    doc = json.loads((tmp_path / "cv-eval" / "report.json").read_text())
+    assert [(c["case_id"], c["fold"]) for c in doc["cases"]] == [("phantom-1", 0), ("phantom-2", 1)]
+    assert set(doc["summary"]["per_fold"]) == {"0", "1"}
+    assert "### Fold 1" in (tmp_path / "cv-eval" / "report.md").read_text()
+
+
+def test_compare_command_table(tmp_path):
+    from lungburden.cli import main
+
+    ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
+    out = tmp_path / "cmp"
+    assert main(["compare", "--models", "convlstm,threshold", "--weights", f"convlstm={ckpt}", "--phantoms", "1",
+                 "--timing-slices", "16", "--timing-rows", "64", "--no-plots", "--out", str(out), *TINY_DATA]) == 0
+    doc = json.loads((out / "comparison.json").read_text())
+    assert [m["name"] for m in doc["models"]] == ["convlstm", "threshold"]
+    for m in doc["models"]:
+        cost = m["compute"]["16x64"]
+        assert "error" not in cost, cost
+        assert cost["wall_s"] > 0 and cost["peak_rss_mib"] > 0 and m["summary"]["n_cases"] == 1
+    assert (out / "threshold" / "report.md").is_file()
+    assert "| threshold |" in (out / "comparison.md").read_text()

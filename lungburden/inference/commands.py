@@ -159,7 +159,7 @@ def _cv_checkpoints(cv_dir: Path) -> list[Path]:
     return paths
 
 
-def evaluate_cv(cv_dir: Path, progress: bool = True):
+def evaluate_cv(cv_dir: Path, progress: bool = True, threads: int | None = None):
     """Each fold's model on its own test cases (Fig. 3), concatenated; returns (results, info)."""
     from lungburden.inference.evaluation import build_segmenter, evaluate_cases
     from lungburden.inference.models import load_checkpoint
@@ -172,7 +172,7 @@ def evaluate_cv(cv_dir: Path, progress: bool = True):
         split = meta.get("split", {})
         test = list(split.get("test", []))
         index = CaseIndex(DataSpec.from_dict(meta.get("data", {})).build_sources())
-        segmenter = build_segmenter(ckpt["model"], str(path))
+        segmenter = build_segmenter(ckpt["model"], str(path), threads)
         results += evaluate_cases(segmenter, index.iter_raw(test), fold=split.get("fold"), progress=progress)
         folds.append(f"{path.parent.name}: {len(test)} test cases, epochs {meta.get('epochs')}")
     return results, {"cross-validation": str(cv_dir), "folds": "; ".join(folds)}
@@ -191,14 +191,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         if args.cv:
-            results, info = evaluate_cv(Path(args.cv), progress=not args.quiet)
+            results, info = evaluate_cv(Path(args.cv), progress=not args.quiet, threads=args.threads)
         else:
             index = CaseIndex(_data_spec(args).build_sources())
             if not index.ids():
                 print("error: no evaluation cases: give --phantoms, --real-study, --real-ct-variants, --nifti or "
                       "--dicom-seg", file=sys.stderr)
                 return EXIT_BAD_INPUT
-            segmenter = build_segmenter(args.model, args.weights)
+            segmenter = build_segmenter(args.model, args.weights, args.threads)
             results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
             info = {"model": args.weights or args.model, "cases": len(results)}
     except (ValueError, FileNotFoundError, KeyError) as exc:
@@ -264,10 +264,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         ckpt = weights.get(name)
         try:
             if name in cvs:
-                results, _ = evaluate_cv(Path(cvs[name]), progress=not args.quiet)
+                results, _ = evaluate_cv(Path(cvs[name]), progress=not args.quiet, threads=args.threads)
                 ckpt = ckpt or str(_cv_checkpoints(Path(cvs[name]))[0])
             elif index.ids():
-                segmenter = build_segmenter(name, ckpt)
+                segmenter = build_segmenter(name, ckpt, args.threads)
                 results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
             else:
                 results = []

@@ -470,7 +470,7 @@ def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int
         from lungburden.inference.training.data import synthetic_volume
 
         volume = synthetic_volume(slices=slices, rows=rows, seed=7)
-        segmenter = build_segmenter(*segmenter_spec)
+        segmenter = build_segmenter(*segmenter_spec, threads=threads)
         before = _peak_rss_mib()
         cpu0, wall0 = time.process_time(), time.perf_counter()
         segmenter.segment(volume)
@@ -500,12 +500,13 @@ def measure_compute(name: str, weights: str | None, slices: int, rows: int = 512
     return result
 
 
-def build_segmenter(name: str, weights: str | None = None):
-    """A segmenter by registry name, or a network segmenter loaded from a checkpoint path."""
+def build_segmenter(name: str | None, weights: str | None = None, threads: int | None = None):
+    """A segmenter by registry name, or a network segmenter (any model of ``build_model``) loaded
+    from a checkpoint path (:class:`~lungburden.inference.predict.ConvLSTMSegmenter`)."""
     if weights:
         from lungburden.inference.predict import ConvLSTMSegmenter
 
-        return ConvLSTMSegmenter.from_checkpoint(Path(weights))
+        return ConvLSTMSegmenter.from_checkpoint(Path(weights), threads=threads)
     from lungburden.inference.segmenter import get_segmenter
 
     return get_segmenter(name)
