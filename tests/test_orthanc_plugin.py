@@ -118,7 +118,7 @@ def test_change_callback_only_queues(tmp_path, monkeypatch):
 class PluginOrthanc:
     """An Orthanc started from ``lungburden orthanc-config``, plus helpers to drive the plugin."""
 
-    def __init__(self, workdir: Path, section_overrides: dict | None = None):
+    def __init__(self, workdir: Path, section_overrides: dict | None = None, extra_config: dict | None = None):
         self.server = OrthancServer(workdir / "orthanc", dicomweb=False)
         config = _cli_config("--http-port", str(self.server.http_port), "--dicom-port", str(self.server.dicom_port),
                              "--storage", str(self.server.workdir / "storage"), "--aet", "ORTHANC",
@@ -129,6 +129,7 @@ class PluginOrthanc:
         for key, value in (section_overrides or {}).items():
             config["LungBurden"][key] = value
         self.server.config.update(config)
+        self.server.config.update(extra_config or {})
         self.worker_log = workdir / "worker.log"
 
     def start(self) -> PluginOrthanc:
@@ -227,12 +228,22 @@ def _rewrite(files: list[Path], out_dir: Path, **changes) -> list[Path]:
 def plugin_orthanc(tmp_path_factory):
     if not HAVE_ORTHANC_PLUGIN:
         pytest.skip("needs Debian packages orthanc, orthanc-dicomweb, orthanc-python, dcmtk")
-    orthanc = PluginOrthanc(tmp_path_factory.mktemp("plugin-orthanc")).start()
+    workdir = tmp_path_factory.mktemp("plugin-orthanc")
+    pacs = OrthancServer(workdir / "pacs", aet="PACS").start()  # the forwarding target
+    orthanc = PluginOrthanc(
+        workdir,
+        section_overrides={"ForwardToModalities": ["pacs"], "ForwardToDicomWebServers": ["web"],
+                           "destinations": [{"name": "archive", "type": "folder", "path": str(workdir / "archive")}]},
+        extra_config={"DicomModalities": {"pacs": ["PACS", "127.0.0.1", pacs.dicom_port]},
+                      "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"web": [pacs.dicomweb_url]}}},
+    ).start()
+    orthanc.pacs, orthanc.archive = pacs, workdir / "archive"
     deadline = time.monotonic() + 30
     while not orthanc.status()["worker"]["running"] and time.monotonic() < deadline:
         time.sleep(0.2)
     yield orthanc
     orthanc.stop()
+    pacs.stop()
 
 
 @pytest.fixture(scope="module")
@@ -249,10 +260,16 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
     job = plugin_orthanc.wait_job(series_uid)
     assert job["orthanc"]["stable_to_stored_seconds"] is not None
     assert job["orthanc"]["stable_to_stored_seconds"] < WAIT_S
-    assert [d["destination"] for d in job["deliveries"]] == ["orthanc:store"]
     outputs = plugin_orthanc.study_outputs(study_uid)
     assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
     assert {outputs["SEG"][0], outputs["SR"][0]} == {job["orthanc"]["seg"], job["orthanc"]["sr"]}
+    # forwarded by Orthanc (C-STORE, STOW-RS) and by the node's folder exporter
+    assert sorted(d["destination"] for d in job["deliveries"]) == [
+        "archive", "orthanc:dicomweb:web", "orthanc:modality:pacs", "orthanc:store"]
+    assert all(d["state"] == "done" for d in job["deliveries"]), job["deliveries"]
+    pacs_series = plugin_orthanc.pacs.series_in_study(study_uid)
+    assert sorted(s["MainDicomTags"]["Modality"] for s in pacs_series) == ["SEG", "SR"]
+    assert sorted(p.name for p in plugin_orthanc.archive.rglob("*.dcm")) == ["seg.dcm", "sr.dcm"]
 
     from lungburden.cli import main as cli_main
 
@@ -372,3 +389,19 @@ def test_invalid_configuration_is_reported_and_orthanc_keeps_running(tmp_path, p
         assert orthanc.healthy()
     finally:
         orthanc.stop()
+
+
+@needs_orthanc
+@pytest.mark.integration
+def test_late_instances_make_a_new_version_that_replaces_the_results(plugin_orthanc, tmp_path):
+    files = _phantom(tmp_path / "late", seed=13, slices=24)
+    header = pydicom.dcmread(files[0], stop_before_pixels=True)
+    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    plugin_orthanc.send(files[:18])
+    first = plugin_orthanc.wait_job(series_uid)
+    plugin_orthanc.send(files[18:])
+    second = plugin_orthanc.wait_job(series_uid, after_id=first["id"])
+    assert (first["version"], first["instance_count"]) == (1, 18)
+    assert (second["version"], second["instance_count"]) == (2, 24)
+    outputs = plugin_orthanc.study_outputs(study_uid)
+    assert outputs == {"SEG": [second["orthanc"]["seg"]], "SR": [second["orthanc"]["sr"]]}

@@ -63,6 +63,7 @@ def orthanc_config(
     plugins_dir: Path | None = None,
     stable_age: int = 10,
     remote_access: bool = False,
+    users: dict[str, str] | None = None,
     name: str = "lungburden-orthanc",
 ) -> dict:
     """A complete Orthanc configuration (JSON-ready mapping) running the lungburden plugin."""
@@ -76,8 +77,8 @@ def orthanc_config(
         "DicomPort": dicom_port,
         "DicomAet": aet,
         "RemoteAccessAllowed": remote_access,
-        "AuthenticationEnabled": remote_access,
-        "RegisteredUsers": {},
+        "AuthenticationEnabled": remote_access or bool(users),
+        "RegisteredUsers": dict(users or {}),
         "StableAge": stable_age,
         "DicomModalities": {},
         "Plugins": [str(plugins / DICOMWEB_PLUGIN), str(plugins / PYTHON_PLUGIN)],
@@ -94,12 +95,19 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
         http_port=args.http_port, dicom_port=args.dicom_port, storage=args.storage, aet=args.aet,
         python=args.python, plugins_dir=Path(args.plugins_dir) if args.plugins_dir else None,
         stable_age=args.stable_age, remote_access=args.remote_access,
+        users=dict(u.split(":", 1) for u in args.user),
     )
     if args.model is not None:
         config["LungBurden"]["processing"]["model"] = args.model
     json.dump(config, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
+
+
+def _user(text: str) -> str:
+    if ":" not in text or not text.split(":", 1)[0]:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME:PASSWORD")
+    return text
 
 
 def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
@@ -124,5 +132,8 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds without a new instance before Orthanc calls a series stable (default 10)")
     p.add_argument("--model", default=None, help="segmenter (see `lungburden models`; default: the shipped one)")
     p.add_argument("--remote-access", action="store_true",
-                   help="allow HTTP access from other hosts (enables authentication: add RegisteredUsers)")
+                   help="allow HTTP access from other hosts (enables authentication: add --user)")
+    p.add_argument("--user", action="append", default=[], type=_user, metavar="NAME:PASSWORD",
+                   help="an HTTP user (enables authentication; repeatable). Orthanc replaces ${VAR} by the "
+                        "environment variable VAR, e.g. --user 'admin:${ORTHANC_PASSWORD}'")
     p.set_defaults(func=cmd_orthanc_config)

@@ -39,6 +39,9 @@ from pathlib import Path
 
 import orthanc  # provided by Orthanc's Python plugin
 
+# Orthanc puts this file's folder on sys.path: no module of this folder may be named like a
+# standard-library module (tests/test_orthanc_plugin.py checks it).
+
 SECTION = "LungBurden"
 #: Exit status of the worker for an invalid configuration (sysexits EX_CONFIG): no restart loop.
 EXIT_CONFIG = 78
@@ -226,7 +229,7 @@ class Plugin:
         finally:
             con.close()
 
-    def jobs(self, job_id: int | None = None, state: str | None = None, limit: int = 100) -> list[dict]:
+    def jobs(self, job_id: int | None = None, states: list[str] | None = None, limit: int = 100) -> list[dict]:
         """Jobs, newest first, with their deliveries and Orthanc identifiers (same fields as the node)."""
         sql = ("SELECT j.*, o.orthanc_series_id, o.orthanc_study_id, o.event_at, o.stored_at, o.seg_orthanc_id, "
                "o.sr_orthanc_id FROM jobs j LEFT JOIN orthanc_jobs o ON o.job_id = j.id WHERE 1=1")
@@ -234,9 +237,9 @@ class Plugin:
         if job_id is not None:
             sql += " AND j.id = ?"
             params.append(job_id)
-        if state:
-            sql += " AND j.state = ?"
-            params.append(state)
+        if states:
+            sql += f" AND j.state IN ({','.join('?' * len(states))})"
+            params += list(states)
         rows = self._query(sql + f" ORDER BY j.id DESC LIMIT {int(limit)}", tuple(params))
         out = []
         for r in rows:
@@ -329,7 +332,8 @@ def _on_jobs(output, uri: str, **request) -> None:
         _answer(output, jobs[0])
         return
     limit = max(1, min(int(args.get("limit", 100)), 10000))
-    _answer(output, {"jobs": PLUGIN.jobs(state=args.get("state") or None, limit=limit)})
+    states = [s for s in str(args.get("state") or "").split(",") if s]
+    _answer(output, {"jobs": PLUGIN.jobs(states=states, limit=limit)})
 
 
 @_rest
