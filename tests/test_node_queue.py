@@ -203,8 +203,17 @@ def test_worker_and_exporter_with_folder_destination(tmp_path):
     paths = write_ct_series(tmp_path / "in", slices=6)
     _receive(config, store, paths)
     (job,) = SeriesAssembler(config, store).poll(now=time.time() + 5)
-    runner = JobRunner(config, store, process_fn=fake_process)
+    seen = {}
+
+    def recording_process(files, out_dir, model=None, limits=None, segmenter=None, uid_seed=None):
+        seen.update(segmenter=segmenter, uid_seed=uid_seed)
+        return fake_process(files, out_dir, model=model, uid_seed=uid_seed)
+
+    runner = JobRunner(config, store, process_fn=recording_process)
     assert runner.run_next()
+    # deterministic result UIDs: the seed names the series version and the model
+    version = seen["segmenter"].info.version
+    assert seen["uid_seed"] == f"{job.series_instance_uid}/{job.instance_set_hash}/threshold/{version}"
     job = store.job(job.id)
     assert job.state == "exporting" and job.result["burden_percent"] == 12.5
     assert [(d.destination, d.state) for d in job.deliveries] == [("folder", "pending")]

@@ -143,9 +143,6 @@ class NodeService:
         requeued = self.store.requeue_lost(check_pids=True)
         if requeued:
             log.warning("re-queued %d jobs interrupted by a previous stop or crash: %s", len(requeued), requeued)
-        reopened = self.store.touch_receiving()
-        if reopened:
-            log.info("%d series were still receiving: their quiet time restarts now", reopened)
 
     def start(self) -> NodeService:
         log.info("lungburden %s node starting (config %s, storage %s)", __version__, self.config.source,
@@ -156,6 +153,10 @@ class NodeService:
         self.scp.start()
         if self.config.http.enabled:
             self.http = NodeHttpServer(self.config.http, self.store, self.intake, self.health).start()
+        # Series interrupted by the stop restart their quiet time now that senders can reach us again.
+        reopened = self.store.touch_receiving()
+        if reopened:
+            log.info("%d series were still receiving: their quiet time restarts now", reopened)
         for name, target in (("assembly", self._assembly_loop), ("supervisor", self._supervisor_loop),
                              ("exporter", lambda: self.exporter.run(self._stop))):
             thread = threading.Thread(target=target, name=name, daemon=True)
