@@ -113,6 +113,75 @@ def test_change_callback_only_queues(tmp_path, monkeypatch):
     assert plugin.jobs() == [] and plugin.status()["inbox"] == 1
 
 
+class FakeOrthanc:
+    """The REST calls the worker makes, served from files (no Orthanc process)."""
+
+    def __init__(self, files: list[Path]):
+        first = pydicom.dcmread(files[0], stop_before_pixels=True)
+        self.series_uid, self.study_uid = str(first.SeriesInstanceUID), str(first.StudyInstanceUID)
+        self.files = {f"i{k}": f for k, f in enumerate(files)}
+        self.sops = {k: str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for k, f in self.files.items()}
+        self.stored: dict[str, bytes] = {}
+        self.downloads = 0
+
+    def get_json(self, path: str):
+        if path == "/series/s1":
+            return {"MainDicomTags": {"SeriesInstanceUID": self.series_uid, "Modality": "CT"}, "ParentStudy": "t1"}
+        if path == "/studies/t1":
+            return {"MainDicomTags": {"StudyInstanceUID": self.study_uid}}
+        if path == "/series/s1/instances":
+            return [{"ID": k, "MainDicomTags": {"SOPInstanceUID": sop}} for k, sop in self.sops.items()]
+        raise AssertionError(path)
+
+    def get_bytes(self, path: str) -> bytes:
+        self.downloads += 1
+        return self.files[path.split("/")[2]].read_bytes()
+
+    def store_instance(self, data: bytes) -> str:
+        oid = "out-" + str(pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), stop_before_pixels=True).SOPInstanceUID)
+        self.stored[oid] = data
+        return oid
+
+    def delete(self, path: str) -> bool:
+        return self.stored.pop(path.split("/")[2], None) is not None
+
+
+def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
+    from lungburden.orthanc_plugin.worker import OrthancWorker
+
+    fake = FakeOrthanc(_phantom(tmp_path / "ph", seed=14, slices=20))
+    settings = parse_section({"processing": {"model": MODEL}}, tmp_path / "work", "http://127.0.0.1:1")
+    worker = OrthancWorker(settings, client=fake)  # type: ignore[arg-type]
+
+    def event(reason: str) -> None:
+        (worker.inbox / f"{time.time_ns()}.json").write_text(
+            json.dumps({"orthanc_series_id": "s1", "event_at": time.time(), "reason": reason}))
+        assert worker.ingest_inbox() == 1
+
+    def run() -> dict:
+        assert worker.runner.run_next()
+        while worker.exporter.deliver_one():
+            pass
+        (job,) = worker.store.jobs()
+        assert job.state == "done", job
+        return worker.links.get(job.id)
+
+    event("stable")
+    first = run()
+    assert set(fake.stored) == {first["seg_orthanc_id"], first["sr_orthanc_id"]} and fake.downloads == 20
+    event("stable")  # re-stabilised, unchanged: nothing to do
+    assert worker.runner.run_next() is False and fake.downloads == 20 and len(worker.store.jobs()) == 1
+    (job,) = worker.store.jobs()
+    assert worker.purge(time.time() + 10) == 1
+    assert not any(worker.spool.root.rglob("*.dcm")) and not job.result_dir.exists()
+    event("rerun")  # reads the series again
+    second = run()
+    assert fake.downloads == 40 and len(worker.store.jobs()) == 1
+    assert set(fake.stored) == {second["seg_orthanc_id"], second["sr_orthanc_id"]}  # the earlier ones replaced
+    assert worker.links.is_output_series(str(pydicom.dcmread(
+        pydicom.filebase.DicomBytesIO(fake.stored[second["sr_orthanc_id"]])).SeriesInstanceUID))
+
+
 # -- a real Orthanc with the plugin ----------------------------------------------------------------
 
 class PluginOrthanc:

@@ -241,11 +241,16 @@ class Plugin:
             sql += f" AND j.state IN ({','.join('?' * len(states))})"
             params += list(states)
         rows = self._query(sql + f" ORDER BY j.id DESC LIMIT {int(limit)}", tuple(params))
+        by_job: dict[int, list[dict]] = {}
+        if rows:
+            ids = [r["id"] for r in rows]
+            for d in self._query(
+                "SELECT job_id, destination, state, attempts, last_error, delivered_at FROM deliveries "
+                f"WHERE job_id IN ({','.join('?' * len(ids))}) ORDER BY destination", tuple(ids)):
+                by_job.setdefault(d.pop("job_id"), []).append(d)
         out = []
         for r in rows:
-            deliveries = self._query(
-                "SELECT destination, state, attempts, last_error, delivered_at FROM deliveries WHERE job_id = ? "
-                "ORDER BY destination", (r["id"],))
+            deliveries = by_job.get(r["id"], [])
             stable_to_stored = (round(r["stored_at"] - r["event_at"], 2)
                                 if r.get("stored_at") and r.get("event_at") else None)
             out.append({

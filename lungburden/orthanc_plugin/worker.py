@@ -35,6 +35,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -243,10 +244,16 @@ class OrthancWorker:
             self.stop.wait(0.2)
 
     def purge(self, cutoff: float) -> int:
-        """Delete the spooled copies of finished series older than ``cutoff`` (Orthanc keeps the originals)."""
+        """Delete the spooled copies and result files of finished series older than ``cutoff``.
+
+        Orthanc keeps the originals and the stored SEG + SR; a re-run reads the series again.
+        """
         n = 0
         for s in self.store.finished_series_before(cutoff):
             self.spool.remove_series(s.study_instance_uid, s.series_instance_uid)
+            for job in self.store.jobs(series_instance_uid=s.series_instance_uid):
+                if job.result_dir is not None:
+                    shutil.rmtree(job.result_dir, ignore_errors=True)
             self.store.forget_instances(s.series_instance_uid)
             n += 1
         if n:
