@@ -415,7 +415,8 @@ def test_non_ct_and_malformed_series_leave_orthanc_healthy(plugin_orthanc, phant
         study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
         assert plugin_orthanc.study_outputs(study_uid) == {"SEG": [], "SR": []}
     log = plugin_orthanc.server.log_text()
-    assert gap_uid in log and mr_uid in log  # the reasons reach Orthanc's log, by UID
+    for uid, job in ((gap_uid, failed), (mr_uid, skipped)):  # the reasons reach Orthanc's log, by UID
+        assert f"series {uid} not analysed (job {job['id']} {job['state']}): {job['reason']}" in log
     assert "PHANTOM" not in log and "PHANTOM" not in plugin_orthanc.logs()  # no patient name or ID
 
 

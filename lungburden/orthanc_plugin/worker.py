@@ -237,11 +237,19 @@ class OrthancWorker:
             log.error("model %s cannot be loaded: %s: %s", self.model, type(exc).__name__, exc)
         while not self.stop.is_set():
             try:
+                started = time.time()
                 if self.runner.run_next():
+                    self._report_failures(started)
                     continue
             except Exception:  # noqa: BLE001 - e.g. database busy for too long
                 log.exception("error while taking a job")
             self.stop.wait(0.2)
+
+    def _report_failures(self, since: float) -> None:
+        """One warning per failed job in the same form as for skipped series (UID and reason)."""
+        for job in self.store.jobs(states=["failed"], limit=5):
+            if (job.finished_at or 0) >= since:
+                log.warning("series %s not analysed (job %d failed): %s", job.series_instance_uid, job.id, job.reason)
 
     def purge(self, cutoff: float) -> int:
         """Delete the spooled copies and result files of finished series older than ``cutoff``.
