@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from lungburden import __version__
 from lungburden.inference.quantify import Quantities, quantify
@@ -65,13 +66,35 @@ def analyze_volume(volume: CTVolume, segmenter: Segmenter, model: str) -> Analys
     return AnalysisResult(volume, labels, quantities, segmenter.info, model, timings)
 
 
-def encode_results(result: AnalysisResult) -> tuple[Dataset, Dataset]:
-    """The DICOM SEG and the TID 1500 Comprehensive 3D SR of an analysis (new series, same study)."""
+def result_uids(uid_seed: str) -> dict[str, str]:
+    """Deterministic Series/SOP Instance UIDs of the SEG and SR for one ``uid_seed`` (PS3.5 9.1).
+
+    The node seeds them with (source series, its instance set, model, version), so re-processing
+    the same series version yields the same UIDs and a PACS stores it once (idempotency).
+    """
+    return {
+        name: generate_uid(entropy_srcs=["lungburden", uid_seed, name])
+        for name in ("seg_series", "seg_sop", "sr_series", "sr_sop")
+    }
+
+
+def encode_results(result: AnalysisResult, uid_seed: str | None = None) -> tuple[Dataset, Dataset]:
+    """The DICOM SEG and the TID 1500 Comprehensive 3D SR of an analysis (new series, same study).
+
+    With ``uid_seed`` the result UIDs are deterministic (:func:`result_uids`); else random.
+    """
     from lungburden.results.seg import build_segmentation
     from lungburden.results.sr import build_measurement_report
 
-    seg = build_segmentation(result.volume, result.labels, result.algorithm)
-    sr = build_measurement_report(result.volume, seg, result.quantities, result.algorithm)
+    uids = result_uids(uid_seed) if uid_seed else {}
+    seg = build_segmentation(
+        result.volume, result.labels, result.algorithm,
+        series_instance_uid=uids.get("seg_series"), sop_instance_uid=uids.get("seg_sop"),
+    )
+    sr = build_measurement_report(
+        result.volume, seg, result.quantities, result.algorithm,
+        series_instance_uid=uids.get("sr_series"), sop_instance_uid=uids.get("sr_sop"),
+    )
     return seg, sr
 
 
@@ -118,8 +141,11 @@ def process_series(
     limits: LoadLimits = LoadLimits(),
     progress: ProgressCallback | None = None,
     segmenter: Segmenter | None = None,
+    uid_seed: str | None = None,
 ) -> AnalysisOutputs:
     """Load the files of one series, analyse, encode and write the results to ``out_dir``.
+
+    ``uid_seed`` makes the result UIDs deterministic (see :func:`result_uids`).
 
     Raises :class:`~lungburden.inference.volume.SeriesRejected` for input that cannot be
     analysed; nothing is written in that case.
@@ -137,7 +163,7 @@ def process_series(
     result = analyze_volume(volume, segmenter, model_name)
     notify("encode")
     start = time.perf_counter()
-    seg, sr = encode_results(result)
+    seg, sr = encode_results(result, uid_seed)
     result.timings_s.update(timings, encode=time.perf_counter() - start)
     document = result_document(result, seg, sr)
     seg_path, sr_path, result_path = write_outputs(seg, sr, document, Path(out_dir))

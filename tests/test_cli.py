@@ -94,3 +94,15 @@ def test_phantom_then_analyze(tmp_path, capsys):
     assert result["series_instance_uid"] == truth["series_instance_uid"]
     # The classical baseline finds the phantom's lungs (it is not expected to match lesions well).
     assert result["lung_volume_ml"] == pytest.approx(truth["lung_volume_ml"], rel=0.15)
+
+
+def test_uid_seed_gives_deterministic_result_uids(real_lung_series, tmp_path):
+    from lungburden.pipeline import process_series
+
+    first = process_series(real_lung_series, tmp_path / "a", model="threshold", uid_seed="series/v1")
+    again = process_series(real_lung_series, tmp_path / "b", model="threshold", uid_seed="series/v1")
+    other = process_series(real_lung_series, tmp_path / "c", model="threshold", uid_seed="series/v2")
+    keys = ["seg_sop_instance_uid", "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid"]
+    assert [first.result[k] for k in keys] == [again.result[k] for k in keys]
+    assert all(first.result[k] != other.result[k] for k in keys)
+    assert len({first.result[k] for k in keys}) == 4
