@@ -1,0 +1,212 @@
+"""The network segmenter (``convlstm``): CT volume → label map on the source grid, fast on CPU.
+
+``ConvLSTMSegmenter.segment(volume)``: preprocessing (section 2.4, :mod:`.preprocess`) → network →
+logits upsampled into the crop box → argmax → ``uint8`` labels (:mod:`lungburden.labels`).
+
+Fast path (default) for the ConvLSTM network, exploiting that windows of neighbouring targets
+overlap in 10 of their 11 slices:
+
+1. each slice is encoded once (stem, dense block, and the input half ``W_x * x_t + b`` of the
+   ConvLSTM gate convolution), in chunks of ``encode_chunk`` slices, keeping only the last
+   ``2·context`` encoded slices between chunks (so memory does not grow with the series);
+2. the recurrence runs for ``target_chunk`` windows at once: step ``t`` of every window is a view
+   of the per-slice gates (no copy) plus one batched ``W_h * h`` convolution;
+3. heads, fusion and upsampling run once per target; logits are turned into labels at once, a few
+   slices at a time, so the only full-size arrays are the input HU volume and the output labels.
+
+``naive=True`` runs the plain per-window forward (every window re-encodes its 11 slices), for
+the benchmark and the equivalence test. Other models of :func:`build_model` (UNet2D/3D) always
+take the window path. All of it runs under ``torch.inference_mode()`` with ``threads`` torch
+threads (default: all cores).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from lungburden import __version__
+from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
+from lungburden.inference.models.convlstm import SliceFeatures
+from lungburden.inference.preprocess import (
+    PreprocessedSeries,
+    logits_to_labels,
+    pad_context,
+    preprocess,
+    window_indices,
+)
+from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter
+from lungburden.inference.volume import CTVolume
+
+#: Where the shipped weights live (``lungburden train --final --export`` writes them).
+DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "convlstm.pt"
+
+
+class WeightsNotFound(FileNotFoundError):
+    """The network's weights file is missing (the product never runs an untrained network)."""
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Use ``threads`` torch intra-op threads (default: all CPU cores) inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads or available_cores()))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An eval-mode copy of ``model`` with every Conv → BatchNorm pair of a ``Sequential`` folded
+    into one convolution (same outputs up to rounding, one memory pass less per layer)."""
+    model = copy.deepcopy(model).eval()
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i in range(len(seq) - 1):
+            conv, bn = seq[i], seq[i + 1]
+            if isinstance(conv, (nn.Conv2d, nn.Conv3d)) and isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d)):
+                seq[i] = fuse_conv_bn_eval(conv, bn)
+                seq[i + 1] = nn.Identity()
+    return model
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ConvLSTMSegmenter:
+    """:class:`~lungburden.inference.segmenter.Segmenter` running a trained network.
+
+    ``weights_path``: a checkpoint of :func:`~lungburden.inference.models.save_checkpoint`
+    (default :data:`DEFAULT_WEIGHTS`); or ``model``: an ``nn.Module`` from ``build_model`` (tests,
+    benchmarks). ``naive``: per-window forward instead of the fast path. ``threads``: torch
+    threads (default all cores). ``encode_chunk`` / ``target_chunk``: slices encoded per batch and
+    windows advanced together (memory/speed trade-off; defaults measured in docs/model.md).
+    ``fold_bn``: run a copy with BatchNorm folded into the convolutions (:func:`fold_batchnorm`).
+    """
+
+    name = "convlstm"
+
+    def __init__(self, weights_path: str | os.PathLike[str] | None = None, model: nn.Module | None = None, *,
+                 naive: bool = False, threads: int | None = None, encode_chunk: int = 48,
+                 target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True):
+        checkpoint: dict[str, Any] = {}
+        weights_id = "in-memory model"
+        if model is None:
+            path = Path(weights_path) if weights_path is not None else DEFAULT_WEIGHTS
+            if not path.is_file():
+                raise WeightsNotFound(
+                    f"network weights not found at {path}: the convlstm segmenter needs trained weights "
+                    "(train and export them with `lungburden train --final --export "
+                    f"{DEFAULT_WEIGHTS}`, or pass a checkpoint path); it never runs untrained"
+                )
+            model, checkpoint = load_checkpoint(path)
+            weights_id = f"{path.name} sha256:{_sha256(path)[:16]}"
+        self.source_model = model
+        self.model = fold_batchnorm(model) if fold_bn else model.eval()
+        self.checkpoint_meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}
+        self.naive = naive
+        self.threads = threads
+        self.encode_chunk = max(1, encode_chunk)
+        self.target_chunk = max(1, target_chunk)
+        self.window_batch = max(1, window_batch)
+        model_name = str(getattr(model, "name", type(model).__name__))
+        self.info = AlgorithmInfo(
+            name=f"lungburden {model_name}",
+            version=__version__,
+            family="Artificial Intelligence",
+            parameters={"model": model_name, "weights": weights_id,
+                        "input_size": str(self.input_size), "context": str(self.context)},
+        )
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike[str], **kwargs: Any) -> ConvLSTMSegmenter:
+        return cls(weights_path=path, **kwargs)
+
+    @property
+    def input_size(self) -> int:
+        return int(getattr(self.model, "input_size", 160))
+
+    @property
+    def context(self) -> int:
+        return int(getattr(self.model, "context", 0))
+
+    # -- Segmenter protocol ----------------------------------------------------------------------
+    def segment(self, volume: CTVolume | np.ndarray) -> np.ndarray:
+        """``uint8`` label map with the shape of ``volume.hu`` (see :mod:`lungburden.labels`)."""
+        hu = volume.hu if isinstance(volume, CTVolume) else np.asarray(volume)
+        if hu.ndim != 3:
+            raise ValueError(f"expected a (slices, rows, cols) volume, got shape {hu.shape}")
+        labels = np.zeros(hu.shape, np.uint8)
+        with torch_threads(self.threads), torch.inference_mode():
+            pre = preprocess(hu, size=self.input_size)
+            if not self.naive and isinstance(self.model, ConvLSTMSegNet):
+                self._fast(pre, labels)
+            else:
+                self._windows(pre, labels)
+        return labels
+
+    # -- paths -----------------------------------------------------------------------------------
+    def _emit(self, logits: torch.Tensor, pre: PreprocessedSeries, labels: np.ndarray, start: int) -> None:
+        rows, cols = labels.shape[1:]
+        logits_to_labels(logits, pre.box, rows, cols, out=labels[start:start + logits.shape[0]])
+
+    def _fast(self, pre: PreprocessedSeries, labels: np.ndarray) -> None:
+        """Per-slice encoding once, windows advanced together (module docstring)."""
+        model = self.model
+        assert isinstance(model, ConvLSTMSegNet)
+        c = model.context
+        n = pre.num_slices
+        padded = pad_context(pre.image, c)  # padded index p = slice p - c
+        buf: SliceFeatures | None = None
+        buf_start = 0  # padded index of buf[0]
+        done = 0  # targets 0..done-1 are labelled; target t's window is padded t .. t+2c
+        for e0 in range(0, padded.shape[0], self.encode_chunk):
+            new = model.encode(padded[e0:e0 + self.encode_chunk, None])
+            buf = new if buf is None else SliceFeatures.cat([buf, new])
+            ready = min(e0 + len(new) - 2 * c, n)
+            while done < ready:
+                count = min(self.target_chunk, ready - done)
+                j = done - buf_start
+                self._emit(model.forward_features(buf[j:j + count + 2 * c]), pre, labels, done)
+                done += count
+            buf, buf_start = buf[done - buf_start:], done
+
+    def _windows(self, pre: PreprocessedSeries, labels: np.ndarray) -> None:
+        """Plain per-window forward, ``window_batch`` windows per call (naive / UNet path)."""
+        c, n = self.context, pre.num_slices
+        for a in range(0, n, self.window_batch):
+            targets = range(a, min(a + self.window_batch, n))
+            index = torch.from_numpy(np.stack([window_indices(n, t, c) for t in targets]))
+            self._emit(self.model(pre.image[index]), pre, labels, a)
+
+
+def _default_factory() -> ConvLSTMSegmenter:
+    return ConvLSTMSegmenter()
+
+
+register_segmenter("convlstm", _default_factory)

@@ -1,0 +1,229 @@
+"""Network input preparation and its inverse (paper section 2.4).
+
+Forward (:func:`preprocess`): the slices are cropped to the body, resized to ``size × size`` and
+windowed, as in section 2.4:
+
+1. body mask = largest 3-D connected component of HU > ``-500`` (computed on a 4× in-plane
+   subsampled grid; only its bounding box is used), one bounding box for the whole series (so
+   every slice of a window has the same scale, which the ConvLSTM relies on), grown by a margin
+   and made square by padding the short side (padding outside the image reads as air);
+2. HU clipped to [-1024, 600] and min-max scaled to [0, 1] with those fixed bounds (identical to
+   per-volume min-max after clipping whenever the series reaches both bounds, which chest CT
+   does; fixed bounds keep it deterministic);
+3. each slice resized to ``size × size`` (bilinear with antialiasing, i.e. area-like).
+
+Inverse (:func:`logits_to_labels`, :func:`to_source_grid`): class maps on the model grid are
+resized (bilinear) into the crop square, cut to the image, and everything outside the crop box
+is background. Labels are taken by argmax *after* upsampling, so boundaries are sub-pixel.
+
+Training data use the same functions: :func:`labels_to_model_grid` maps a ground-truth label map
+onto the model grid, and :func:`window_indices` gives the context slices of a target slice with
+the edge policy of the segmenter (replicate the first/last slice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+HU_MIN = -1024.0
+HU_MAX = 600.0
+BODY_THRESHOLD_HU = -500.0
+#: Default model resolution (the paper uses 256; see docs/model.md for why 128 is used here).
+DEFAULT_SIZE = 128
+
+
+@dataclass(frozen=True)
+class CropBox:
+    """A square in source pixel indices; it may extend past the image (that part is air)."""
+
+    row0: int
+    col0: int
+    side: int
+
+    def clipped(self, rows: int, cols: int) -> tuple[int, int, int, int]:
+        """``(r0, r1, c0, c1)``: the part of the square inside a ``rows × cols`` image."""
+        return (max(self.row0, 0), min(self.row0 + self.side, rows),
+                max(self.col0, 0), min(self.col0 + self.side, cols))
+
+
+@dataclass
+class PreprocessedSeries:
+    """The normalised network input of one series and how to map results back.
+
+    ``image``: float32 tensor ``(slices, size, size)`` in [0, 1]; ``box``: the crop square on the
+    source grid; ``source_shape``: ``(slices, rows, cols)`` of the source volume.
+    """
+
+    image: torch.Tensor
+    box: CropBox
+    source_shape: tuple[int, int, int]
+
+    @property
+    def size(self) -> int:
+        return int(self.image.shape[-1])
+
+    @property
+    def num_slices(self) -> int:
+        return int(self.image.shape[0])
+
+
+def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = 4,
+             margin: int = 8) -> CropBox:
+    """Square bounding box (source pixels) of the body over the whole series (section 2.4).
+
+    The body is the largest 3-D component of ``hu > threshold`` on a ``step``-subsampled in-plane
+    grid; the box is grown by ``margin + step`` pixels and centred-padded to a square. Without a
+    body (blank series), the whole image is used.
+    """
+    n, rows, cols = hu.shape
+    sub = hu[:, ::step, ::step] > threshold
+    components, count = ndimage.label(sub)
+    if count == 0:
+        side = max(rows, cols)
+        return CropBox((rows - side) // 2, (cols - side) // 2, side)
+    sizes = np.bincount(components.ravel())
+    sizes[0] = 0
+    body = components == int(sizes.argmax())
+    rr = np.flatnonzero(body.any(axis=(0, 2)))
+    cc = np.flatnonzero(body.any(axis=(0, 1)))
+    pad = margin + step
+    r0, r1 = max(int(rr[0]) * step - pad, 0), min(int(rr[-1]) * step + pad + 1, rows)
+    c0, c1 = max(int(cc[0]) * step - pad, 0), min(int(cc[-1]) * step + pad + 1, cols)
+    side = max(r1 - r0, c1 - c0)
+    return CropBox(r0 - (side - (r1 - r0)) // 2, c0 - (side - (c1 - c0)) // 2, side)
+
+
+def _crop_square(x: torch.Tensor, box: CropBox, fill: float) -> torch.Tensor:
+    """Cut ``box`` out of ``(n, rows, cols)`` ``x``, padding the part outside the image."""
+    rows, cols = x.shape[-2:]
+    r0, r1, c0, c1 = box.clipped(rows, cols)
+    x = x[..., r0:r1, c0:c1]
+    pads = (c0 - box.col0, box.col0 + box.side - c1, r0 - box.row0, box.row0 + box.side - r1)
+    if any(pads):
+        x = F.pad(x, pads, value=fill)
+    return x
+
+
+def normalise_slices(hu: np.ndarray, box: CropBox, size: int) -> torch.Tensor:
+    """HU slices ``(n, rows, cols)`` (any real dtype) → crop, clip, min-max, resize: float32
+    ``(n, size, size)``."""
+    t = torch.from_numpy(np.asarray(hu))
+    t = _crop_square(t if t.is_floating_point() else t.float(), box, HU_MIN)
+    t = t.clamp(HU_MIN, HU_MAX).sub_(HU_MIN).mul_(1.0 / (HU_MAX - HU_MIN))
+    if box.side != size:
+        t = F.interpolate(t[:, None], size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=box.side > size)[:, 0]
+    return t.contiguous()
+
+
+def preprocess(hu: np.ndarray, size: int = DEFAULT_SIZE, box: CropBox | None = None,
+               chunk: int = 64) -> PreprocessedSeries:
+    """Section 2.4 preprocessing of a whole series ``hu`` ``(slices, rows, cols)`` in HU.
+
+    Works in chunks of ``chunk`` slices (converted to float32 chunk by chunk), so that only the
+    small model-grid stack is held in full.
+    """
+    hu = np.asarray(hu)
+    if hu.ndim != 3:
+        raise ValueError(f"expected a (slices, rows, cols) volume, got shape {hu.shape}")
+    box = box or body_box(hu)
+    out = torch.empty((hu.shape[0], size, size), dtype=torch.float32)
+    for a in range(0, hu.shape[0], chunk):
+        out[a:a + chunk] = normalise_slices(hu[a:a + chunk], box, size)
+    return PreprocessedSeries(image=out, box=box, source_shape=tuple(int(s) for s in hu.shape))
+
+
+def to_source_grid(maps: torch.Tensor, box: CropBox, rows: int, cols: int) -> torch.Tensor:
+    """Bilinear resize of ``(n, C, size, size)`` model-grid maps into the crop box.
+
+    Returns ``(n, C, r1 - r0, c1 - c0)`` for the part of the box inside the image (see
+    :meth:`CropBox.clipped`); the caller fills the rest of the source grid.
+    """
+    r0, r1, c0, c1 = box.clipped(rows, cols)
+    up = F.interpolate(maps, size=(box.side, box.side), mode="bilinear", align_corners=False)
+    return up[:, :, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+
+
+def logits_to_labels(logits: torch.Tensor, box: CropBox, rows: int, cols: int,
+                     out: np.ndarray | None = None, step: int = 8) -> np.ndarray:
+    """Model-grid logits ``(n, C, size, size)`` → ``uint8`` labels ``(n, rows, cols)``.
+
+    Logits are upsampled (bilinear) into the crop box, then argmax; outside the box the label is 0
+    (background). Works ``step`` slices at a time in channels-last layout (the argmax over
+    contiguous channels is ~10× faster than over NCHW planes). ``out`` is written in place when
+    given.
+    """
+    n = logits.shape[0]
+    if out is None:
+        out = np.zeros((n, rows, cols), np.uint8)
+    else:
+        out[...] = 0
+    r0, r1, c0, c1 = box.clipped(rows, cols)
+    if r1 <= r0 or c1 <= c0:
+        return out
+    for a in range(0, n, step):
+        part = logits[a:a + step].float().contiguous(memory_format=torch.channels_last)
+        up = to_source_grid(part, box, rows, cols)
+        out[a:a + step, r0:r1, c0:c1] = argmax_channels(up).numpy()
+    return out
+
+
+def argmax_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(1)`` as ``uint8`` (first index on ties), by a pairwise tournament over the class
+    planes: 2× faster than ``argmax`` on CPU for a few classes in channels-last layout."""
+    vals = list(x.unbind(1))
+    idx = [torch.tensor(k, dtype=torch.uint8) for k in range(len(vals))]
+    while len(vals) > 1:
+        next_vals, next_idx = [], []
+        for j in range(0, len(vals) - 1, 2):
+            right = vals[j + 1] > vals[j]
+            next_vals.append(torch.maximum(vals[j], vals[j + 1]))
+            next_idx.append(torch.where(right, idx[j + 1], idx[j]))
+        if len(vals) % 2:
+            next_vals.append(vals[-1])
+            next_idx.append(idx[-1])
+        vals, idx = next_vals, next_idx
+    return idx[0].expand(x.shape[:1] + x.shape[2:])
+
+
+def labels_to_model_grid(labels: np.ndarray, box: CropBox, size: int, num_classes: int,
+                         chunk: int = 16) -> torch.Tensor:
+    """Ground-truth labels ``(n, rows, cols)`` → int64 ``(n, size, size)`` on the model grid.
+
+    Each class's indicator is resized like the image (antialiased bilinear) and the class with the
+    largest share wins, so small structures survive better than with nearest-neighbour.
+    """
+    labels = np.asarray(labels)
+    out = torch.empty((labels.shape[0], size, size), dtype=torch.int64)
+    classes = torch.arange(num_classes, dtype=torch.uint8).view(1, num_classes, 1, 1)
+    for a in range(0, labels.shape[0], chunk):
+        lab = _crop_square(torch.from_numpy(np.ascontiguousarray(labels[a:a + chunk])), box, 0)
+        onehot = (lab[:, None] == classes).float()
+        if box.side != size:
+            onehot = F.interpolate(onehot, size=(size, size), mode="bilinear", align_corners=False,
+                                   antialias=box.side > size)
+        out[a:a + chunk] = onehot.argmax(1)
+    return out
+
+
+def window_indices(num_slices: int, target: int, context: int) -> np.ndarray:
+    """Slice indices of the window of ``target`` (``context`` each side), edge-replicated.
+
+    The paper (section 2.5) gives the ConvLSTM 5 slices above and below the target; at the ends
+    of the series the missing neighbours are copies of the first/last slice.
+    """
+    return np.clip(np.arange(target - context, target + context + 1), 0, num_slices - 1)
+
+
+def pad_context(stack: torch.Tensor, context: int) -> torch.Tensor:
+    """Replicate the first/last slice ``context`` times along dim 0 (edge policy above)."""
+    if context == 0:
+        return stack
+    first = stack[:1].expand(context, *stack.shape[1:])
+    last = stack[-1:].expand(context, *stack.shape[1:])
+    return torch.cat([first, stack, last], 0)

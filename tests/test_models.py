@@ -1,0 +1,303 @@
+"""Networks, RMI loss, preprocessing and the network segmenter (paper sections 2.4-2.6).
+
+Small random-initialised models only (trained weights are not needed); runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lungburden.inference.losses import RMILoss, neighbourhood_vectors
+from lungburden.inference.models import (
+    MODEL_NAMES,
+    ConvLSTMSegNet,
+    build_model,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lungburden.inference.predict import ConvLSTMSegmenter, WeightsNotFound, fold_batchnorm
+from lungburden.inference.preprocess import (
+    CropBox,
+    argmax_channels,
+    body_box,
+    labels_to_model_grid,
+    logits_to_labels,
+    pad_context,
+    preprocess,
+    to_source_grid,
+    window_indices,
+)
+from lungburden.labels import LABEL_NAMES, NUM_CLASSES
+
+SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, hidden=8, head_width=8,
+             lstm_pool=2, refine=8)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def small_convlstm(**overrides) -> ConvLSTMSegNet:
+    model = build_model("convlstm", **{**SMALL, **overrides})
+    assert isinstance(model, ConvLSTMSegNet)
+    # Non-trivial BatchNorm statistics, so that eval mode and BN folding are really exercised.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+def phantom_hu(slices: int = 14, rows: int = 70, cols: int = 90, seed: int = 0) -> np.ndarray:
+    """A body ellipse (soft tissue) with two lungs (air) and a dense blob, plus noise."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.mgrid[0:slices, 0:rows, 0:cols].astype(np.float32)
+    hu = np.full((slices, rows, cols), -1000.0, np.float32)
+    hu[((y - 35) / 28) ** 2 + ((x - 45) / 38) ** 2 < 1] = 40.0
+    for cx in (30, 60):
+        hu[((y - 35) / 18) ** 2 + ((x - cx) / 12) ** 2 < 1] = -850.0
+    hu[((y - 30) / 5) ** 2 + ((x - 30) / 5) ** 2 + ((z - 7) / 4) ** 2 < 1] = -500.0
+    return hu + rng.normal(0, 15, hu.shape).astype(np.float32)
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_window_interface_shapes(name: str) -> None:
+    hp = SMALL if name == "convlstm" else dict(input_size=32, base=4)
+    model = build_model(name, **hp)
+    k = 2 * model.context + 1
+    x = torch.rand(2, k, 32, 32)
+    out = model(x)
+    assert out.shape == (2, NUM_CLASSES, 32, 32)
+    assert model.num_classes == NUM_CLASSES and model.input_size == 32
+    assert {"convlstm": 5, "unet2d": 0, "unet3d": 2}[name] == model.context
+    out.sum().backward()  # trainable through the uniform interface
+    with pytest.raises(ValueError):
+        model(torch.rand(2, k + 2, 32, 32))
+
+
+def test_default_convlstm_is_small() -> None:
+    model = build_model("convlstm")
+    assert model.context == 5 and model.input_size == 160
+    assert count_parameters(model) * 4 < 5 * 2**20  # float32 weights under 5 MB
+    with pytest.raises(KeyError, match="unknown model"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="multiple of"):
+        build_model("convlstm", input_size=100)
+
+
+def test_fusion_formula() -> None:
+    """S_out = S_main·α + S_attn·(1 − α) (eq. 1); without refinement the output is its upsampling."""
+    model = small_convlstm(refine=0, lstm_pool=1)
+    seen: dict[str, torch.Tensor] = {}
+    for name in ("main_head", "attn_seg_head", "attn_head"):
+        getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))
+    with torch.no_grad():
+        out = model(torch.rand(3, 11, 32, 32))
+    alpha = seen["attn_head"]
+    assert alpha.shape == (3, 1, 16, 16) and float(alpha.min()) >= 0 and float(alpha.max()) <= 1
+    fused = seen["main_head"] * alpha + seen["attn_seg_head"] * (1 - alpha)
+    expected = F.interpolate(fused, scale_factor=2.0, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, expected)
+
+
+def test_slabs_equal_windows_and_train() -> None:
+    model = small_convlstm()
+    stack = torch.rand(2, 15, 32, 32)  # two slabs of 5 targets each
+    with torch.no_grad():
+        slabs = model.forward_slabs(stack)
+        windows = torch.stack([model(stack[b, i:i + 11][None])[0] for b in range(2) for i in range(5)])
+        seq = model.forward_sequence(stack[1])
+    assert slabs.shape == (2, 5, NUM_CLASSES, 32, 32)
+    torch.testing.assert_close(slabs.flatten(0, 1), windows, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(seq, slabs[1], atol=1e-5, rtol=1e-4)
+    model.train()
+    x = stack.clone().requires_grad_()
+    model.forward_slabs(x).square().mean().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_context_padding_replicates_edges() -> None:
+    assert window_indices(20, 0, 5).tolist() == [0] * 6 + [1, 2, 3, 4, 5]
+    assert window_indices(20, 19, 5).tolist() == [14, 15, 16, 17, 18] + [19] * 6
+    assert window_indices(3, 1, 2).tolist() == [0, 0, 1, 2, 2]
+    stack = torch.arange(4.0)[:, None, None].expand(4, 2, 2)
+    assert pad_context(stack, 2)[:, 0, 0].tolist() == [0, 0, 0, 1, 2, 3, 3, 3]
+    assert pad_context(stack, 0) is stack
+
+
+def test_fold_batchnorm_same_output() -> None:
+    model = small_convlstm()
+    x = torch.rand(2, 11, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_batchnorm(model)(x), model(x), atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(model).modules())
+
+
+# -- RMI loss -------------------------------------------------------------------------------------
+
+
+def _labels(b: int = 2, size: int = 48) -> torch.Tensor:
+    y = torch.zeros(b, size, size, dtype=torch.long)
+    y[:, 8:40, 6:30] = 1
+    y[:, 14:26, 10:22] = 2
+    y[:, 30:38, 30:44] = 3
+    return y
+
+
+def test_rmi_perfect_beats_random_and_gradients_finite() -> None:
+    y = _labels()
+    loss = RMILoss(NUM_CLASSES)
+    perfect = F.one_hot(y, NUM_CLASSES).permute(0, 3, 1, 2).float() * 12
+    noisy = perfect + 8 * torch.randn_like(perfect)
+    rand = torch.randn(2, NUM_CLASSES, 48, 48, requires_grad=True)
+    assert loss.rmi(perfect, y) < loss.rmi(noisy, y) < loss.rmi(rand.detach(), y)
+    assert loss(perfect, y) < loss(rand.detach(), y)
+    total = loss(rand, y)
+    total.backward()
+    assert torch.isfinite(total) and rand.grad is not None and torch.isfinite(rand.grad).all()
+    assert float(rand.grad.abs().sum()) > 0
+
+
+def test_rmi_definition_details() -> None:
+    y = _labels(1)
+    logits = torch.randn(1, NUM_CLASSES, 48, 48)
+    torch.testing.assert_close(RMILoss(lambda_ce=1.0)(logits, y), F.cross_entropy(logits, y))
+    mixed = RMILoss(lambda_ce=0.5)(logits, y)
+    torch.testing.assert_close(mixed, 0.5 * F.cross_entropy(logits, y) + 0.5 * RMILoss().rmi(logits, y))
+    v = neighbourhood_vectors(torch.arange(16.0).view(1, 1, 4, 4), 3)
+    assert v.shape == (1, 1, 9, 4)
+    assert v[0, 0, :, 0].tolist() == [0, 1, 2, 4, 5, 6, 8, 9, 10]
+    # A class absent from image and prediction does not break the factorisations.
+    empty = torch.zeros(1, 48, 48, dtype=torch.long)
+    assert torch.isfinite(RMILoss()(torch.randn(1, NUM_CLASSES, 48, 48), empty))
+    with pytest.raises(ValueError):
+        RMILoss()(logits, y[:, :10])
+
+
+# -- preprocessing --------------------------------------------------------------------------------
+
+
+def test_preprocess_crops_windows_and_resizes() -> None:
+    hu = phantom_hu()
+    box = body_box(hu)
+    # Body ellipse spans rows 7..63 and cols 7..83; the box is square and covers it.
+    assert box.row0 <= 7 and box.col0 <= 7 and box.row0 + box.side >= 63 and box.col0 + box.side >= 83
+    pre = preprocess(hu, size=32)
+    assert pre.image.shape == (14, 32, 32) and pre.image.dtype == torch.float32
+    assert float(pre.image.min()) >= 0.0 and float(pre.image.max()) <= 1.0
+    assert pre.box == box and pre.source_shape == hu.shape
+    # int16 input gives the same result (converted chunk by chunk).
+    torch.testing.assert_close(preprocess(np.round(hu).astype(np.int16), size=32).image, pre.image,
+                               atol=2e-3, rtol=0)
+    blank = np.full((3, 20, 30), -1000, np.float32)
+    assert body_box(blank).side == 30
+
+
+def test_logits_to_labels_matches_upsample_argmax() -> None:
+    for box in (CropBox(5, 3, 60), CropBox(-10, -4, 100)):
+        logits = F.interpolate(torch.randn(3, NUM_CLASSES, 4, 4) * 3, size=(32, 32), mode="bilinear")
+        got = logits_to_labels(logits, box, 70, 90)
+        r0, r1, c0, c1 = box.clipped(70, 90)
+        expected = np.zeros((3, 70, 90), np.uint8)
+        expected[:, r0:r1, c0:c1] = to_source_grid(logits, box, 70, 90).argmax(1).numpy()
+        np.testing.assert_array_equal(got, expected)
+        assert got.dtype == np.uint8
+    x = torch.randn(2, 4, 5, 6).round()  # ties: first index wins, as argmax
+    assert torch.equal(argmax_channels(x.contiguous(memory_format=torch.channels_last)), x.argmax(1).byte())
+
+
+def test_labels_to_model_grid_round_trip() -> None:
+    labels = np.zeros((2, 70, 90), np.uint8)
+    labels[:, 10:60, 10:40] = 1
+    labels[:, 20:40, 15:35] = 2
+    box = CropBox(0, 0, 90)
+    small = labels_to_model_grid(labels, box, 45, NUM_CLASSES)
+    assert small.shape == (2, 45, 45) and small.dtype == torch.int64
+    back = logits_to_labels(F.one_hot(small, NUM_CLASSES).permute(0, 3, 1, 2).float(), box, 70, 90)
+    assert (back == labels).mean() > 0.97
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(tmp_path: Path) -> None:
+    model = small_convlstm()
+    path = tmp_path / "w" / "convlstm.pt"
+    save_checkpoint(path, model, metadata={"epochs": 3, "dice": {"lesion": 0.5}})
+    loaded, ckpt = load_checkpoint(path)
+    assert ckpt["model"] == "convlstm" and ckpt["hparams"] == model.hparams
+    assert ckpt["class_names"] == [LABEL_NAMES[i] for i in range(NUM_CLASSES)]
+    assert ckpt["preprocessing"]["size"] == 32 and ckpt["metadata"]["epochs"] == 3
+    x = torch.rand(2, 11, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    assert not loaded.training
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_checkpoint(tmp_path / "bad.pt")
+    torch.save({"x": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a lungburden model checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+
+
+# -- segmenter ------------------------------------------------------------------------------------
+
+
+def test_fast_path_equals_naive() -> None:
+    model = small_convlstm()
+    hu = phantom_hu(slices=23)
+    naive = ConvLSTMSegmenter(model=model, naive=True).segment(hu)
+    for encode_chunk, target_chunk in ((48, 16), (7, 3), (1, 1)):
+        fast = ConvLSTMSegmenter(model=model, encode_chunk=encode_chunk, target_chunk=target_chunk).segment(hu)
+        # Identical labels up to argmax ties at float rounding level.
+        assert (fast == naive).mean() > 0.9999, (encode_chunk, target_chunk)
+    # Logits too: the chunked path against a plain window forward.
+    seg = ConvLSTMSegmenter(model=model)
+    pre = preprocess(hu, size=32)
+    windows = pre.image[torch.from_numpy(np.stack([window_indices(23, t, 5) for t in range(23)]))]
+    with torch.no_grad():
+        expected = seg.model(windows)
+        got = seg.model.forward_sequence(pad_context(pre.image, 5))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_segmenter_output_on_source_grid(name: str, tmp_path: Path) -> None:
+    hp = SMALL if name == "convlstm" else dict(input_size=32, base=4)
+    path = tmp_path / f"{name}.pt"
+    save_checkpoint(path, build_model(name, **hp))
+    seg = ConvLSTMSegmenter.from_checkpoint(path, threads=1)
+    hu = phantom_hu(slices=4)  # fewer slices than a window: edges replicated
+    labels = seg.segment(hu)
+    assert labels.shape == hu.shape and labels.dtype == np.uint8
+    assert labels.max() < NUM_CLASSES
+    box = body_box(hu)
+    r0, r1, c0, c1 = box.clipped(*hu.shape[1:])
+    outside = np.ones(hu.shape, bool)
+    outside[:, r0:r1, c0:c1] = False
+    assert not labels[outside].any()
+    assert seg.info.family == "Artificial Intelligence" and seg.info.parameters
+    assert seg.info.parameters["model"] == name and "sha256:" in seg.info.parameters["weights"]
+    assert torch.get_num_threads() >= 1
+
+
+def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "convlstm.pt"
+    with pytest.raises(WeightsNotFound, match="never runs untrained") as err:
+        ConvLSTMSegmenter(weights_path=missing)
+    assert str(missing) in str(err.value)
+    assert isinstance(err.value, FileNotFoundError)
