@@ -159,6 +159,7 @@ class NodeProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "lungburden.dicom_node", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=REPO,
+            start_new_session=True,  # its own process group, as under a service manager
         )
         log.close()
         deadline = time.monotonic() + timeout
@@ -172,12 +173,39 @@ class NodeProcess:
         self.kill()
         raise RuntimeError(f"node not ready after {timeout} s:\n{self.log_text()[-4000:]}")
 
-    def kill(self) -> None:
-        """``kill -9`` the node (its workers die with it: PR_SET_PDEATHSIG)."""
+    def children(self) -> list[int]:
+        """PIDs of the node's child processes (workers, multiprocessing's resource tracker)."""
+        if self.process is None:
+            return []
+        out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.process.pid)], capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
+
+    def kill(self, wait_children: float = 10.0) -> None:
+        """``kill -9`` the node alone; its workers must die with it (PR_SET_PDEATHSIG): checked."""
+        children = self.children()
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(10)
         self.process = None
+        deadline = time.monotonic() + wait_children
+        while time.monotonic() < deadline:
+            alive = [pid for pid in children if _running(pid)]
+            if not alive:
+                return
+            time.sleep(0.1)
+        for pid in alive:
+            if "spawn_main" in _cmdline(pid):  # a worker outliving the node would be a bug
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"worker process {pid} outlived the killed node")
+
+    def terminate_group(self, timeout: float = 30.0) -> float:
+        """SIGTERM to the node's whole process group (``timeout``, systemd); returns the seconds to exit."""
+        assert self.process is not None
+        start = time.monotonic()
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout)
+        self.process = None
+        return time.monotonic() - start
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -224,6 +252,21 @@ class NodeProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def read_dataset(data: bytes) -> Dataset:

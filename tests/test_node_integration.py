@@ -277,6 +277,30 @@ def test_crash_during_inference(orthanc, tmp_path):
         node.stop()
 
 
+def test_orderly_stop_during_inference_hands_the_job_back(tmp_path):
+    """SIGTERM to the node's process group (as `timeout` or systemd send it) while a series is
+    analysed: the node exits promptly, the job is queued again without counting as a failure,
+    and the next start completes it."""
+    phantom = write_phantom(tmp_path / "phantom", seed=27, slices=64, size=384)
+    ds = pydicom.dcmread(phantom[0], stop_before_pixels=True)
+    out = tmp_path / "out"
+    node = NodeProcess(tmp_path / "node", _node_config({"name": "out", "type": "folder", "path": str(out)}))
+    node.start()
+    try:
+        assert storescu(node.port, phantom).returncode == 0
+        node.wait_for(lambda s: s.jobs(["running"]), what="job running", interval=0.05)
+        assert node.terminate_group() < 15
+        (job,) = node.store().jobs()
+        assert (job.state, job.attempts) == ("queued", 0), job.reason
+        assert "node was stopped" in job.reason
+        node.start()
+        job = node.wait_for(_done(ds.SeriesInstanceUID), what="job done after the restart")
+        assert job.attempts == 1
+        assert len(list(out.rglob("seg.dcm"))) == 1
+    finally:
+        node.stop()
+
+
 def test_pacs_down_then_back(tmp_path):
     """Orthanc stopped while the results are ready: retried with backoff, delivered once it is back."""
     pacs = OrthancServer(tmp_path / "pacs")

@@ -526,6 +526,15 @@ class JobStore:
                 (reason[:2000], now, now, job_id),
             )
 
+    def release_job(self, job_id: int, reason: str) -> None:
+        """Hand a running job back to the queue without counting the attempt (orderly stop)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE jobs SET state='queued', reason=?, owner=NULL, lease_until=NULL, "
+                "attempts=MAX(attempts-1, 0), updated_at=? WHERE id=? AND state='running'",
+                (reason, time.time(), job_id),
+            )
+
     def requeue_lost(self, now: float | None = None, check_pids: bool = True) -> list[int]:
         """Re-queue running jobs (and sending deliveries) whose process is gone or whose lease expired.
 

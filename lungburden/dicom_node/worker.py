@@ -54,6 +54,10 @@ def uid_seed(job: Job, model_name: str, model_version: str) -> str:
     return f"{job.series_instance_uid}/{job.instance_set_hash}/{model_name}/{model_version}"
 
 
+class WorkerStopped(BaseException):
+    """Raised inside a worker by SIGTERM while it analyses a series (the job is handed back)."""
+
+
 class JobRunner:
     """Runs claimed jobs through the pipeline (the segmenter is loaded once per process)."""
 
@@ -62,6 +66,10 @@ class JobRunner:
         self.store = store
         self._process_fn = process_fn
         self._segmenters: dict[str, object] = {}
+        #: The job being analysed (for a clean hand-back on SIGTERM).
+        self.current_job: Job | None = None
+        #: Checked after a claim: a stopping worker hands the job back at once.
+        self.should_stop: Callable[[], bool] = lambda: False
 
     @property
     def process_fn(self) -> ProcessFn:
@@ -145,46 +153,73 @@ class JobRunner:
         job = self.store.claim_job(lease_seconds=self.config.processing.job_lease_seconds, job_ids=job_ids)
         if job is None:
             return False
-        self.run(job)
+        if self.should_stop():
+            self.store.release_job(job.id, "re-queued: the node was stopped before the analysis")
+            return False
+        self.current_job = job
+        try:
+            self.run(job)
+        except WorkerStopped:
+            self.store.release_job(job.id, "re-queued: the node was stopped during the analysis")
+            log.info("job %d handed back to the queue (node stopping)", job.id)
+            raise
+        finally:
+            self.current_job = None
         return True
 
 
-def worker_main(config: Config, stop: multiprocessing.synchronize.Event, index: int, log_level: int) -> None:
-    """Entry point of a worker process."""
+def worker_main(config: Config, parent_pid: int, index: int, log_level: int) -> None:
+    """Entry point of a worker process; SIGTERM stops it (a job in progress is re-queued)."""
     set_parent_death_signal()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    if os.getppid() != parent_pid:  # the node died before PR_SET_PDEATHSIG took effect
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when to stop
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
-    parent = os.getppid()
     store = JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
     runner = JobRunner(config, store)
+    stopping = threading.Event()
+    runner.should_stop = stopping.is_set
+
+    def on_term(signum: int, frame: object) -> None:
+        first = not stopping.is_set()
+        stopping.set()
+        if first and runner.current_job is not None:
+            raise WorkerStopped()  # once: a second SIGTERM must not interrupt the hand-back
+
+    signal.signal(signal.SIGTERM, on_term)
     log.info("worker %d (pid %d) ready", index, os.getpid())
-    while not stop.is_set():
-        if os.getppid() != parent:
-            log.warning("worker %d: the node process is gone; exiting", index)
-            return
-        try:
-            if runner.run_next():
-                continue
-        except Exception:  # noqa: BLE001 - e.g. database locked for too long
-            log.exception("worker %d: error while taking a job", index)
-        stop.wait(0.25)
+    try:
+        while not stopping.is_set():
+            if os.getppid() != parent_pid:
+                log.warning("worker %d: the node process is gone; exiting", index)
+                return
+            try:
+                if runner.run_next():
+                    continue
+            except WorkerStopped:
+                raise
+            except Exception:  # noqa: BLE001 - e.g. database locked for too long
+                log.exception("worker %d: error while taking a job", index)
+            stopping.wait(0.25)
+    except WorkerStopped:
+        pass  # the job was handed back by JobRunner.run_next
 
 
 class WorkerPool:
-    """Starts, watches and restarts the worker processes."""
+    """Starts, watches, restarts and stops (SIGTERM, then SIGKILL) the worker processes."""
 
     def __init__(self, config: Config, count: int):
         self.config = config
         self.count = count
         self._ctx = multiprocessing.get_context("spawn")
-        self.stop_event = self._ctx.Event()
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
         self.restarts = 0
+        self._stopping = False
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self.config, self.stop_event, index, logging.getLogger().getEffectiveLevel()),
+            args=(self.config, os.getpid(), index, logging.getLogger().getEffectiveLevel()),
             name=f"lungburden-worker-{index}",
             daemon=True,
         )
@@ -198,7 +233,7 @@ class WorkerPool:
     def check(self) -> int:
         """Restart dead workers; returns the number restarted."""
         n = 0
-        if self.stop_event.is_set():
+        if self._stopping:
             return 0
         for i, proc in enumerate(self.processes):
             if proc is None or not proc.is_alive():
@@ -213,13 +248,15 @@ class WorkerPool:
         return sum(1 for p in self.processes if p is not None and p.is_alive())
 
     def stop(self, timeout: float = 10.0) -> None:
-        self.stop_event.set()
+        self._stopping = True
+        running = [p for p in self.processes if p is not None and p.is_alive()]
+        for proc in running:
+            proc.terminate()  # SIGTERM: idle workers exit, busy ones hand their job back
         deadline = time.monotonic() + timeout
-        for proc in self.processes:
-            if proc is not None:
-                proc.join(max(0.1, deadline - time.monotonic()))
-        for proc in self.processes:
-            if proc is not None and proc.is_alive():
-                log.warning("worker %s did not stop in time; terminating it", proc.name)
-                proc.terminate()
+        for proc in running:
+            proc.join(max(0.1, deadline - time.monotonic()))
+        for proc in running:
+            if proc.is_alive():
+                log.warning("worker %s did not stop in time; killing it", proc.name)
+                proc.kill()
                 proc.join(2)
