@@ -24,7 +24,8 @@ from lungburden.inference.volume import SeriesRejected
 
 
 def _config(tmp_path: Path, **sections) -> object:
-    raw = {"node": {"storage_dir": str(tmp_path / "var"), "series_quiet_seconds": 1, "min_free_disk_mb": 1}}
+    raw = {"node": {"storage_dir": str(tmp_path / "var"), "series_quiet_seconds": 1, "min_free_disk_mb": 1},
+           "processing": {"model": "threshold"}}
     for key, value in sections.items():
         raw.setdefault(key, {})
         if isinstance(value, dict):
