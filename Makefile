@@ -30,12 +30,13 @@ demo: install
 	rm -rf $(DEMO_DIR)
 	$(VENV)/bin/lungburden phantom $(DEMO_DIR)/phantom --seed 7
 	$(VENV)/bin/lungburden analyze $(DEMO_DIR)/phantom --out $(DEMO_DIR)/result
+	$(VENV)/bin/lungburden node-demo $(DEMO_DIR)/phantom --out $(DEMO_DIR)/node
 
 lint: install
-	$(VENV)/bin/ruff check lungburden tests
+	$(VENV)/bin/ruff check lungburden tests benchmarks
 
 test: install system-deps
-	$(VENV)/bin/ruff check lungburden tests
+	$(VENV)/bin/ruff check lungburden tests benchmarks
 	$(VENV)/bin/python -m pytest -q -ra
 
 clean:
