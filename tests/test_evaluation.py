@@ -134,10 +134,10 @@ def test_evaluate_cases_and_report_files(tmp_path):
     assert summary.agreement["ggo_volume_ml"].spearman_r == pytest.approx(1.0)
     assert "| ggo |" in (tmp_path / "report.md").read_text()
     path = write_comparison([ModelComparison("oracle", None, summary, {"16x512": {
-        "slices": 16, "rows": 512, "wall_s": 1.0, "cpu_s": 2.0, "peak_rss_mib": 300.0,
+        "slices": 16, "rows": 512, "wall_s": 1.0, "cpu_s": 2.0, "cold_wall_s": 3.0, "peak_rss_mib": 300.0,
         "peak_rss_growth_mib": 20.0, "threads": 2}})], tmp_path)
     text = path.read_text()
-    assert "oracle" in text and "1.00 / 2.00" in text
+    assert "oracle" in text and "1.00 / 2.00 (3.00)" in text
 
 
 # ------------------------------------------------------------------------------------ commands

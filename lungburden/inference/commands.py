@@ -10,6 +10,7 @@ import json
 import logging
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,7 +201,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             segmenter = build_segmenter(args.model, args.weights, args.threads)
             results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
-            info = {"model": args.weights or args.model, "cases": len(results)}
+            info = {"model": args.weights or args.model or "default segmenter", "cases": len(results)}
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -244,6 +245,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         summarize,
         write_comparison,
         write_report,
+        write_timing_volume,
     )
     from lungburden.inference.training.data import CaseIndex
 
@@ -260,6 +262,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     sizes = [int(s) for s in args.timing_slices.split(",") if s.strip()] if not args.no_timing else []
     out = Path(args.out)
     rows = []
+    tmp = tempfile.TemporaryDirectory(prefix="lungburden-timing-")
+    volumes: dict[int, Path] = {}
     for name in names:
         ckpt = weights.get(name)
         try:
@@ -281,11 +285,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
         compute = {}
         for n in sizes:
             print(f"{name}: timing {n} slices ...", file=sys.stderr)
-            compute[f"{n}x{args.timing_rows}"] = measure_compute(name, ckpt, n, args.timing_rows,
-                                                                 threads=args.threads)
+            if n not in volumes:
+                volumes[n] = write_timing_volume(Path(tmp.name) / f"timing-{n}.npz", n, args.timing_rows)
+            compute[f"{n}x{args.timing_rows}"] = measure_compute(name, ckpt, volumes[n], threads=args.threads)
         rows.append(ModelComparison(name, ckpt, summarize(results) if results else None, compute))
     info = {"command": " ".join(sys.argv), "cpu": cpu_description(), "threads": args.threads or torch.get_num_threads(),
             "cases": len(index.ids()) if not cvs else "each model's cross-validation test sets"}
+    tmp.cleanup()
     path = write_comparison(rows, out, info)
     print(path.read_text())
     return 0

@@ -441,16 +441,24 @@ def write_report(
 
 @dataclass(frozen=True)
 class ComputeCost:
-    """Cost of one ``segment`` call on a synthetic series of ``slices`` slices (rows × cols)."""
+    """Cost of ``segment`` on a synthetic series of ``slices`` slices (rows × rows), measured in a
+    fresh process: the first (cold: lazy initialisation, kernel selection) and a second (warm,
+    steady state) call; CPU = process CPU seconds of the warm call (all threads)."""
 
     slices: int
     rows: int
     wall_s: float
     cpu_s: float
-    #: Peak resident memory of the measuring process (MiB), and its growth during ``segment``.
+    cold_wall_s: float
+    #: Peak resident memory of the process (MiB) and its resident memory just before ``segment``
+    #: (Python, torch, the model and the input volume).
     peak_rss_mib: float
-    peak_rss_growth_mib: float
+    rss_before_mib: float
     threads: int
+
+    @property
+    def peak_rss_growth_mib(self) -> float:
+        return self.peak_rss_mib - self.rss_before_mib
 
 
 def _peak_rss_mib() -> float:
@@ -459,36 +467,62 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
-def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], slices: int, rows: int,
+def _rss_mib() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _peak_rss_mib()
+
+
+def write_timing_volume(path: Path, slices: int, rows: int = 512, seed: int = 7) -> Path:
+    """Save a synthetic series (HU + affine) for :func:`measure_compute`, generated once per size."""
+    from lungburden.inference.training.data import synthetic_volume
+
+    volume = synthetic_volume(slices=slices, rows=rows, seed=seed)
+    np.savez(path, hu=volume.hu, affine=volume.affine)
+    return path
+
+
+def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], volume_path: str,
                       threads: int | None) -> None:
     try:
         import torch
 
+        from lungburden.inference.volume import CTVolume
+
         if threads:
             torch.set_num_threads(threads)
-
-        from lungburden.inference.training.data import synthetic_volume
-
-        volume = synthetic_volume(slices=slices, rows=rows, seed=7)
+        with np.load(volume_path) as z:
+            hu, affine = z["hu"], z["affine"]
+        volume = CTVolume(hu=hu, affine=affine, datasets=(), series_instance_uid="timing",
+                          study_instance_uid="timing", frame_of_reference_uid="")
         segmenter = build_segmenter(*segmenter_spec, threads=threads)
-        before = _peak_rss_mib()
+        before = _rss_mib()
+        wall0 = time.perf_counter()
+        segmenter.segment(volume)
+        cold = time.perf_counter() - wall0
         cpu0, wall0 = time.process_time(), time.perf_counter()
         segmenter.segment(volume)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        peak = _peak_rss_mib()
-        queue.put(asdict(ComputeCost(slices, rows, wall, cpu, peak, peak - before, torch.get_num_threads())))
+        cost = ComputeCost(int(hu.shape[0]), int(hu.shape[1]), wall, cpu, cold, _peak_rss_mib(), before,
+                           torch.get_num_threads())
+        queue.put({**asdict(cost), "peak_rss_growth_mib": cost.peak_rss_growth_mib})
     except Exception as exc:  # reported to the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def measure_compute(name: str, weights: str | None, slices: int, rows: int = 512, threads: int | None = None,
+def measure_compute(name: str, weights: str | None, volume_path: Path, threads: int | None = None,
                     timeout_s: float = 1800) -> dict:
-    """Time and peak memory of ``segment`` in a fresh (spawned) process, so models do not share RSS."""
+    """Time and peak memory of ``segment`` on a saved series (:func:`write_timing_volume`) in a
+    fresh (spawned) process, so that models do not share resident memory."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_measure_in_child, args=(queue, (name, weights), slices, rows, threads))
+    proc = ctx.Process(target=_measure_in_child, args=(queue, (name, weights), str(volume_path), threads))
     proc.start()
     try:
         result = queue.get(timeout=timeout_s)
@@ -530,13 +564,14 @@ def write_comparison(rows: Sequence[ModelComparison], out_dir: Path, info: dict 
     md = ["# Model comparison (paper Table 4 style)", ""]
     for key, value in (info or {}).items():
         md.append(f"- **{key}**: {value}")
-    md += ["", "Dice = pooled DSC over all cases (mean per-case DSC in brackets). CPU time = process CPU "
-           "seconds of one `segment` call (all threads), wall = elapsed; memory = peak RSS of a fresh process "
-           "(growth during `segment` in brackets).", ""]
+    md += ["", "Dice = pooled DSC over all cases (mean per-case DSC in brackets). Time of `segment` on a "
+           "synthetic series in a fresh process: wall / process CPU seconds (all threads) of a warm call, cold "
+           "first call in brackets; memory = peak RSS of that process (growth during `segment` in brackets).",
+           ""]
     header = "| model | DSC GGO | DSC high opacity | DSC lesion | DSC lung |"
     sep = "|---|---|---|---|---|"
     for s in sizes:
-        header += f" {s}: wall / CPU s | {s}: peak MiB |"
+        header += f" {s}: wall / CPU s (cold) | {s}: peak MiB |"
         sep += "---|---|"
     md += [header, sep]
     for r in rows:
@@ -549,8 +584,8 @@ def write_comparison(rows: Sequence[ModelComparison], out_dir: Path, info: dict 
             if "error" in c or not c:
                 line += f" {c.get('error', '–')} | – |"
             else:
-                line += (f" {c['wall_s']:.2f} / {c['cpu_s']:.2f} | {c['peak_rss_mib']:.0f} "
-                         f"(+{c['peak_rss_growth_mib']:.0f}) |")
+                line += (f" {c['wall_s']:.2f} / {c['cpu_s']:.2f} ({c['cold_wall_s']:.2f}) | "
+                         f"{c['peak_rss_mib']:.0f} (+{c['peak_rss_growth_mib']:.0f}) |")
         md.append(line)
     (out_dir / "comparison.md").write_text("\n".join(md) + "\n")
     doc = {"info": info or {}, "models": [
@@ -561,7 +596,7 @@ def write_comparison(rows: Sequence[ModelComparison], out_dir: Path, info: dict 
 
 
 def cpu_description() -> str:
-    """CPU model and usable cores (for the reports)."""
+    """CPU model, usable cores and load average (for the reports: timings on a shared machine vary)."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -570,4 +605,8 @@ def cpu_description() -> str:
                 break
     except OSError:
         pass
-    return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} usable cores"
+    try:
+        load = " (load average {:.1f} / {:.1f} / {:.1f})".format(*os.getloadavg())
+    except OSError:
+        load = ""
+    return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} usable cores{load}"

@@ -268,6 +268,17 @@ def _batch_parts(cases, sampler: WindowSampler, rng: np.random.Generator, gen: t
         yield x, y, len(part) / len(picks)
 
 
+def _say(msg: str, bars: bool) -> None:
+    """Epoch and stop lines: always shown (stderr), around the progress bars when they are on."""
+    from tqdm import tqdm
+
+    if bars:
+        tqdm.write(msg, file=sys.stderr)
+    else:
+        print(msg, file=sys.stderr, flush=True)
+    log.info(msg)
+
+
 def _plain(obj: Any) -> Any:
     """Plain Python types only (checkpoints are read with ``weights_only=True``)."""
     if isinstance(obj, dict):
@@ -313,6 +324,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
     sampler = WindowSampler(train_cases)
     history: list[EpochRecord] = []
     best_loss, best_epoch, epoch = math.inf, 0, 0
+    best_state: dict[str, torch.Tensor] | None = None
     state_path = out_dir / "state.pt"
     if config.resume and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -324,6 +336,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         torch.set_rng_state(state["rng"]["torch"])
         history = [EpochRecord(**h) for h in state["history"]]
         best_loss, best_epoch, epoch = state["best_loss"], state["best_epoch"], state["epoch"]
+        best_state = state.get("best_state")
         log.info("resumed %s at epoch %d (lr %.1e)", split.name, epoch, optimizer.param_groups[0]["lr"])
     slab = config.slab if hasattr(model, "forward_sequence") else 0
     if config.slab and not slab:
@@ -354,7 +367,8 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             "best_val_loss": None if math.isinf(best_loss) else round(best_loss, 6),
             "final_lr": lr_now(),
             "stop_reason": stop_reason,
-            "val_dice": last.val_dice if last else None,
+            "val_dice": (history[best_epoch - 1].val_dice if kind == "best" and best_epoch
+                         else last.val_dice if last else None),
             "history": [dataclasses.asdict(h) for h in history],
             "training_seconds": round(sum(h.seconds for h in history), 1),
         })
@@ -396,12 +410,11 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch = val_loss, epoch
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         dice_text = " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in val_dice.items())
         msg = (f"{split.name} epoch {epoch}: train {record.train_loss:.4f} val {val_loss:.4f} "
                f"[{dice_text}] lr {lr_now():.0e} {record.seconds:.0f}s{' *' if improved else ''}")
-        if config.progress:
-            tqdm.write(msg)
-        log.info(msg)
+        _say(msg, config.progress)
         save_checkpoint(out_dir / "last.pt", model, metadata("last"))
         if improved:
             save_checkpoint(out_dir / "best.pt", model, metadata("best"))
@@ -409,23 +422,18 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         torch.save({"model": config.model, "split_train": split.train, "model_state": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                     "history": [dataclasses.asdict(h) for h in history], "best_loss": best_loss,
-                    "best_epoch": best_epoch, "epoch": epoch}, tmp)
+                    "best_epoch": best_epoch, "best_state": best_state, "epoch": epoch}, tmp)
         os.replace(tmp, state_path)
         (out_dir / "history.json").write_text(json.dumps([dataclasses.asdict(h) for h in history], indent=1))
     # Record the stop reason in both checkpoints (weights unchanged).
-    from lungburden.inference.models import load_checkpoint
-
-    if (out_dir / "last.pt").is_file():
-        save_checkpoint(out_dir / "last.pt", model, metadata("last"))
-    if (out_dir / "best.pt").is_file():
-        best_model, _ = load_checkpoint(out_dir / "best.pt")
-        save_checkpoint(out_dir / "best.pt", best_model, metadata("best"))
-    else:  # no epoch ran (e.g. resumed a finished run without best.pt): keep the current weights
-        save_checkpoint(out_dir / "best.pt", model, metadata("best"))
+    save_checkpoint(out_dir / "last.pt", model, metadata("last"))
+    best_model = model
+    if best_state is not None:
+        best_model = build_model(config.model, **hparams)
+        best_model.load_state_dict(best_state)
+    save_checkpoint(out_dir / "best.pt", best_model, metadata("best"))
     msg = f"{split.name}: stopped after {epoch} epochs ({stop_reason}); best epoch {best_epoch}"
-    if config.progress:
-        tqdm.write(msg)
-    log.info(msg)
+    _say(msg, config.progress)
     return FoldResult(split, out_dir, out_dir / "best.pt", epoch, best_epoch, best_loss, lr_now(), stop_reason,
                       history)
 
