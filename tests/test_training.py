@@ -310,6 +310,11 @@ def test_preprocess_cache_and_windows(tmp_path):
     x0, _ = D.make_batch([case], [(0, 0)], context=2)
     torch.testing.assert_close(x0[0, 0], x0[0, 2])
     assert len(sampler.evenly(4)) == 4
+    ds = D.WindowDataset([case], picks, context=2)
+    xi, yi = ds[3]
+    torch.testing.assert_close(xi, x[3])
+    torch.testing.assert_close(yi, y[3])
+    assert len(ds) == 20
 
 
 def test_augmentation_identical_for_all_slices_and_label():

@@ -997,6 +997,21 @@ def make_batch(cases: Sequence[TrainingCase], picks: Sequence[tuple[int, int]], 
     return x, y
 
 
+class WindowDataset:
+    """Map-style dataset (usable with ``torch.utils.data.DataLoader``) of ``(case, slice)``
+    targets: item = (window ``(2·context+1, S, S)`` float32, centre label map ``(S, S)`` int64)."""
+
+    def __init__(self, cases: Sequence[TrainingCase], picks: Sequence[tuple[int, int]], context: int):
+        self.cases, self.picks, self.context = cases, list(picks), context
+
+    def __len__(self) -> int:
+        return len(self.picks)
+
+    def __getitem__(self, i: int):
+        x, y = make_batch(self.cases, [self.picks[i]], self.context)
+        return x[0], y[0]
+
+
 def slab_starts(cases: Sequence[TrainingCase], picks: Sequence[tuple[int, int]], length: int
                 ) -> list[tuple[int, int, int]]:
     """Turn sampled centre slices into slabs ``(case, first target, targets)`` of ``length`` targets."""
