@@ -294,6 +294,49 @@ def test_retries_backoff_dead_letter_and_retry(tmp_path, capsys):
     assert document["counts"]["done"] == 1 and document["jobs"][0]["deliveries"][0]["state"] == "done"
 
 
+def test_find_and_rerun_a_job(tmp_path):
+    store = JobStore(tmp_path / "db.sqlite")
+    job, _ = store.add_job("1.1", "1.2", [tmp_path / "a"], ["1.3", "1.4"], "m")
+    assert store.find_job("1.2", instance_set_hash(["1.4", "1.3"]), "m") == job
+    assert store.find_job("1.2", instance_set_hash(["1.3"]), "m") is None
+    assert store.find_job("1.2", job.instance_set_hash, "other") is None
+    assert not store.rerun_job(job.id, [tmp_path / "b"])  # queued: not finished
+    assert not store.rerun_job(job.id + 1, [tmp_path / "b"])  # no such job
+    store.claim_job()
+    assert not store.rerun_job(job.id, [tmp_path / "b"])  # running
+    store.job_succeeded(job.id, tmp_path / "out", {}, ["pacs", "folder"])
+    assert not store.rerun_job(job.id, [tmp_path / "b"])  # exporting
+    store.delivery_succeeded(job.id, "folder")
+    store.delivery_failed(job.id, "pacs", "refused", max_attempts=1, delay=0)
+    assert store.job(job.id).state == "dead"
+    assert store.rerun_job(job.id, [tmp_path / "b"])  # a dead job is analysed again, not only re-sent
+    rerun = store.job(job.id)
+    assert (rerun.state, rerun.attempts, rerun.files, rerun.deliveries) == ("queued", 0, (tmp_path / "b",), ())
+    assert rerun.version == job.version and rerun.instance_set_hash == job.instance_set_hash
+
+
+def test_runner_and_exporter_with_more_destinations(tmp_path):
+    """The deliveries of the Orthanc plugin: named destinations with exporters of their own."""
+    out = tmp_path / "out"
+    config = _config(tmp_path, selection={"min_slices": 4},
+                     destinations=[{"name": "folder", "type": "folder", "path": str(out)}])
+    store = JobStore.for_storage(config.storage_dir)
+    _receive(config, store, write_ct_series(tmp_path / "in", slices=5))
+    (job,) = SeriesAssembler(config, store).poll(now=time.time() + 5)
+    extra = _FlakyExporter(failures=0)
+    exporter = ExportRunner(config, store, exporters={"x:extra": extra})
+    assert list(exporter.exporters) == ["x:extra", "folder"]
+    runner = JobRunner(config, store, process_fn=fake_process, destinations=list(exporter.exporters))
+    assert runner.run_next()
+    assert [d.destination for d in store.job(job.id).deliveries] == ["folder", "x:extra"]
+    while exporter.deliver_one():
+        pass
+    assert store.job(job.id).state == "done" and extra.calls == 1
+    assert JobRunner(config, store).destinations == ["folder"]
+    with pytest.raises(ValueError, match="folder"):
+        ExportRunner(config, store, exporters={"folder": extra})
+
+
 def test_backoff_is_exponential_and_capped(tmp_path):
     export = _config(tmp_path, export={"backoff_initial_seconds": 2, "backoff_factor": 3,
                                        "backoff_max_seconds": 50}).export
@@ -337,14 +380,8 @@ def test_retention_purges_finished_series(tmp_path):
 
 def test_rerun_of_a_series_version_gives_the_same_result_uids(tmp_path):
     """Idempotency with the real pipeline: a job re-run after a crash produces the same SEG/SR UIDs."""
-    import inspect
-
     from node_helpers import write_phantom
 
-    from lungburden.pipeline import process_series
-
-    if "uid_seed" not in inspect.signature(process_series).parameters:
-        pytest.skip("lungburden.pipeline.process_series has no uid_seed parameter yet (deterministic result UIDs)")
     config = _config(tmp_path, processing={"model": "threshold"})
     store = JobStore.for_storage(config.storage_dir)
     _receive(config, store, write_phantom(tmp_path / "phantom", seed=41, slices=20, size=128))

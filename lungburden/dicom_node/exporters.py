@@ -18,8 +18,10 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pydicom
 import requests
@@ -44,6 +46,12 @@ _STORE_WARNINGS = {0xB000, 0xB006, 0xB007}
 
 class ExportError(RuntimeError):
     """A delivery attempt failed (the message says why; retried with backoff)."""
+
+
+class Exporter(Protocol):
+    """Delivers a job's results to one destination; raises (preferably :class:`ExportError`) to retry."""
+
+    def send(self, job: Job) -> None: ...
 
 
 def result_files(job: Job) -> list[Path]:
@@ -180,14 +188,24 @@ class ExportStats:
 
 
 class ExportRunner:
-    """Takes due deliveries from the store and performs them (one thread; see :meth:`run`)."""
+    """Takes due deliveries from the store and performs them (one thread; see :meth:`run`).
 
-    def __init__(self, config: Config, store: JobStore, owner: str | None = None):
+    ``exporters``: more destinations by name (e.g. the Orthanc plugin's), before the configured ones.
+    """
+
+    def __init__(self, config: Config, store: JobStore, owner: str | None = None,
+                 exporters: Mapping[str, Exporter] | None = None):
         self.config = config
         self.store = store
         self.owner = owner
         self.stats = ExportStats()
-        self.exporters = {d.name: make_exporter(d, config) for d in config.destinations}
+        extra = dict(exporters or {})
+        clash = sorted(set(extra) & {d.name for d in config.destinations})
+        if clash:
+            raise ValueError(f"destination names used twice: {', '.join(clash)}")
+        self.exporters: dict[str, Exporter] = {
+            **extra, **{d.name: make_exporter(d, config) for d in config.destinations}
+        }
 
     def deliver_one(self, job_ids: list[int] | None = None) -> bool:
         """Perform one due delivery; ``False`` when none is due."""

@@ -413,6 +413,12 @@ class JobStore:
             out[r["state"]] = r["n"]
         return out
 
+    def find_job(self, series_instance_uid: str, instance_set_hash: str, model: str) -> Job | None:
+        """The job of one series version (instance-set hash, see :func:`instance_set_hash`) and model."""
+        rows = self.query("SELECT id FROM jobs WHERE series_instance_uid=? AND instance_set_hash=? AND model=?",
+                          (series_instance_uid, instance_set_hash, model))
+        return self.job(rows[0]["id"]) if rows else None
+
     def add_job(
         self,
         study_instance_uid: str,
@@ -677,6 +683,26 @@ class JobStore:
                     )
                 done.append(r["id"])
         return done
+
+    def rerun_job(self, job_id: int, files: Sequence[Path], reason: str = "retried by operator") -> bool:
+        """Re-queue a finished job (any terminal state) to be processed again from ``files``.
+
+        One transaction: its deliveries are dropped (the new outputs get new ones when the analysis
+        succeeds) and its spooled files replaced. ``False`` (nothing changed) if the job is unknown or
+        not in a terminal state (queued, running or exporting).
+        """
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None or row["state"] not in TERMINAL_STATES:
+                return False
+            db.execute("DELETE FROM deliveries WHERE job_id=?", (job_id,))
+            db.execute(
+                "UPDATE jobs SET state='queued', reason=?, attempts=0, files=?, owner=NULL, lease_until=NULL, "
+                "updated_at=? WHERE id=?",
+                (reason, json.dumps([str(p) for p in files]), now, job_id),
+            )
+        return True
 
     def finished_series_before(self, cutoff: float) -> list[SeriesState]:
         """Complete series older than ``cutoff`` whose jobs are all terminal (retention clean-up)."""

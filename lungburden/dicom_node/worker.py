@@ -12,7 +12,6 @@ restarted node's back; the restarted node re-queues the job (see :meth:`JobStore
 from __future__ import annotations
 
 import ctypes
-import inspect
 import logging
 import multiprocessing
 import os
@@ -21,11 +20,16 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from lungburden.config.schema import Config
 from lungburden.dicom_node.jobs import Job, JobStore
+
+if TYPE_CHECKING:
+    from lungburden.inference.segmenter import Segmenter
+    from lungburden.inference.volume import LoadLimits
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,12 @@ RESULT_KEYS = (
     "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid", "slices",
 )
 
-ProcessFn = Callable[..., object]
+
+class ProcessFn(Protocol):
+    """The contract of :func:`lungburden.pipeline.process_series` (what a worker calls per job)."""
+
+    def __call__(self, files: list[Path], out_dir: Path, *, model: str | None, limits: LoadLimits,
+                 segmenter: Segmenter, uid_seed: str) -> object: ...
 
 
 def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
@@ -59,13 +68,22 @@ class WorkerStopped(BaseException):
 
 
 class JobRunner:
-    """Runs claimed jobs through the pipeline (the segmenter is loaded once per process)."""
+    """Runs claimed jobs through the pipeline (the segmenter is loaded once per process).
 
-    def __init__(self, config: Config, store: JobStore, process_fn: ProcessFn | None = None):
+    ``destinations``: the names of the deliveries created for each analysed job (default: the
+    configured ``destinations``); the :class:`~lungburden.dicom_node.exporters.ExportRunner`
+    performing them must have an exporter for each name.
+    """
+
+    def __init__(self, config: Config, store: JobStore, process_fn: ProcessFn | None = None,
+                 destinations: Sequence[str] | None = None):
         self.config = config
         self.store = store
         self._process_fn = process_fn
-        self._segmenters: dict[str, object] = {}
+        self._segmenters: dict[str, Segmenter] = {}
+        self.destinations: list[str] = (
+            [d.name for d in config.destinations] if destinations is None else list(destinations)
+        )
         #: The job being analysed (for a clean hand-back on SIGTERM).
         self.current_job: Job | None = None
         #: Checked after a claim: a stopping worker hands the job back at once.
@@ -79,12 +97,18 @@ class JobRunner:
             self._process_fn = process_series
         return self._process_fn
 
-    def _segmenter(self, model: str) -> object:
+    def segmenter(self, model: str) -> Segmenter:
+        """The segmenter ``model``, loaded on the first call (call it early to preload the model)."""
         if model not in self._segmenters:
             from lungburden.inference.segmenter import get_segmenter
 
             self._segmenters[model] = get_segmenter(model)
         return self._segmenters[model]
+
+    def preload(self, model: str) -> None:
+        """Import the pipeline and load the segmenter ``model`` now rather than for the first job."""
+        _ = self.process_fn
+        self.segmenter(model)
 
     def result_dir(self, job: Job) -> Path:
         return self.config.storage_dir / "results" / f"job-{job.id:06d}-v{job.version}"
@@ -113,20 +137,12 @@ class JobRunner:
                 raise SeriesRejected(job.series_instance_uid,
                                      f"{len(missing)} spooled instances are gone (retention clean-up?)")
             shutil.rmtree(out_dir, ignore_errors=True)  # leftovers of an interrupted attempt
-            kwargs: dict[str, object] = {"model": job.model, "limits": self.config.selection.to_limits()}
-            params = inspect.signature(self.process_fn).parameters
-            if "segmenter" in params:
-                segmenter = self._segmenter(job.model)
-                kwargs["segmenter"] = segmenter
-                info = getattr(segmenter, "info", None)
-                version = getattr(info, "version", "?")
-            else:
-                version = "?"
-            if "uid_seed" in params:
-                kwargs["uid_seed"] = uid_seed(job, job.model, version)
+            segmenter = self.segmenter(job.model)
             log.info("job %d: analysing series %s version %d (%d instances, model %s)", job.id,
                      job.series_instance_uid, job.version, len(job.files), job.model)
-            outputs = self.process_fn(list(job.files), out_dir, **kwargs)
+            outputs = self.process_fn(list(job.files), out_dir, model=job.model,
+                                      limits=self.config.selection.to_limits(), segmenter=segmenter,
+                                      uid_seed=uid_seed(job, job.model, segmenter.info.version))
         except SeriesRejected as exc:
             stop_beat.set()
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -143,11 +159,10 @@ class JobRunner:
             stop_beat.set()
         result = dict(getattr(outputs, "result", {}) or {})
         summary = {k: result[k] for k in RESULT_KEYS if k in result}
-        names = [d.name for d in self.config.destinations]
-        self.store.job_succeeded(job.id, out_dir, summary, names)
+        self.store.job_succeeded(job.id, out_dir, summary, self.destinations)
         log.info("job %d: series %s analysed in %.1f s (burden %s %%); delivering to %s", job.id,
                  job.series_instance_uid, time.perf_counter() - start, summary.get("burden_percent", "?"),
-                 ", ".join(names) or "no destination")
+                 ", ".join(self.destinations) or "no destination")
 
     def run_next(self, job_ids: list[int] | None = None) -> bool:
         job = self.store.claim_job(lease_seconds=self.config.processing.job_lease_seconds, job_ids=job_ids)

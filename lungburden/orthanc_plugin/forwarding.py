@@ -1,17 +1,18 @@
 """Deliveries of the Orthanc plugin: store the SEG + SR into Orthanc, forward them to Orthanc's peers.
 
-Each class has the ``send(job)`` method of the node's exporters, so the node's
+Each class has the ``send(job)`` method of the node's exporters
+(:class:`~lungburden.dicom_node.exporters.Exporter`), so the node's
 :class:`~lungburden.dicom_node.exporters.ExportRunner` retries them with back-off and
-dead-letters them like any destination:
+dead-letters them like any destination; :func:`orthanc_exporters` names them:
 
 - ``orthanc:store`` (:class:`OrthancStoreExporter`): ``POST /instances`` of ``seg.dcm`` and
   ``sr.dcm`` (they carry the source study's UIDs, so Orthanc files them in the source study).
   With ``ReplacePrevious`` the SEG/SR stored earlier for the same source series (an older version
-  of it, or the same version before a re-run) are deleted from Orthanc first.
-- ``orthanc:modality:<name>``: ``POST /modalities/<name>/store`` (C-STORE by Orthanc to a peer of
-  its ``DicomModalities``).
-- ``orthanc:dicomweb:<name>``: ``POST /dicom-web/servers/<name>/stow`` (STOW-RS by Orthanc's
-  DICOMweb plugin to a server of its ``DicomWeb.Servers``).
+  of it, or the same version before a re-run) are deleted from Orthanc once the new ones are stored.
+- ``orthanc:modality:<name>`` (:class:`OrthancForwarder`): ``POST /modalities/<name>/store``
+  (C-STORE by Orthanc to a peer of its ``DicomModalities``).
+- ``orthanc:dicomweb:<name>`` (:class:`OrthancForwarder`): ``POST /dicom-web/servers/<name>/stow``
+  (STOW-RS by Orthanc's DICOMweb plugin to a server of its ``DicomWeb.Servers``).
 
 :class:`OrthancLinks` keeps, per job, the Orthanc identifiers of the source series and of the
 stored results, the ``STABLE_SERIES`` time and the time the results were stored (a table of its
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 
 import pydicom
 
-from lungburden.dicom_node.exporters import ExportError, result_files
+from lungburden.dicom_node.exporters import Exporter, ExportError, result_files
 from lungburden.dicom_node.jobs import Job, JobStore
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
 
@@ -156,29 +158,29 @@ class OrthancStoreExporter:
                  f" {latency:.1f} s after STABLE_SERIES" if latency is not None else "")
 
 
-class OrthancModalityForwarder:
-    """C-STORE by Orthanc to one of its ``DicomModalities``."""
+class OrthancForwarder:
+    """Orthanc sends the stored SEG and SR to one of its peers: ``POST <route>`` with their Orthanc IDs."""
 
-    def __init__(self, client: OrthancClient, links: OrthancLinks, modality: str):
+    def __init__(self, client: OrthancClient, links: OrthancLinks, what: str, route: str):
         self.client = client
-        self.modality = modality
+        self.what = what
+        self.route = route
         self.storer = OrthancStoreExporter(client, links, replace_previous=False)
 
     def send(self, job: Job) -> None:
         ids = self.storer.store(job)
-        _call(f"forwarding to modality {self.modality}", self.client.post_json,
-              f"/modalities/{self.modality}/store", {"Resources": ids, "Synchronous": True})
+        _call(f"forwarding to {self.what}", self.client.post_json, self.route,
+              {"Resources": ids, "Synchronous": True})
 
 
-class OrthancDicomwebForwarder:
-    """STOW-RS by Orthanc's DICOMweb plugin to one of its ``DicomWeb.Servers``."""
-
-    def __init__(self, client: OrthancClient, links: OrthancLinks, server: str):
-        self.client = client
-        self.server = server
-        self.storer = OrthancStoreExporter(client, links, replace_previous=False)
-
-    def send(self, job: Job) -> None:
-        ids = self.storer.store(job)
-        _call(f"forwarding to DICOMweb server {self.server}", self.client.post_json,
-              f"/dicom-web/servers/{self.server}/stow", {"Resources": ids, "Synchronous": True})
+def orthanc_exporters(client: OrthancClient, links: OrthancLinks, replace_previous: bool = True,
+                      modalities: Iterable[str] = (), dicomweb_servers: Iterable[str] = ()) -> dict[str, Exporter]:
+    """The plugin's deliveries by destination name: ``orthanc:store`` first, then the forwards."""
+    exporters: dict[str, Exporter] = {STORE_DESTINATION: OrthancStoreExporter(client, links, replace_previous)}
+    for name in modalities:  # C-STORE by Orthanc to one of its DicomModalities
+        exporters[f"orthanc:modality:{name}"] = OrthancForwarder(client, links, f"modality {name}",
+                                                                 f"/modalities/{name}/store")
+    for name in dicomweb_servers:  # STOW-RS by Orthanc's DICOMweb plugin to one of its DicomWeb.Servers
+        exporters[f"orthanc:dicomweb:{name}"] = OrthancForwarder(client, links, f"DICOMweb server {name}",
+                                                                 f"/dicom-web/servers/{name}/stow")
+    return exporters

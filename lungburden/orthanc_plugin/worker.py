@@ -46,19 +46,13 @@ import pydicom
 from pydicom.tag import Tag
 
 from lungburden.config.loader import ConfigError
-from lungburden.config.schema import Config, FolderDestination
+from lungburden.config.schema import Config
 from lungburden.dicom_node.assembly import SeriesAssembler, job_model
 from lungburden.dicom_node.exporters import ExportRunner
-from lungburden.dicom_node.jobs import TERMINAL_STATES, JobStore, instance_set_hash
+from lungburden.dicom_node.jobs import JobStore, instance_set_hash
 from lungburden.dicom_node.spool import Spool
 from lungburden.dicom_node.worker import JobRunner, set_parent_death_signal
-from lungburden.orthanc_plugin.forwarding import (
-    STORE_DESTINATION,
-    OrthancDicomwebForwarder,
-    OrthancLinks,
-    OrthancModalityForwarder,
-    OrthancStoreExporter,
-)
+from lungburden.orthanc_plugin.forwarding import OrthancLinks, orthanc_exporters
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
 from lungburden.orthanc_plugin.settings import PluginSettings, load_settings
 
@@ -98,20 +92,11 @@ class OrthancWorker:
         self.rules = self.config.selection.to_rules()
         self.model = job_model(self.config)
         self.assembler = SeriesAssembler(self.config, self.store)
-        forwarders: dict[str, object] = {
-            STORE_DESTINATION: OrthancStoreExporter(self.client, self.links, settings.replace_previous),
-        }
-        for name in settings.forward_modalities:
-            forwarders[f"orthanc:modality:{name}"] = OrthancModalityForwarder(self.client, self.links, name)
-        for name in settings.forward_dicomweb_servers:
-            forwarders[f"orthanc:dicomweb:{name}"] = OrthancDicomwebForwarder(self.client, self.links, name)
-        # JobRunner creates one delivery per configured destination name: give it the Orthanc
-        # deliveries as placeholder entries (only their names are used), first in the list.
-        placeholders = [FolderDestination(name=n, path=Path(os.devnull)) for n in forwarders]
-        runner_config = dataclasses.replace(self.config, destinations=[*placeholders, *self.config.destinations])
-        self.runner = JobRunner(runner_config, self.store)
-        self.exporter = ExportRunner(self.config, self.store)
-        self.exporter.exporters = {**forwarders, **self.exporter.exporters}  # type: ignore[dict-item]
+        forwarders = orthanc_exporters(self.client, self.links, settings.replace_previous,
+                                       settings.forward_modalities, settings.forward_dicomweb_servers)
+        self.exporter = ExportRunner(self.config, self.store, exporters=forwarders)
+        # every analysed job gets one delivery per destination: the Orthanc ones, then the YAML ones
+        self.runner = JobRunner(self.config, self.store, destinations=list(self.exporter.exporters))
         self.stop = threading.Event()
 
     # -- events ----------------------------------------------------------------------------------
@@ -160,16 +145,13 @@ class OrthancWorker:
             str(i["MainDicomTags"]["SOPInstanceUID"]): str(i["ID"])
             for i in self.client.get_json(f"/series/{oid}/instances")
         }
-        digest = instance_set_hash(instances)
-        rows = self.store.query("SELECT id, state FROM jobs WHERE series_instance_uid=? AND instance_set_hash=? "
-                                "AND model=?", (series_uid, digest, self.model))
-        force = event.reason == "rerun"
-        if rows and not force:
+        existing = self.store.find_job(series_uid, instance_set_hash(instances), self.model)
+        if existing is not None and event.reason != "rerun":
             log.info("series %s unchanged (%d instances): job %d (%s) stands, nothing to do", series_uid,
-                     len(instances), rows[0]["id"], rows[0]["state"])
+                     len(instances), existing.id, existing.state)
             return
         modality = str(tags.get("Modality", ""))
-        if not rows and modality not in self.rules.modalities:
+        if existing is None and modality not in self.rules.modalities:
             reason = f"selection: modality {modality or '?'} is not one of {', '.join(self.rules.modalities)}"
             job, _ = self.store.add_job(study_uid, series_uid, [], list(instances), self.model,
                                         state="skipped", reason=reason)
@@ -177,17 +159,13 @@ class OrthancWorker:
             log.warning("series %s not analysed (job %d skipped): %s", series_uid, job.id, reason)
             return
         files = self._spool_series(study_uid, series_uid, instances)
-        if rows:  # re-run request for a version that has a job already
-            job_id, state = rows[0]["id"], rows[0]["state"]
-            if state not in TERMINAL_STATES:
-                log.info("re-run of series %s ignored: job %d is %s", series_uid, job_id, state)
+        if existing is not None:  # re-run request for a version that has a job already
+            if not self.store.rerun_job(existing.id, files):
+                state = (self.store.job(existing.id) or existing).state
+                log.info("re-run of series %s ignored: job %d is %s", series_uid, existing.id, state)
                 return
-            with self.store.transaction() as db:
-                db.execute("DELETE FROM deliveries WHERE job_id=?", (job_id,))
-                db.execute("UPDATE jobs SET files=? WHERE id=?", (json.dumps([str(f) for f in files]), job_id))
-            self.store.retry([job_id], states=tuple(TERMINAL_STATES))
-            self.links.link(job_id, oid, str(series["ParentStudy"]), event.event_at, reset=True)
-            log.warning("series %s: job %d re-queued on request", series_uid, job_id)
+            self.links.link(existing.id, oid, str(series["ParentStudy"]), event.event_at, reset=True)
+            log.warning("series %s: job %d re-queued on request", series_uid, existing.id)
             return
         state = self.store.series(series_uid)
         assert state is not None
@@ -230,9 +208,7 @@ class OrthancWorker:
     # -- loops -----------------------------------------------------------------------------------
     def _job_loop(self) -> None:
         try:  # load the pipeline and the model now rather than on the first series
-            import lungburden.pipeline  # noqa: F401
-
-            self.runner._segmenter(self.model)
+            self.runner.preload(self.model)
         except Exception as exc:  # noqa: BLE001 - reported again (per job) when a series is processed
             log.error("model %s cannot be loaded: %s: %s", self.model, type(exc).__name__, exc)
         while not self.stop.is_set():
