@@ -36,7 +36,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.check_config:
         print(json.dumps(dump_config(config), indent=2))
         return 0
-    from lungburden.dicom_node.service import configure_logging, serve
+    from lungburden.dicom_node.logs import configure_logging
+    from lungburden.dicom_node.service import serve
 
     configure_logging(config, verbose=getattr(args, "verbose", False))
     return serve(config)
@@ -100,8 +101,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
+    from lungburden.dicom_node.logs import configure_logging
     from lungburden.dicom_node.pull import process_jobs, retrieve
-    from lungburden.dicom_node.service import configure_logging
 
     configure_logging(config, verbose=getattr(args, "verbose", False))
     store = _store(config)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -27,28 +26,10 @@ from lungburden.dicom_node.exporters import ExportRunner
 from lungburden.dicom_node.http import NodeHttpServer
 from lungburden.dicom_node.jobs import JobStore
 from lungburden.dicom_node.scp import StorageSCP, storage_sop_classes
-from lungburden.dicom_node.spool import Intake, Spool, recover
+from lungburden.dicom_node.spool import Intake, Spool, purge_finished, recover
 from lungburden.dicom_node.worker import WorkerPool
 
 log = logging.getLogger(__name__)
-
-
-def configure_logging(config: Config, verbose: bool = False) -> None:
-    """Apply ``logging.level``/``logging.file``; pynetdicom's per-PDU chatter stays at WARNING."""
-    root = logging.getLogger()
-    level = logging.DEBUG if verbose else getattr(logging, config.logging.level)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-    root.setLevel(level)
-    if config.logging.file is not None:
-        Path(config.logging.file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(config.logging.file)
-        fh.setFormatter(fmt)
-        root.addHandler(fh)
-    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
 class NodeService:
@@ -125,14 +106,7 @@ class NodeService:
 
     def purge(self, cutoff: float) -> int:
         """Delete spooled instances (and their results) of finished series older than ``cutoff``."""
-        n = 0
-        for s in self.store.finished_series_before(cutoff):
-            self.spool.remove_series(s.study_instance_uid, s.series_instance_uid)
-            for job in self.store.jobs(series_instance_uid=s.series_instance_uid):
-                if job.result_dir is not None:
-                    shutil.rmtree(job.result_dir, ignore_errors=True)
-            self.store.forget_instances(s.series_instance_uid)
-            n += 1
+        n = purge_finished(self.spool, self.store, cutoff)
         if n:
             log.info("retention: removed the spooled instances of %d finished series", n)
         return n

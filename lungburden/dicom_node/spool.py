@@ -305,3 +305,17 @@ def recover(spool: Spool, store: JobStore) -> int:
     if added:
         log.info("recovered %d spooled instances unknown to the database", added)
     return added
+
+
+def purge_finished(spool: Spool, store: JobStore, cutoff: float) -> int:
+    """Retention: delete the spooled instances and the result files of the finished series older
+    than ``cutoff`` (their job records stay); returns how many series were purged."""
+    n = 0
+    for s in store.finished_series_before(cutoff):
+        spool.remove_series(s.study_instance_uid, s.series_instance_uid)
+        for job in store.jobs(series_instance_uid=s.series_instance_uid):
+            if job.result_dir is not None:
+                shutil.rmtree(job.result_dir, ignore_errors=True)
+        store.forget_instances(s.series_instance_uid)
+        n += 1
+    return n

@@ -35,7 +35,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -50,7 +49,8 @@ from lungburden.config.schema import Config
 from lungburden.dicom_node.assembly import SeriesAssembler, job_model
 from lungburden.dicom_node.exporters import ExportRunner
 from lungburden.dicom_node.jobs import JobStore, instance_set_hash
-from lungburden.dicom_node.spool import Spool
+from lungburden.dicom_node.logs import configure_logging as _configure_logging
+from lungburden.dicom_node.spool import Spool, purge_finished
 from lungburden.dicom_node.worker import JobRunner, set_parent_death_signal
 from lungburden.orthanc_plugin.forwarding import OrthancLinks, orthanc_exporters
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
@@ -232,14 +232,7 @@ class OrthancWorker:
 
         Orthanc keeps the originals and the stored SEG + SR; a re-run reads the series again.
         """
-        n = 0
-        for s in self.store.finished_series_before(cutoff):
-            self.spool.remove_series(s.study_instance_uid, s.series_instance_uid)
-            for job in self.store.jobs(series_instance_uid=s.series_instance_uid):
-                if job.result_dir is not None:
-                    shutil.rmtree(job.result_dir, ignore_errors=True)
-            self.store.forget_instances(s.series_instance_uid)
-            n += 1
+        n = purge_finished(self.spool, self.store, cutoff)
         if n:
             log.info("retention: removed the spooled copies of %d finished series", n)
         return n
@@ -288,19 +281,9 @@ class OrthancWorker:
 
 def configure_logging(config: Config) -> None:
     """Log lines on stderr start with the level (the plugin relays them into Orthanc's log)."""
-    root = logging.getLogger()
-    root.handlers.clear()
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, config.logging.level))
-    if config.logging.file is not None:
-        Path(config.logging.file).parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(config.logging.file)
-        fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        root.addHandler(fh)
-    for noisy in ("pynetdicom", "urllib3", "highdicom"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _configure_logging(config, stream_format="%(levelname)s %(name)s: %(message)s",
+                       file_format="%(asctime)s %(levelname)s %(name)s: %(message)s", replace_handlers=True,
+                       quiet=("pynetdicom", "urllib3", "highdicom"))
 
 
 def main(argv: list[str] | None = None) -> int:
