@@ -93,13 +93,33 @@ def _fake_orthanc() -> types.ModuleType:
     return fake
 
 
-def test_change_callback_only_queues(tmp_path, monkeypatch):
+def _load_plugin_script(monkeypatch) -> types.ModuleType:
+    """plugin.py as Orthanc's Python loads it, with a fake ``orthanc`` module (nothing registered)."""
     import importlib.util
 
     monkeypatch.setitem(sys.modules, "orthanc", _fake_orthanc())
     spec = importlib.util.spec_from_file_location("lungburden_plugin_under_test", PLUGIN_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_plugin_script_and_worker_agree(monkeypatch):
+    """What plugin.py cannot import from lungburden it repeats: the two sides must say the same."""
+    from lungburden.dicom_node import jobs
+    from lungburden.orthanc_plugin import settings, worker
+
+    script = _load_plugin_script(monkeypatch)
+    assert script.EXIT_CONFIG == worker.EXIT_CONFIG
+    assert script.WORKER_MODULE == worker.__name__
+    assert script.INBOX == worker.INBOX
+    assert script.SETTINGS_FILE == settings.SETTINGS_FILE
+    assert script.AUTH_ENV == settings.AUTH_ENV
+    assert script.DB_NAME == jobs.DB_NAME
+
+
+def test_change_callback_only_queues(tmp_path, monkeypatch):
+    module = _load_plugin_script(monkeypatch)
     plugin = module.Plugin({"StorageDirectory": str(tmp_path), "LungBurden": {"Python": "/nonexistent"}})
     start = time.perf_counter()
     for i in range(1000):
@@ -183,6 +203,12 @@ def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
 
 
 # -- a real Orthanc with the plugin ----------------------------------------------------------------
+
+def _series_and_study(path: Path) -> tuple[str, str]:
+    """Series and Study Instance UID of a DICOM file."""
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    return str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+
 
 class PluginOrthanc:
     """An Orthanc started from ``lungburden orthanc-config``, plus helpers to drive the plugin."""
@@ -323,8 +349,7 @@ def phantom_series(tmp_path_factory) -> list[Path]:
 @needs_orthanc
 @pytest.mark.integration
 def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_series, tmp_path):
-    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
-    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    series_uid, study_uid = _series_and_study(phantom_series[0])
     plugin_orthanc.send(phantom_series)
     job = plugin_orthanc.wait_job(series_uid)
     assert job["orthanc"]["stable_to_stored_seconds"] is not None
@@ -363,8 +388,7 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
 @needs_orthanc
 @pytest.mark.integration
 def test_resent_or_restabilised_series_makes_no_duplicates(plugin_orthanc, phantom_series):
-    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
-    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    series_uid, study_uid = _series_and_study(phantom_series[0])
     job = plugin_orthanc.wait_job(series_uid)
     plugin_orthanc.send(phantom_series)  # re-sent: same instances
     inbox = Path(plugin_orthanc.status()["work_dir"]) / "inbox"
@@ -382,8 +406,7 @@ def test_resent_or_restabilised_series_makes_no_duplicates(plugin_orthanc, phant
 @needs_orthanc
 @pytest.mark.integration
 def test_rerun_replaces_the_results(plugin_orthanc, phantom_series):
-    header = pydicom.dcmread(phantom_series[0], stop_before_pixels=True)
-    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    series_uid, study_uid = _series_and_study(phantom_series[0])
     before = plugin_orthanc.wait_job(series_uid)
     requested = time.time()
     answer = plugin_orthanc.api("POST", f"/lungburden/series/{before['orthanc']['series']}/rerun")
@@ -424,8 +447,7 @@ def test_non_ct_and_malformed_series_leave_orthanc_healthy(plugin_orthanc, phant
 @pytest.mark.integration
 def test_worker_crash_is_survived_and_the_job_completes_once(plugin_orthanc, tmp_path):
     files = _phantom(tmp_path / "crash", seed=12, slices=40)
-    header = pydicom.dcmread(files[0], stop_before_pixels=True)
-    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    series_uid, study_uid = _series_and_study(files[0])
     restarts = plugin_orthanc.status()["worker"]["restarts"]
     plugin_orthanc.send(files)
     plugin_orthanc.wait_job(series_uid, states=("running",), timeout=60)
@@ -465,8 +487,7 @@ def test_invalid_configuration_is_reported_and_orthanc_keeps_running(tmp_path, p
 @pytest.mark.integration
 def test_late_instances_make_a_new_version_that_replaces_the_results(plugin_orthanc, tmp_path):
     files = _phantom(tmp_path / "late", seed=13, slices=24)
-    header = pydicom.dcmread(files[0], stop_before_pixels=True)
-    series_uid, study_uid = str(header.SeriesInstanceUID), str(header.StudyInstanceUID)
+    series_uid, study_uid = _series_and_study(files[0])
     plugin_orthanc.send(files[:18])
     first = plugin_orthanc.wait_job(series_uid)
     plugin_orthanc.send(files[18:])

@@ -42,15 +42,19 @@ import orthanc  # provided by Orthanc's Python plugin
 # Orthanc puts this file's folder on sys.path: no module of this folder may be named like a
 # standard-library module (tests/test_orthanc_plugin.py checks it).
 
+#: The configuration section; the worker validates all of it (``settings.py``: the plugin keys and
+#: the node's YAML sections selection, processing, export, destinations, logging), this script
+#: reads Enabled, Python, PythonPath, WorkDir and OrthancUrl.
 SECTION = "LungBurden"
+# What this script shares with the worker, which cannot be imported here (test_orthanc_plugin.py
+# checks that both sides agree):
 #: Exit status of the worker for an invalid configuration (sysexits EX_CONFIG): no restart loop.
 EXIT_CONFIG = 78
-#: Keys of the "LungBurden" section read by this script; the lower-case sections (selection,
-#: processing, export, destinations, logging) are the node's YAML sections, validated by the worker.
-PLUGIN_KEYS = (
-    "Enabled", "Python", "PythonPath", "WorkDir", "OrthancUrl", "ForwardToModalities",
-    "ForwardToDicomWebServers", "ReplacePrevious",
-)
+WORKER_MODULE = "lungburden.orthanc_plugin.worker"
+INBOX = "inbox"
+SETTINGS_FILE = "plugin-config.json"
+DB_NAME = "lungburden.db"
+AUTH_ENV = "LUNGBURDEN_ORTHANC_AUTHORIZATION"
 _ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
 _LEVELS = {"DEBUG": orthanc.LogInfo, "INFO": orthanc.LogInfo, "WARNING": orthanc.LogWarning,
            "ERROR": orthanc.LogError, "CRITICAL": orthanc.LogError}
@@ -80,8 +84,8 @@ class Plugin:
         self.enabled = bool(self.section.get("Enabled", True))
         storage = Path(str(config.get("StorageDirectory", "OrthancStorage")))
         self.work_dir = Path(str(self.section.get("WorkDir") or storage / "lungburden")).absolute()
-        self.inbox = self.work_dir / "inbox"
-        self.db_path = self.work_dir / "lungburden.db"
+        self.inbox = self.work_dir / INBOX
+        self.db_path = self.work_dir / DB_NAME
         self.python = _find_python(self.section)
         scheme = "https" if config.get("SslEnabled") else "http"
         self.orthanc_url = str(self.section.get("OrthancUrl") or f"{scheme}://127.0.0.1:{config.get('HttpPort', 8042)}")
@@ -104,7 +108,7 @@ class Plugin:
             "orthanc_aet": self.orthanc_aet,
             "lungburden": self.section,
         }
-        path = self.work_dir / "plugin-config.json"
+        path = self.work_dir / SETTINGS_FILE
         tmp = path.with_suffix(".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold destination passwords
         with os.fdopen(fd, "w") as f:
@@ -112,7 +116,7 @@ class Plugin:
         os.replace(tmp, path)
         threading.Thread(target=self._dispatch, name="lungburden-dispatch", daemon=True).start()
         threading.Thread(target=self._supervise, name="lungburden-supervisor", daemon=True).start()
-        _log("WARNING", f"enabled; worker {self.python} -m lungburden.orthanc_plugin.worker, work dir {self.work_dir}")
+        _log("WARNING", f"enabled; worker {self.python} -m {WORKER_MODULE}, work dir {self.work_dir}")
 
     def stop(self) -> None:
         """Ask the worker to stop (SIGTERM); returns at once."""
@@ -147,7 +151,7 @@ class Plugin:
     # -- worker supervision ----------------------------------------------------------------------
     def _worker_env(self) -> dict:
         env = dict(os.environ)
-        env["LUNGBURDEN_ORTHANC_AUTHORIZATION"] = orthanc.GenerateRestApiAuthorizationToken()
+        env[AUTH_ENV] = orthanc.GenerateRestApiAuthorizationToken()
         env["PYTHONUNBUFFERED"] = "1"
         extra = self.section.get("PythonPath") or []
         if isinstance(extra, str):
@@ -159,7 +163,7 @@ class Plugin:
     def _supervise(self) -> None:
         delay = 1.0
         while not self.stopping.is_set():
-            command = [self.python, "-m", "lungburden.orthanc_plugin.worker", "--work-dir", str(self.work_dir)]
+            command = [self.python, "-m", WORKER_MODULE, "--work-dir", str(self.work_dir)]
             started = time.monotonic()
             try:
                 proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -300,32 +304,33 @@ def _answer(output, body: object, status: int = 200) -> None:
         output.SendHttpStatusCode(status)
 
 
-def _rest(handler):
-    """Wrap a REST handler: JSON errors instead of exceptions escaping into Orthanc."""
+def _rest(method: str):
+    """Wrap a REST handler of one HTTP method: 405 for the others, JSON errors instead of exceptions
+    escaping into Orthanc."""
 
-    def wrapped(output, uri: str, **request) -> None:
-        try:
-            handler(output, uri, **request)
-        except Exception as exc:  # noqa: BLE001 - a REST error must not propagate
-            _log("ERROR", f"{request.get('method')} {uri} failed: {type(exc).__name__}: {exc}")
-            _answer(output, {"error": f"{type(exc).__name__}: {exc}"}, 500)
+    def decorate(handler):
+        def wrapped(output, uri: str, **request) -> None:
+            try:
+                if request["method"] != method:
+                    output.SendMethodNotAllowed(method)
+                    return
+                handler(output, uri, **request)
+            except Exception as exc:  # noqa: BLE001 - a REST error must not propagate
+                _log("ERROR", f"{request.get('method')} {uri} failed: {type(exc).__name__}: {exc}")
+                _answer(output, {"error": f"{type(exc).__name__}: {exc}"}, 500)
 
-    return wrapped
+        return wrapped
+
+    return decorate
 
 
-@_rest
+@_rest("GET")
 def _on_status(output, uri: str, **request) -> None:
-    if request["method"] != "GET":
-        output.SendMethodNotAllowed("GET")
-        return
     _answer(output, PLUGIN.status() if PLUGIN else {"enabled": False})
 
 
-@_rest
+@_rest("GET")
 def _on_jobs(output, uri: str, **request) -> None:
-    if request["method"] != "GET":
-        output.SendMethodNotAllowed("GET")
-        return
     assert PLUGIN is not None
     group = (request.get("groups") or [""])[0] or ""
     args = request.get("get") or {}
@@ -341,11 +346,8 @@ def _on_jobs(output, uri: str, **request) -> None:
     _answer(output, {"jobs": PLUGIN.jobs(states=states, limit=limit)})
 
 
-@_rest
+@_rest("POST")
 def _on_rerun(output, uri: str, **request) -> None:
-    if request["method"] != "POST":
-        output.SendMethodNotAllowed("POST")
-        return
     assert PLUGIN is not None
     series_id = request["groups"][0]
     if not _ORTHANC_ID.match(series_id):
@@ -361,11 +363,8 @@ def _on_rerun(output, uri: str, **request) -> None:
     _answer(output, {"queued": True, "series": series_id})
 
 
-@_rest
+@_rest("POST")
 def _on_restart(output, uri: str, **request) -> None:
-    if request["method"] != "POST":
-        output.SendMethodNotAllowed("POST")
-        return
     assert PLUGIN is not None
     PLUGIN.restart_worker()
     _answer(output, {"restarting": True})
