@@ -92,6 +92,8 @@ def test_default_convlstm_is_small() -> None:
     model = build_model("convlstm")
     assert model.context == 5 and model.input_size == 160
     assert count_parameters(model) * 4 < 5 * 2**20  # float32 weights under 5 MB
+    dilated = build_model("convlstm", **{**SMALL, "dilated": True, "dense_layers": 3})
+    assert dilated(torch.rand(1, 11, 32, 32)).shape == (1, NUM_CLASSES, 32, 32)
     with pytest.raises(KeyError, match="unknown model"):
         build_model("resnet")
     with pytest.raises(ValueError, match="multiple of"):

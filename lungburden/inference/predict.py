@@ -112,7 +112,7 @@ class ConvLSTMSegmenter:
     name = "convlstm"
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None, model: nn.Module | None = None, *,
-                 naive: bool = False, threads: int | None = None, encode_chunk: int = 48,
+                 naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
                  target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True):
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"

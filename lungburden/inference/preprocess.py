@@ -33,8 +33,8 @@ from scipy import ndimage
 HU_MIN = -1024.0
 HU_MAX = 600.0
 BODY_THRESHOLD_HU = -500.0
-#: Default model resolution (the paper uses 256; see docs/model.md for why 128 is used here).
-DEFAULT_SIZE = 128
+#: Default model resolution S (the paper uses 256; docs/model.md explains 160).
+DEFAULT_SIZE = 160
 
 
 @dataclass(frozen=True)

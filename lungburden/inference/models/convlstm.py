@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lungburden.inference.preprocess import DEFAULT_SIZE
+
 _CL = torch.channels_last
 
 
@@ -69,10 +71,11 @@ class DenseBlock(nn.Module):
     normalised once rather than once per later layer as in DenseNet's BN → ReLU → conv: cheaper
     on CPU, same connectivity."""
 
-    def __init__(self, cin: int, growth: int, layers: int, cout: int):
+    def __init__(self, cin: int, growth: int, layers: int, cout: int, dilated: bool = False):
         super().__init__()
+        dil = [2**i if dilated else 1 for i in range(layers)]
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(cin + i * growth, growth, 3, padding=1, bias=False),
+            nn.Sequential(nn.Conv2d(cin + i * growth, growth, 3, padding=dil[i], dilation=dil[i], bias=False),
                           nn.BatchNorm2d(growth), nn.ReLU(inplace=True))
             for i in range(layers)
         )
@@ -154,22 +157,23 @@ class ConvLSTMSegNet(nn.Module):
 
     name = "convlstm"
 
-    def __init__(self, num_classes: int = 4, context: int = 5, input_size: int = 160, width: int = 16,
+    def __init__(self, num_classes: int = 4, context: int = 5, input_size: int = DEFAULT_SIZE, width: int = 16,
                  growth: int = 16, dense_layers: int = 4, features: int = 32, hidden: int = 16,
-                 head_width: int = 16, lstm_pool: int = 4, attention_channels: int = 1, refine: int = 16):
+                 head_width: int = 16, lstm_pool: int = 4, attention_channels: int = 1, refine: int = 16,
+                 dilated: bool = False):
         super().__init__()
         if input_size % (2 * lstm_pool):
             raise ValueError(f"input_size {input_size} must be a multiple of {2 * lstm_pool}")
         self.hparams = dict(num_classes=num_classes, context=context, input_size=input_size, width=width,
                             growth=growth, dense_layers=dense_layers, features=features, hidden=hidden,
                             head_width=head_width, lstm_pool=lstm_pool,
-                            attention_channels=attention_channels, refine=refine)
+                            attention_channels=attention_channels, refine=refine, dilated=dilated)
         self.num_classes = num_classes
         self.context = context
         self.input_size = input_size
         self.lstm_pool = lstm_pool
         self.stem = conv_bn_act(4, width)
-        self.dense = DenseBlock(width, growth, dense_layers, features)
+        self.dense = DenseBlock(width, growth, dense_layers, features, dilated)
         self.main_head = SegmentationHead(features, head_width, num_classes)
         self.lstm = ConvLSTMCell(features, hidden)
         self.attn_seg_head = SegmentationHead(hidden, head_width, num_classes)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lungburden.inference.models.convlstm import SegmentationHead, conv_bn_act
+from lungburden.inference.preprocess import DEFAULT_SIZE
 
 
 def _kaiming(module: nn.Module) -> None:
@@ -29,7 +30,7 @@ class UNet2D(nn.Module):
 
     name = "unet2d"
 
-    def __init__(self, num_classes: int = 4, input_size: int = 128, base: int = 16, depth: int = 3):
+    def __init__(self, num_classes: int = 4, input_size: int = DEFAULT_SIZE, base: int = 16, depth: int = 3):
         super().__init__()
         self.hparams = dict(num_classes=num_classes, input_size=input_size, base=base, depth=depth)
         self.num_classes = num_classes
@@ -71,7 +72,7 @@ class UNet3D(nn.Module):
 
     name = "unet3d"
 
-    def __init__(self, num_classes: int = 4, context: int = 2, input_size: int = 128, base: int = 8,
+    def __init__(self, num_classes: int = 4, context: int = 2, input_size: int = DEFAULT_SIZE, base: int = 8,
                  depth: int = 3):
         super().__init__()
         self.hparams = dict(num_classes=num_classes, context=context, input_size=input_size, base=base,
