@@ -133,8 +133,8 @@ def stage_times(seg, hu: np.ndarray) -> dict[str, float]:
 def child(args: argparse.Namespace) -> None:
     """Subprocess: build the volume, segment once, print JSON with timing and memory."""
     hu = ellipse_volume(args.child_slices) if args.child_slices > 160 else synthetic_volume(args.child_slices)
-    base = vm_hwm_mib()
     seg = make_segmenter(args.child_model, args.weights, threads=args.threads)
+    base = vm_hwm_mib()  # volume + Python + torch + model, before segment()
     w, c = time.perf_counter(), time.process_time()
     labels = seg.segment(hu)
     wall, cpu = time.perf_counter() - w, time.process_time() - c
@@ -163,7 +163,8 @@ def main_default(args: argparse.Namespace) -> None:
     naive = make_segmenter("convlstm", args.weights, naive=True, threads=args.threads)
     model = fast.model
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__}, threads {args.threads or 'all'}, load avg {os.getloadavg()[0]:.1f}")
+          f"torch {torch.__version__}, threads {args.threads or 'all'}, load avg {os.getloadavg()[0]:.1f}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     print(f"model: convlstm {json.dumps(fast.source_model.hparams)}")
     print(f"parameters: {count_parameters(model)} ({count_parameters(model) * 4 / 2**20:.2f} MB float32); "
           f"weights: {args.weights or 'random init'}")
@@ -186,7 +187,8 @@ def main_default(args: argparse.Namespace) -> None:
     if args.memory_slices:
         mem = run_child("convlstm", args.memory_slices, args, args.weights)
         print(f"{mem['slices']}-slice run (fresh process): peak RSS {mem['peak_rss_mib']:.0f} MiB "
-              f"(HU volume {mem['volume_mib']:.0f} MiB; RSS before segment {mem['rss_before_mib']:.0f} MiB), "
+              f"(HU volume {mem['volume_mib']:.0f} MiB; before segment(), with torch and the model loaded: "
+              f"{mem['rss_before_mib']:.0f} MiB), "
               f"wall {mem['wall_s']:.1f} s, CPU {mem['cpu_s']:.1f} s")
 
 
