@@ -57,4 +57,4 @@ def get_segmenter(name: str | None = None) -> Segmenter:
 
 def _load_builtin() -> None:
     # Imported lazily so that importing the interface does not import torch.
-    from lungburden.inference import threshold  # noqa: F401
+    from lungburden.inference import predict, threshold  # noqa: F401
