@@ -1,4 +1,4 @@
-"""Inference benchmark of the network segmenter (volume → label map; DICOM loading not included).
+"""Inference benchmark of the network segmenter: DICOM files → label map, and volume → label map.
 
     python benchmarks/bench_inference.py [--slices 120] [--repeats 3] [--weights PATH] [--threads N]
     python benchmarks/bench_inference.py --table4 [--weights-dir DIR]
@@ -6,8 +6,10 @@
 Default mode, on one synthetic 512×512 chest CT held in memory (the phantom of
 ``lungburden.inference.phantom`` when present, else ellipses + noise):
 
-* median wall time of ``segment(volume)`` for the fast path and for the naive path (every window
-  re-encodes its 11 slices) in the same run, their ratio, and where the fast path's time goes
+* median wall time of files → label map (``load_files`` of the phantom written as a 512×512 DICOM
+  series, then ``segment``) for the fast path and for the naive path (every window re-encodes its
+  11 slices) in the same run, and their ratio;
+* the same for ``segment(volume)`` alone, and where the fast path's time goes
   (preprocessing / network / logits → labels);
 * peak resident memory of a 500-slice run in a fresh subprocess (``VmHWM``, including the 0.5 GB
   float32 HU volume and the Python/torch runtime).
@@ -26,6 +28,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -64,6 +67,15 @@ def ellipse_volume(slices: int, size: int = 512, seed: int = 0) -> np.ndarray:
         s[((y - 0.45 - 0.1 * z) / 0.05) ** 2 + ((x - 0.3) / 0.05) ** 2 < 1] = -500.0
         s += rng.normal(0.0, 20.0, s.shape).astype(np.float32)
     return hu
+
+
+def write_series(slices: int, out: Path, size: int = 512) -> list[Path]:
+    """The benchmark phantom written as a DICOM CT series; returns its files."""
+    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+
+    spec = PhantomSpec(seed=0, slices=slices, slice_spacing_mm=2.5, rows=size, cols=size, burden_percent=20)
+    write_phantom_series(generate_phantom(spec), out, spec)
+    return sorted(out.glob("*.dcm"))
 
 
 def vm_hwm_mib() -> float:
@@ -157,6 +169,7 @@ def main_default(args: argparse.Namespace) -> None:
     import torch
 
     from lungburden.inference.models import count_parameters
+    from lungburden.inference.volume import load_files
 
     hu = synthetic_volume(args.slices)
     fast = make_segmenter("convlstm", args.weights, threads=args.threads)
@@ -170,6 +183,15 @@ def main_default(args: argparse.Namespace) -> None:
           f"weights: {args.weights or 'random init'}")
     print(f"volume: {hu.shape[0]} slices × {hu.shape[1]}×{hu.shape[2]} float32 HU "
           "(in memory; DICOM loading not included)")
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_series(args.slices, Path(tmp))
+        t_fast, _, t_fast_all = timed(lambda: fast.segment(load_files(files)), args.repeats)
+        t_naive, _, t_naive_all = timed(lambda: naive.segment(load_files(files)), args.repeats)
+        t_load, _, _ = timed(lambda: load_files(files), args.repeats)
+    print(f"fast  files→labels: median wall {t_fast:.2f} s runs {[round(x, 2) for x in t_fast_all]} "
+          f"(of which loading {len(files)} DICOM files {t_load:.2f} s)")
+    print(f"naive files→labels: median wall {t_naive:.2f} s runs {[round(x, 2) for x in t_naive_all]}")
+    print(f"speed-up files→labels fast vs naive: {t_naive / t_fast:.1f}×")
     f_wall, f_cpu, f_all = timed(lambda: fast.segment(hu), args.repeats)
     n_wall, n_cpu, n_all = timed(lambda: naive.segment(hu), args.repeats)
     same = float(np.mean(fast.segment(hu) == naive.segment(hu)))
