@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.quantify import Quantities
+from lungburden.inference.quantify import Quantities, quantify
 
 #: Lesion kinds :func:`draw_lesions` knows (``PhantomSpec.lesion_kinds``).
 LESION_KINDS: tuple[str, ...] = ("ggo", "consolidation", "effusion")
@@ -1314,42 +1314,13 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
 
 
 def phantom_quantities(phantom: Phantom) -> Quantities:
-    """The :class:`Quantities` of a phantom from its own masks and its int16 HU (not quantify()).
+    """The :class:`Quantities` of a phantom from its own left-lung mask and its int16 HU.
 
-    Same definitions and rounding as quantify.py: volumes in mL to 3 decimals, percentages of
-    the lung field to 3 decimals, float32 HU means to 1 decimal.
+    The left/right split is the phantom's own (:attr:`Phantom.left_lung`), not quantify.py's
+    connected-component rule, so the test that loads the written series and calls
+    :func:`quantify` without a mask checks that rule against an independent truth.
     """
-    voxel_ml = phantom.voxel_volume_ml
-    counts = np.bincount(phantom.labels.ravel(), minlength=L.NUM_CLASSES)
-    lung = int(counts[L.LUNG] + counts[L.GGO] + counts[L.HIGH_OPACITY])
-    left = int(np.count_nonzero(phantom.left_lung))
-    ggo, high = int(counts[L.GGO]), int(counts[L.HIGH_OPACITY])
-    hu = phantom.hu.astype(np.float32)
-
-    def ml(n: int) -> float:
-        return round(n * voxel_ml, 3)
-
-    def pct(n: int) -> float:
-        return round(100.0 * n / lung, 3) if lung else 0.0
-
-    def mean(label: int) -> float | None:
-        values = hu[phantom.labels == label]
-        return round(float(values.mean()), 1) if values.size else None
-
-    return Quantities(
-        lung_volume_ml=ml(lung),
-        left_lung_volume_ml=ml(left),
-        right_lung_volume_ml=ml(lung - left),
-        ggo_volume_ml=ml(ggo),
-        high_opacity_volume_ml=ml(high),
-        opacity_volume_ml=ml(ggo + high),
-        burden_percent=pct(ggo + high),
-        ggo_percent=pct(ggo),
-        high_opacity_percent=pct(high),
-        lung_mean_hu=mean(L.LUNG),
-        ggo_mean_hu=mean(L.GGO),
-        high_opacity_mean_hu=mean(L.HIGH_OPACITY),
-    )
+    return quantify(phantom.labels, phantom.hu.astype(np.float32), phantom.affine, left_mask=phantom.left_lung)
 
 
 @dataclass(frozen=True)

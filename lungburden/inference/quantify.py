@@ -74,14 +74,21 @@ def left_lung_mask(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.isin(components, whole_left) | (np.isin(components, straddling) & right_of_plane)
 
 
-def quantify(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray) -> Quantities:
-    """Compute :class:`Quantities` from a label map and the HU volume on the same grid."""
+def quantify(
+    labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, left_mask: np.ndarray | None = None
+) -> Quantities:
+    """Compute :class:`Quantities` from a label map and the HU volume on the same grid.
+
+    ``left_mask`` (patient's left lung) replaces the automatic split of :func:`left_lung_mask`
+    where the truth is known (the phantom).
+    """
     if labels.shape != hu.shape:
         raise ValueError(f"label map shape {labels.shape} differs from the volume {hu.shape}")
     voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
     counts = np.bincount(labels.ravel(), minlength=L.NUM_CLASSES)
     lung_voxels = int(counts[L.LUNG] + counts[L.GGO] + counts[L.HIGH_OPACITY])
-    left_voxels = int(left_lung_mask(labels, affine).sum())
+    left = left_lung_mask(labels, affine) if left_mask is None else left_mask & (labels > 0)
+    left_voxels = int(np.count_nonzero(left))
     ggo, high = int(counts[L.GGO]), int(counts[L.HIGH_OPACITY])
 
     def ml(n: int) -> float:
