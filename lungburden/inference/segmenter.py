@@ -34,7 +34,7 @@ class Segmenter(Protocol):
 
 
 _REGISTRY: dict[str, Callable[[], Segmenter]] = {}
-DEFAULT_SEGMENTER = "threshold"
+DEFAULT_SEGMENTER = "convlstm"
 
 
 def register_segmenter(name: str, factory: Callable[[], Segmenter]) -> None:

@@ -1,0 +1,68 @@
+"""The shipped ConvLSTM weights: the default model, loadable, small, and accurate on a held-out phantom.
+
+Held-out phantoms use seeds below 1000 (training uses 1000+, see docs/training.md). The accuracy
+floors are regression guards well below the figures in the README's model card.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_cli import check_outputs
+
+from lungburden import labels as L
+from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+from lungburden.inference.predict import DEFAULT_WEIGHTS
+from lungburden.inference.segmenter import DEFAULT_SEGMENTER, get_segmenter
+from lungburden.inference.volume import load_files
+
+#: Regression floors for the shipped weights on held-out phantom seed 3 (measured at ship time:
+#: lung DSC 0.95, lesion DSC 0.53, burden 10.4 % vs 25 % truth; see the README's model card).
+LUNG_DICE_FLOOR = 0.90
+LESION_DICE_FLOOR = 0.40
+BURDEN_ABS_TOLERANCE = 20.0
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum() + b.sum())
+    return 2.0 * int((a & b).sum()) / total if total else 1.0
+
+
+def test_weights_ship_and_are_the_default():
+    assert DEFAULT_SEGMENTER == "convlstm"
+    path = Path(DEFAULT_WEIGHTS)
+    assert path.is_file() and path.stat().st_size < 20 * 2**20
+    segmenter = get_segmenter()
+    assert segmenter.info.name and segmenter.info.version
+
+
+@pytest.fixture(scope="module")
+def held_out_series(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("held-out")
+    spec = PhantomSpec(seed=3, slices=40, slice_spacing_mm=2.5, rows=256, cols=256, burden_percent=25)
+    write_phantom_series(generate_phantom(spec), out, spec)
+    return out
+
+
+def test_held_out_phantom_accuracy(held_out_series):
+    volume = load_files(sorted(held_out_series.glob("*.dcm")))
+    truth = generate_phantom(PhantomSpec(seed=3, slices=40, slice_spacing_mm=2.5, rows=256, cols=256,
+                                         burden_percent=25)).labels
+    labels = get_segmenter().segment(volume)
+    assert labels.shape == volume.shape and labels.dtype == np.uint8
+    assert dice(labels >= L.LUNG, truth >= L.LUNG) > LUNG_DICE_FLOOR
+    assert dice(labels >= L.GGO, truth >= L.GGO) > LESION_DICE_FLOOR
+
+
+@pytest.mark.integration
+def test_analyze_defaults_to_convlstm(held_out_series, tmp_path):
+    from lungburden.cli import main
+
+    assert main(["analyze", str(held_out_series), "--out", str(tmp_path / "o"), "--min-slices", "16"]) == 0
+    result = check_outputs(tmp_path / "o", tmp_path)
+    assert result["model"] == "convlstm"
+    truth = json.loads((held_out_series / "truth.json").read_text())
+    assert result["burden_percent"] == pytest.approx(truth["burden_percent"], abs=BURDEN_ABS_TOLERANCE)
