@@ -107,7 +107,8 @@ def check_sr_equals_result(orthanc: OrthancServer, found: dict, result_json: Pat
 def test_example_config_storescu_phantom_to_orthanc(orthanc, tmp_path):
     """Done criterion: `serve --config config/lungburden.example.yaml` adjusted to an Orthanc by
     environment variables; storescu of a phantom; SEG + SR land in Orthanc's copy of the study,
-    once, although both destinations (C-STORE and STOW-RS) deliver them."""
+    once, although both destinations (C-STORE and STOW-RS) deliver them. The model is the shipped
+    default (ConvLSTM), as in production."""
     phantom = write_phantom(tmp_path / "phantom", seed=21)
     orthanc_series_before = len(orthanc.get("/series"))
     env = {
@@ -116,7 +117,6 @@ def test_example_config_storescu_phantom_to_orthanc(orthanc, tmp_path):
         "LUNGBURDEN_NODE__SERIES_QUIET_SECONDS": "1",
         "LUNGBURDEN_NODE__MIN_FREE_DISK_MB": "50",
         "LUNGBURDEN_HTTP__PORT": "0",
-        "LUNGBURDEN_PROCESSING__MODEL": "threshold",
         "LUNGBURDEN_DESTINATIONS__PACS__PORT": str(orthanc.dicom_port),
         "LUNGBURDEN_DESTINATIONS__PACS_WEB__URL": orthanc.dicomweb_url,
     }
