@@ -52,26 +52,21 @@ def left_lung_mask(labels: np.ndarray, affine: np.ndarray) -> np.ndarray:
     field = labels > 0
     if not field.any():
         return field
-    # LPS x coordinate of every voxel index along each axis, combined by broadcasting.
-    idx = [np.arange(n) for n in labels.shape]
-    x = (
-        affine[0, 0] * idx[0][:, None, None]
-        + affine[0, 1] * idx[1][None, :, None]
-        + affine[0, 2] * idx[2][None, None, :]
-        + affine[0, 3]
-    )
-    midline = float(x[field].mean())
-    right_of_plane = x > midline
+    # LPS x of the lung-field voxels only (a full-volume coordinate array would cost 8 bytes a voxel).
+    idx = np.nonzero(field)
+    x = affine[0, 0] * idx[0] + affine[0, 1] * idx[1] + affine[0, 2] * idx[2] + affine[0, 3]
+    beyond_plane = x > x.mean()
     components, count = ndimage.label(field)
-    ids = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(field, components, index=ids)
-    on_left = ndimage.sum_labels(field & right_of_plane, components, index=ids)
-    fraction_left = on_left / sizes
+    ids = components[idx]
+    sizes = np.bincount(ids, minlength=count + 1)
+    fraction_left = np.bincount(ids, weights=beyond_plane, minlength=count + 1) / np.maximum(sizes, 1)
     # Components clearly on one side go whole to that side; a component straddling the plane
     # (lungs joined through the airways, or a single merged field) is split at the plane.
-    whole_left = ids[fraction_left >= 1.0 - STRADDLE_FRACTION]
-    straddling = ids[(fraction_left > STRADDLE_FRACTION) & (fraction_left < 1.0 - STRADDLE_FRACTION)]
-    return np.isin(components, whole_left) | (np.isin(components, straddling) & right_of_plane)
+    whole_left = fraction_left >= 1.0 - STRADDLE_FRACTION
+    straddling = (fraction_left > STRADDLE_FRACTION) & ~whole_left
+    left = np.zeros_like(field)
+    left[idx] = whole_left[ids] | (straddling[ids] & beyond_plane)
+    return left
 
 
 def quantify(
