@@ -12,8 +12,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from ct_builders import ct_slice
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_STUDY = REPO.parent / "shared" / "data" / "real-ct" / "lung-pet-ct-dx-A0001"
@@ -31,38 +32,11 @@ def make_ct_dataset(
     sop_uid: str | None = None,
 ) -> Dataset:
     """One synthetic axial CT slice (no patient data beyond a fake ID)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid or generate_uid()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = study_uid
-    ds.SeriesInstanceUID = series_uid
-    ds.FrameOfReferenceUID = frame_uid
-    ds.PatientID = "NODE-TEST"
-    ds.PatientName = "Test^Node"
-    ds.Modality = "CT"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    ds.SeriesNumber = 2 if kernel == "L" else 3
-    ds.InstanceNumber = index + 1
-    ds.SeriesDescription = f"Chest {kernel}"
-    ds.ConvolutionKernel = kernel
-    ds.SliceThickness = thickness
-    ds.ImagePositionPatient = [-100.0, -100.0, -float(index) * thickness]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing = [200.0 / rows, 200.0 / cols]
-    ds.Rows, ds.Columns = rows, cols
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 1
-    ds.RescaleIntercept = 0
-    ds.RescaleSlope = 1
-    ds.PixelData = np.full((rows, cols), -800, dtype=np.int16).tobytes()
-    return ds
+    return ct_slice(np.full((rows, cols), -800, dtype=np.int16), study_uid=study_uid, series_uid=series_uid,
+                    frame_uid=frame_uid, index=index, position=(-100.0, -100.0, -float(index) * thickness),
+                    spacing=(200.0 / rows, 200.0 / cols), thickness=thickness, sop_uid=sop_uid,
+                    PatientID="NODE-TEST", PatientName="Test^Node", SeriesNumber=2 if kernel == "L" else 3,
+                    SeriesDescription=f"Chest {kernel}", ConvolutionKernel=kernel)
 
 
 def write_ct_series(out_dir: Path, slices: int = 20, study_uid: str | None = None, kernel: str = "L",

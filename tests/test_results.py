@@ -15,7 +15,8 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from ct_builders import ct_slice
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
@@ -96,41 +97,15 @@ def synthetic_datasets(
     normal = np.cross(row_cosines, col_cosines)
     datasets = []
     for k in range(n_slices):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.Modality = "CT"
-        ds.Manufacturer = "Synthetic"
-        ds.PatientName = "Test^Synthetic"
-        ds.PatientID = "SYN-1"
-        ds.PatientBirthDate = "19700101"
-        ds.PatientSex = "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "S1", "A1", ""
-        ds.StudyDate, ds.StudyTime = "20240101", "120000"
-        ds.SeriesNumber, ds.InstanceNumber = 3, k + 1
-        ds.PositionReferenceIndicator = ""
         incomplete = Dataset()
         incomplete.ReferencedSOPInstanceUID = generate_uid()
-        ds.ReferencedStudySequence = [incomplete]
-        ds.ImageOrientationPatient = [*row_cosines, *col_cosines]
-        origin = np.array([-40.0, -40.0, 100.0]) + normal * 2.5 * k
-        ds.ImagePositionPatient = [round(float(v), 4) for v in origin]
-        ds.PixelSpacing = [1.25, 1.25]
-        ds.SliceThickness = 2.5
-        ds.Rows = ds.Columns = size
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = hu.tobytes()
-        datasets.append(ds)
+        datasets.append(ct_slice(
+            hu, study_uid=study, series_uid=series, frame_uid=frame, index=k,
+            position=np.array([-40.0, -40.0, 100.0]) + normal * 2.5 * k,
+            orientation=(*row_cosines, *col_cosines), spacing=(1.25, 1.25), thickness=2.5,
+            SpecificCharacterSet="ISO_IR 100", Manufacturer="Synthetic", PatientName="Test^Synthetic",
+            PatientID="SYN-1", StudyID="S1", AccessionNumber="A1", SeriesNumber=3,
+            ReferencedStudySequence=[incomplete]))
     return datasets[::-1] if reverse_files else datasets
 
 

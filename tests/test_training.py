@@ -8,9 +8,10 @@ import highdicom as hd
 import numpy as np
 import pytest
 import torch
-from pydicom.dataset import Dataset, FileMetaDataset
+from ct_builders import ct_slice
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
 from lungburden import labels as L
 from lungburden.inference.training import data as D
@@ -152,34 +153,10 @@ def _ct_datasets(hu: np.ndarray) -> list[Dataset]:
     """An axial CT series (pydicom datasets, inferior slice first in the list) of ``hu`` (superior first)."""
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     n = hu.shape[0]
-    out = []
-    for k in range(n):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.Modality = "CT"
-        ds.Manufacturer = "Test"
-        ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "Test^Seg", "SEG-1", "19700101", "O"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.StudyID, ds.AccessionNumber, ds.ReferringPhysicianName = "1", "1", ""
-        ds.StudyDate, ds.StudyTime, ds.SeriesNumber, ds.InstanceNumber = "20240101", "120000", 2, k + 1
-        ds.PositionReferenceIndicator = ""
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-160.0, -160.0, 40.0 - 5.0 * (n - 1 - k)]  # slice n-1-k of hu
-        ds.PixelSpacing = [5.0, 5.0]
-        ds.SliceThickness = 5.0
-        ds.Rows, ds.Columns = hu.shape[1:]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-        ds.PixelData = hu[n - 1 - k].astype(np.int16).tobytes()
-        out.append(ds)
-    return out
+    return [ct_slice(hu[n - 1 - k], study_uid=study, series_uid=series, frame_uid=frame, index=k,
+                     position=(-160.0, -160.0, 40.0 - 5.0 * (n - 1 - k)),  # slice n-1-k of hu
+                     spacing=(5.0, 5.0), thickness=5.0, PatientName="Test^Seg", PatientID="SEG-1")
+            for k in range(n)]
 
 
 def _write_seg(path: Path, cts: list[Dataset], segments: list[tuple[str, object, object, np.ndarray]]) -> None:
@@ -355,7 +332,8 @@ def test_split_folds_groups_real_variants():
 # ------------------------------------------------------------------------------------ training
 
 TINY = ["--size", "32", "--hparam", "context=1", "--hparam", "refine=4", "--hparam", "width=8", "--hparam", "growth=4",
-        "--hparam", "dense_layers=2", "--hparam", "features=8", "--hparam", "hidden=4", "--hparam", "head_width=4"]
+        "--hparam", "dense_layers=2", "--hparam", "features=8", "--hparam", "hidden=4",
+        "--hparam", "head_width=4"]
 
 
 def test_make_splits_disjoint_and_final():
