@@ -1,6 +1,6 @@
 """Specificity on the real non-COVID study: opacity found outside the annotated lung tumour.
 
-    python benchmarks/real_study_specificity.py [--model convlstm] [--study DIR]
+    python benchmarks/real_study_specificity.py [--model convlstm | --weights CKPT] [--study DIR] [--out JSON]
 
 Runs the product pipeline (``process_series``) on the lung-kernel series of
 ../shared/data/real-ct/lung-pet-ct-dx-A0001 (a lung-cancer patient without pneumonia), then
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lungburden import labels as L  # noqa: E402
-from lungburden.inference.segmenter import get_segmenter  # noqa: E402
+from lungburden.inference.evaluation import build_segmenter  # noqa: E402
 from lungburden.inference.training.data import tumour_boxes  # noqa: E402
 from lungburden.inference.volume import load_files  # noqa: E402
 from lungburden.pipeline import analyze_volume  # noqa: E402
@@ -46,11 +46,13 @@ def tumour_region(volume, study: Path) -> np.ndarray:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="segmenter (default: the shipped default)")
+    p.add_argument("--weights", default=None, help="a checkpoint written by `lungburden train` instead of --model")
     p.add_argument("--study", default=str(DEFAULT_STUDY))
+    p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args()
     study = Path(args.study)
     volume = load_files(sorted((study / "lung-kernel-L-5mm").glob("*.dcm")))
-    segmenter = get_segmenter(args.model)
+    segmenter = build_segmenter(args.model, args.weights)
     result = analyze_volume(volume, segmenter, args.model or "default")
     labels, q = result.labels, result.quantities
     voxel_ml = volume.voxel_volume_ml
@@ -61,6 +63,7 @@ def main() -> None:
     outside_ml = float(np.count_nonzero(opacity & ~region)) * voxel_ml
     report = {
         "model": args.model or "default",
+        "weights": args.weights,
         "algorithm": f"{segmenter.info.name} {segmenter.info.version}",
         "lung_volume_ml": lung_ml,
         "right_lung_volume_ml": q.right_lung_volume_ml,
@@ -74,7 +77,10 @@ def main() -> None:
             float(np.count_nonzero((labels == L.HIGH_OPACITY) & ~region)) * voxel_ml, 1),
         "segment_seconds": round(result.timings_s["segment"], 2),
     }
-    print(json.dumps(report, indent=2))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -142,8 +142,8 @@ def test_evaluate_cases_and_report_files(tmp_path):
 
 # ------------------------------------------------------------------------------------ commands
 
-TINY_HPARAMS = dict(context=1, input_size=32, refine=4, width=8, growth=4, dense_layers=2, features=8, hidden=4,
-                    head_width=4)
+TINY_HPARAMS = dict(context=1, input_size=32, refine=4, width=8, growth=4, dense_layers=2, features=8, levels=2,
+                    hidden=4, head_width=4)
 TINY_DATA = ["--phantom-matrix", "64", "--phantom-max-slices", "12", "--no-cache", "--threads", "1", "--quiet"]
 
 

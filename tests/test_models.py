@@ -35,7 +35,7 @@ from lungburden.inference.preprocess import (
 )
 from lungburden.labels import LABEL_NAMES, NUM_CLASSES
 
-SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, hidden=8, head_width=8,
+SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, levels=2, hidden=8, head_width=8,
              lstm_pool=2, refine=8)
 
 
@@ -102,7 +102,7 @@ def test_default_convlstm_is_small() -> None:
 
 def test_fusion_formula() -> None:
     """S_out = S_main·α + S_attn·(1 − α) (eq. 1); without refinement the output is its upsampling."""
-    model = small_convlstm(refine=0, lstm_pool=1)
+    model = small_convlstm(refine=0, lstm_pool=1, levels=1)
     seen: dict[str, torch.Tensor] = {}
     for name in ("main_head", "attn_seg_head", "attn_head"):
         getattr(model, name).register_forward_hook(lambda _m, _i, out, name=name: seen.__setitem__(name, out))

@@ -332,7 +332,7 @@ def test_split_folds_groups_real_variants():
 # ------------------------------------------------------------------------------------ training
 
 TINY = ["--size", "32", "--hparam", "context=1", "--hparam", "refine=4", "--hparam", "width=8", "--hparam", "growth=4",
-        "--hparam", "dense_layers=2", "--hparam", "features=8", "--hparam", "hidden=4",
+        "--hparam", "dense_layers=2", "--hparam", "features=8", "--hparam", "levels=2", "--hparam", "hidden=4",
         "--hparam", "head_width=4"]
 
 

@@ -1,6 +1,6 @@
 """The ConvLSTM segmentation network of the paper (section 2.5, Fig. 2).
 
-Structure (S = ``input_size``)::
+Structure (S = ``input_size``; shipped configuration ``levels=1, lstm_pool=4``)::
 
     slice t ──► stem (2×2 space-to-depth + 3×3 conv) ──► P_t (S/2) ──► dense block ──► F_t (S/2)
     main branch:      F_target ──► segmentation head ──► S_main                        (S/2)
@@ -10,12 +10,16 @@ Structure (S = ``input_size``)::
     fusion (eq. 1):   S_out = S_main · α + S_attn · (1 − α)      (S_attn, α upsampled to S/2)
     output (S):       bilinear ×2 of S_out + sub-pixel refinement from [S_out, P_target]
 
+With ``levels=L > 1`` the dense block becomes a :class:`DenseEncoder` of dense blocks at S/2 …
+S/2^L with an upsampling path back to S/2, and the ConvLSTM reads the deepest block (measured in
+docs/model.md: better on phantoms, worse on the real study, not shipped).
+
 Choices (measurements in docs/model.md):
 
 * One per-slice encoder feeds both branches: the main branch is "a dense block followed by a
-  segmentation head" on the target slice, and the ConvLSTM reads the dense-block features of the
-  11 slices. The encoder and the input-to-hidden half of the ConvLSTM gate convolution are per
-  slice, so inference computes them once per slice instead of 11 times
+  segmentation head" on the target slice, and the ConvLSTM reads the (deepest) dense-block
+  features of the 11 slices. The encoder and the input-to-hidden half of the ConvLSTM gate
+  convolution are per slice, so inference computes them once per slice instead of 11 times
   (:meth:`ConvLSTMSegNet.forward_sequence`).
 * The stem is a lossless stride 2 (space-to-depth keeps every pixel as a channel), the dense
   block runs at S/2 and the ConvLSTM at S/8 (``lstm_pool=4``): it supplies slice context and the
@@ -123,6 +127,45 @@ class ConvLSTMCell(nn.Module):
         return o * torch.tanh(c), c
 
 
+class DenseEncoder(nn.Module):
+    """Per-slice encoder: lossless stride-2 stem, then ``levels`` dense blocks at S/2, S/4, … each
+    after a 2×2 average pooling, and an upsampling path that brings the deepest features back to
+    S/2 through the skips of every level (the fully convolutional DenseNet of Jégou et al. 2017,
+    lightened: one [3×3 conv, BN, LeakyReLU] per level on the way up).
+
+    ``levels=1`` is the single dense block of section 2.5 at S/2. More levels widen the receptive
+    field (at ``levels=3`` the deepest block sees most of a 160-px slice), which is what tells a
+    consolidation or an effusion from the chest wall it touches (same HU; docs/model.md).
+    Channels: ``features·(2+i)/2`` at level ``i`` (32, 48, 64 for ``features=32``).
+
+    Returns ``(stem, feats, deep)``: stem output (S/2), decoded features (S/2, ``features`` ch) and
+    the deepest block's output (S/2^levels), which feeds the ConvLSTM.
+    """
+
+    def __init__(self, width: int, growth: int, dense_layers: int, features: int, levels: int, dilated: bool):
+        super().__init__()
+        self.channels = [features * (2 + i) // 2 for i in range(levels)]
+        self.stem = conv_bn_act(4, width)
+        cins = [width, *self.channels[:-1]]
+        self.blocks = nn.ModuleList(DenseBlock(cin, growth, dense_layers, cout, dilated and i == levels - 1)
+                                    for i, (cin, cout) in enumerate(zip(cins, self.channels, strict=True)))
+        self.up = nn.ModuleList(conv_bn_act(self.channels[i + 1] + self.channels[i], self.channels[i])
+                                for i in range(levels - 1))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        stem = self.stem(F.pixel_unshuffle(x, 2).contiguous(memory_format=_CL))
+        skips = []
+        h = stem
+        for i, block in enumerate(self.blocks):
+            h = block(F.avg_pool2d(h, 2) if i else h)
+            skips.append(h)
+        deep = h
+        for i in reversed(range(len(self.up))):
+            h = F.interpolate(h, size=skips[i].shape[-2:], mode="bilinear", align_corners=False)
+            h = self.up[i](torch.cat([h, skips[i]], 1))
+        return stem, h, deep
+
+
 @dataclass
 class SliceFeatures:
     """Per-slice results shared between windows (see :meth:`ConvLSTMSegNet.encode`)."""
@@ -148,34 +191,36 @@ class ConvLSTMSegNet(nn.Module):
 
     Hyperparameters: ``num_classes``; ``context`` (slices each side, paper 5); ``input_size`` (S of
     the preprocessing; the network is fully convolutional but S must be a multiple of
-    ``2·lstm_pool``); ``width`` (stem channels at S/2), ``growth`` and ``dense_layers`` (dense
-    block), ``features`` (encoder output), ``hidden`` (ConvLSTM state channels), ``head_width``
-    (segmentation/attention heads), ``lstm_pool`` (downsampling of the ConvLSTM grid below S/2:
-    1, 2 or 4), ``attention_channels`` (1 or num_classes), ``refine`` (channels of the sub-pixel
-    refinement; 0 = plain bilinear upsampling of the fused logits).
+    ``2^levels·lstm_pool``); ``width`` (stem channels at S/2), ``growth`` and ``dense_layers``
+    (each dense block), ``features`` (encoder output at S/2), ``levels`` (scales of the
+    :class:`DenseEncoder`; 1 = the single dense block), ``hidden`` (ConvLSTM state channels),
+    ``head_width`` (segmentation/attention heads), ``lstm_pool`` (extra pooling of the deepest
+    features before the ConvLSTM), ``attention_channels`` (1 or num_classes), ``refine``
+    (channels of the sub-pixel refinement; 0 = plain bilinear upsampling of the fused logits),
+    ``dilated`` (dilations 1, 2, 4, … in the deepest dense block).
     """
 
     name = "convlstm"
 
     def __init__(self, num_classes: int = 4, context: int = 5, input_size: int = DEFAULT_SIZE, width: int = 16,
-                 growth: int = 16, dense_layers: int = 4, features: int = 32, hidden: int = 16,
+                 growth: int = 16, dense_layers: int = 4, features: int = 32, levels: int = 1, hidden: int = 16,
                  head_width: int = 16, lstm_pool: int = 4, attention_channels: int = 1, refine: int = 16,
                  dilated: bool = False):
         super().__init__()
-        if input_size % (2 * lstm_pool):
-            raise ValueError(f"input_size {input_size} must be a multiple of {2 * lstm_pool}")
+        stride = 2 ** levels * lstm_pool
+        if input_size % stride:
+            raise ValueError(f"input_size {input_size} must be a multiple of {stride}")
         self.hparams = dict(num_classes=num_classes, context=context, input_size=input_size, width=width,
-                            growth=growth, dense_layers=dense_layers, features=features, hidden=hidden,
-                            head_width=head_width, lstm_pool=lstm_pool,
+                            growth=growth, dense_layers=dense_layers, features=features, levels=levels,
+                            hidden=hidden, head_width=head_width, lstm_pool=lstm_pool,
                             attention_channels=attention_channels, refine=refine, dilated=dilated)
         self.num_classes = num_classes
         self.context = context
         self.input_size = input_size
         self.lstm_pool = lstm_pool
-        self.stem = conv_bn_act(4, width)
-        self.dense = DenseBlock(width, growth, dense_layers, features, dilated)
+        self.encoder = DenseEncoder(width, growth, dense_layers, features, levels, dilated)
         self.main_head = SegmentationHead(features, head_width, num_classes)
-        self.lstm = ConvLSTMCell(features, hidden)
+        self.lstm = ConvLSTMCell(self.encoder.channels[-1], hidden)
         self.attn_seg_head = SegmentationHead(hidden, head_width, num_classes)
         self.attn_head = SegmentationHead(hidden, head_width, attention_channels, sigmoid=True)
         self.refine = (nn.Sequential(conv_bn_act(num_classes + width, refine),
@@ -199,10 +244,9 @@ class ConvLSTMSegNet(nn.Module):
 
     # -- building blocks shared by the training forward and the fast inference path ------------
     def encode(self, x: torch.Tensor) -> SliceFeatures:
-        """Per-slice work on ``x`` ``(n, 1, S, S)``: stem, dense block, ConvLSTM input gates."""
-        stem = self.stem(F.pixel_unshuffle(x, 2).contiguous(memory_format=_CL))
-        feats = self.dense(stem)
-        lstm_in = F.avg_pool2d(feats, self.lstm_pool) if self.lstm_pool > 1 else feats
+        """Per-slice work on ``x`` ``(n, 1, S, S)``: encoder, ConvLSTM input gates."""
+        stem, feats, deep = self.encoder(x)
+        lstm_in = F.avg_pool2d(deep, self.lstm_pool) if self.lstm_pool > 1 else deep
         return SliceFeatures(stem=stem, feats=feats, gates=self.lstm.input_gates(lstm_in))
 
     def recur(self, gates_at: Callable[[int], torch.Tensor]) -> torch.Tensor:
