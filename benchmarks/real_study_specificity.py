@@ -18,29 +18,17 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lungburden import labels as L  # noqa: E402
 from lungburden.inference.evaluation import build_segmenter  # noqa: E402
-from lungburden.inference.training.data import tumour_boxes  # noqa: E402
+from lungburden.inference.training.data import tumour_region  # noqa: E402
 from lungburden.inference.volume import load_files  # noqa: E402
 from lungburden.pipeline import analyze_volume  # noqa: E402
 
 DEFAULT_STUDY = ROOT.parent / "shared" / "data" / "real-ct" / "lung-pet-ct-dx-A0001"
-
-
-def tumour_region(volume, study: Path) -> np.ndarray:
-    """Boolean mask of the annotated boxes on their slices, extended by one slice along z."""
-    region = np.zeros(volume.shape, bool)
-    z_of_slice = {round(float(ds.ImagePositionPatient[2]), 2): k for k, ds in enumerate(volume.datasets)}
-    for z, boxes in tumour_boxes(study).items():
-        k = z_of_slice.get(z)
-        for x0, y0, x1, y1 in boxes if k is not None else []:
-            region[k, y0 : y1 + 1, x0 : x1 + 1] = True
-    return ndimage.binary_dilation(region, structure=np.ones((3, 1, 1), bool))
 
 
 def main() -> None:

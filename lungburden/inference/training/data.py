@@ -38,11 +38,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lungburden import labels as L
+
+if TYPE_CHECKING:
+    from lungburden.inference.volume import CTVolume
 
 log = logging.getLogger(__name__)
 
@@ -698,6 +701,20 @@ def tumour_boxes(study_root: Path) -> dict[float, list[tuple[int, int, int, int]
                 if box not in boxes.setdefault(z, []):
                     boxes[z].append(box)  # type: ignore[arg-type]
     return boxes
+
+
+def tumour_region(volume: CTVolume, study_root: Path) -> np.ndarray:
+    """Boolean mask of the Lung-PET-CT-Dx tumour boxes on ``volume``'s grid (boxes on their slices,
+    extended by one slice above and below): outside it, opacity in that study is a false positive."""
+    from scipy import ndimage
+
+    region = np.zeros(volume.shape, bool)
+    z_of_slice = {round(float(ds.ImagePositionPatient[2]), 2): k for k, ds in enumerate(volume.datasets)}
+    for z, boxes in tumour_boxes(study_root).items():
+        k = z_of_slice.get(z)
+        for x0, y0, x1, y1 in boxes if k is not None else []:
+            region[k, y0 : y1 + 1, x0 : x1 + 1] = True
+    return ndimage.binary_dilation(region, structure=np.ones((3, 1, 1), bool))
 
 
 def study_tumour_labels(volume, study_root: Path, lung: np.ndarray) -> np.ndarray:
