@@ -703,33 +703,30 @@ def tumour_boxes(study_root: Path) -> dict[float, list[tuple[int, int, int, int]
     return boxes
 
 
-def tumour_region(volume: CTVolume, study_root: Path) -> np.ndarray:
-    """Boolean mask of the Lung-PET-CT-Dx tumour boxes on ``volume``'s grid (boxes on their slices,
-    extended by one slice above and below): outside it, opacity in that study is a false positive."""
-    from scipy import ndimage
-
-    region = np.zeros(volume.shape, bool)
+def tumour_box_mask(volume: CTVolume, study_root: Path) -> np.ndarray:
+    """Boolean mask of the Lung-PET-CT-Dx tumour boxes (:func:`tumour_boxes`) on ``volume``'s grid."""
+    mask = np.zeros(volume.shape, bool)
     z_of_slice = {round(float(ds.ImagePositionPatient[2]), 2): k for k, ds in enumerate(volume.datasets)}
     for z, boxes in tumour_boxes(study_root).items():
         k = z_of_slice.get(z)
         for x0, y0, x1, y1 in boxes if k is not None else []:
-            region[k, y0 : y1 + 1, x0 : x1 + 1] = True
-    return ndimage.binary_dilation(region, structure=np.ones((3, 1, 1), bool))
+            mask[k, y0 : y1 + 1, x0 : x1 + 1] = True
+    return mask
+
+
+def tumour_region(volume: CTVolume, study_root: Path) -> np.ndarray:
+    """The tumour boxes extended by one slice above and below: outside this region, opacity in
+    that study is a false positive."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(tumour_box_mask(volume, study_root), structure=np.ones((3, 1, 1), bool))
 
 
 def study_tumour_labels(volume, study_root: Path, lung: np.ndarray) -> np.ndarray:
     """Approximate mask of the real study's tumour: voxels > :data:`LESION_SPLIT_HU` inside the
     annotated boxes and inside the lung field (the tumour is a genuine high-opacity finding; the
     boxes also hold chest wall and aorta, hence the lung field restriction; see docs/training.md)."""
-    mask = np.zeros(volume.shape, bool)
-    z_of_slice = {round(float(ds.ImagePositionPatient[2]), 2): k for k, ds in enumerate(volume.datasets)}
-    for z, boxes in tumour_boxes(study_root).items():
-        k = z_of_slice.get(z)
-        if k is None:
-            continue
-        for x0, y0, x1, y1 in boxes:
-            mask[k, y0:y1 + 1, x0:x1 + 1] = volume.hu[k, y0:y1 + 1, x0:x1 + 1] > LESION_SPLIT_HU
-    return mask & lung
+    return tumour_box_mask(volume, study_root) & (volume.hu > LESION_SPLIT_HU) & lung
 
 
 @lru_cache(maxsize=4)
