@@ -200,3 +200,29 @@ def test_insert_lesions_into_real_ct():
     # Same seed, same result.
     again = insert_lesions(hu, affine, seed=1, burden_percent=20.0, lung_mask=lung)
     assert np.array_equal(again.hu, res.hu) and np.array_equal(again.labels, res.labels)
+
+
+def test_scan_above_the_apices_shows_shoulder_girdle_and_neck():
+    """``neck_mm`` reaches the scan above the apices: the extra slices hold no lung, and the
+    shoulder girdle (wider body, humeral heads, supraclavicular air) replaces the thorax there."""
+    kw = dict(seed=4, slices=60, slice_spacing_mm=5.0, burden_percent=0.0, noise_scale=0.0, fov_mm=520.0)
+    base = generate_phantom(small(**kw))
+    neck = generate_phantom(small(**kw, neck_mm=70.0))
+    # The slab is centred on [lowest diaphragm - 25 mm, apices + neck_mm]: half the extra reach.
+    assert neck.affine[2, 3] - base.affine[2, 3] == pytest.approx(25.0)
+    lung_rows = np.flatnonzero((neck.labels > 0).reshape(60, -1).any(1))
+    assert lung_rows[0] >= 6  # at least 30 mm of body above the first lung slice
+
+    def width(k: int) -> int:  # body width (pixels) through the middle row
+        return int(np.ptp(np.flatnonzero(neck.hu[k, 128] > -300)))
+
+    top, chest = lung_rows[0] - 1, lung_rows[0] + 20
+    assert width(top) > 1.1 * width(chest)  # shoulders wider than the chest
+    assert (neck.hu[top] > 300).sum() > 50  # bone of the shoulder girdle (humeral heads, clavicles)
+    def front(k: int, col: int) -> int:  # first body row (anterior surface) of a column
+        return int(np.flatnonzero(neck.hu[k, :, col] > -300)[0])
+
+    # Supraclavicular fossae: beside the neck the anterior surface lies > 26 mm deeper than at the
+    # midline (the body ellipse alone gives ~16 mm there).
+    assert min(front(0, c) - front(0, 128) for c in (74, 182)) > 13
+    assert "neck=55.0" in small(seed=4, neck_mm=55.0).key() and "neck" not in small(seed=4).key()

@@ -372,3 +372,22 @@ def test_tiny_training_run_writes_checkpoint_that_loads_and_resumes(tmp_path):
     _, ckpt = load_checkpoint(out / "final" / "last.pt")
     assert ckpt["metadata"]["epochs"] == 3 and len(ckpt["metadata"]["history"]) == 3
     assert ckpt["metadata"]["history"][:2] == meta["history"]
+
+
+def test_device_option_and_parallel_case_preparation(tmp_path):
+    from lungburden.inference.training.trainer import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+    index = D.CaseIndex([D.PhantomSource([1000, 1001, 1002], matrix=64, max_slices=10)])
+    cache = D.CaseCache(tmp_path / "cache", size=32)
+    parallel = D.load_training_cases(index, index.ids(), cache, progress=False, workers=2)
+    serial = D.load_training_cases(index, index.ids(), D.CaseCache(None, size=32), progress=False)
+    assert [c.case_id for c in parallel] == index.ids()
+    for a, b in zip(parallel, serial, strict=True):
+        np.testing.assert_array_equal(a.labels, b.labels)
+        np.testing.assert_array_equal(a.image, b.image)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # the workers filled the cache

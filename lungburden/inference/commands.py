@@ -118,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_windows_per_case=args.val_windows_per_case, plateau_patience=args.patience, stop_lr=args.stop_lr,
         max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
         final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
-        augment=not args.no_augment, slab=args.slab, threads=args.threads, resume=args.resume, progress=not args.quiet,
+        augment=not args.no_augment, slab=args.slab, threads=args.threads, device=args.device, workers=args.workers,
+        resume=args.resume, progress=not args.quiet,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -332,6 +333,10 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--split-seed", type=int, default=0, help="fold split seed")
     p.add_argument("--no-augment", action="store_true", help="disable the section 2.4 augmentation")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="where the network trains: cpu, cuda, cuda:N or auto (default cpu; data stay on the CPU)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="processes that generate/preprocess the cases before training (default 0: this one)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/<fold>/state.pt")
     p.add_argument("--export", default=None, metavar="PATH", help="copy the best checkpoint here (e.g. "
                    "lungburden/weights/convlstm.pt); single model only")

@@ -75,6 +75,9 @@ class PhantomSpec:
     lesion_kinds: frozenset[str] = frozenset(LESION_KINDS)
     #: Scale of the CT noise (1 = the seed's 10-25 HU; 0 = noiseless, for debugging).
     noise_scale: float = 1.0
+    #: How far the scan reaches above the lung apices (mm): 20 = the upper thorax only; larger
+    #: values add the shoulder girdle and the root of the neck, where real chest CTs start.
+    neck_mm: float = 20.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lesion_kinds", frozenset(self.lesion_kinds))
@@ -101,6 +104,7 @@ class PhantomSpec:
             f"seed={self.seed};slices={self.slices};dz={self.slice_spacing_mm!r};ps={self.pixel_spacing!r};"
             f"rows={self.rows};cols={self.cols};contrast={self.contrast};burden={self.burden_percent!r};"
             f"kinds={kinds};noise={self.noise_scale!r}"
+            + (f";neck={self.neck_mm!r}" if self.neck_mm != 20.0 else "")
         )
 
 
@@ -611,6 +615,8 @@ class _Anatomy:
     bone_hu: float
     aorta_r: float
     contrast_hu: float
+    shoulder_w: float
+    humerus_r: float
 
 
 def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
@@ -656,13 +662,25 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         bone_hu=u(450, 800),
         aorta_r=u(13, 16),
         contrast_hu=u(230, 330),
+        shoulder_w=u(0.12, 0.32),
+        humerus_r=u(19, 25),
     )
+
+
+def _shoulder_level(an: _Anatomy, z: float) -> float:
+    """0 below the shoulder girdle, rising to 1 at 20 mm above the lung apices."""
+    return float(np.clip((z - (an.z_apex - 45.0)) / 65.0, 0, 1)) ** 1.5
 
 
 def _layers(an: _Anatomy, z: float) -> tuple[float, float, float, float, float, float, float, float]:
     """Body outline and layer radii of one slice: a, b_ant, b_post, R and the normalised radii
-    of skin inner, fat inner, muscle inner (= rib zone outer) and cavity boundaries."""
+    of skin inner, fat inner, muscle inner (= rib zone outer) and cavity boundaries.
+
+    At the shoulder girdle the body widens (``shoulder_w``) while the thoracic cavity keeps its
+    width: the extra width is muscle (deltoid, trapezius, pectorals) around a narrow apex.
+    """
     top = float(np.clip((z - an.z_car) / max(an.z_apex + 20 - an.z_car, 1.0), 0, 1))
+    widen = 1.0 + an.shoulder_w * _shoulder_level(an, z)
     a = an.a0 * (1 + 0.05 * top)
     b_ant = an.b_ant * (1 - 0.04 * top)
     radius = (a + (b_ant + an.b_post) / 2) / 2
@@ -671,6 +689,11 @@ def _layers(an: _Anatomy, z: float) -> tuple[float, float, float, float, float, 
     r_fat = r_skin - an.t_fat / radius
     r_mus = r_fat - t_mus / radius
     r_cav = r_mus - an.t_rib / radius
+    if widen > 1.0:
+        # Same skin and fat in normalised units; cavity and rib zone keep their physical width.
+        r_mus, r_cav = r_cav / widen + (r_mus - r_cav) / widen, r_cav / widen
+        a = a * widen
+        radius = (a + (b_ant + an.b_post) / 2) / 2
     return a, b_ant, an.b_post, radius, r_skin, r_fat, r_mus, r_cav
 
 
@@ -807,10 +830,24 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
         ri, rj = np.divmod(ring, grid.nx)
         alpha = np.abs(np.arctan2(grid.x[rj] - an.xm, grid.y[ri] - an.cy)) / np.pi
         phase = (z + an.rib_drop * alpha) / an.rib_pitch + an.rib_phase
-        rib = ((phase - np.floor(phase)) < an.rib_frac) & (alpha > 0.1)
+        rib = ((phase - np.floor(phase)) < an.rib_frac) & (alpha > 0.1) & (z < an.z_apex + 5.0)
         sl.ravel()[ring[rib]] = np.where(alpha[rib] > 0.85, 160.0, an.bone_hu)
+        level = _shoulder_level(an, z)
+        if z > an.z_apex:
+            # Root of the neck above the apices: muscle around the airway, not mediastinal fat.
+            neck = (rho < r_cav) & (sl < _MUSCLE)
+            sl[neck] = np.float32(_FAT + (_MUSCLE - _FAT) * min((z - an.z_apex) / 25.0, 1.0))
+        if level > 0.25:
+            _paint_humeral_heads(sl, an, x, y, z, a)
+        if z > an.z_apex + 5.0:
+            # Supraclavicular fossae: air between the neck and the shoulders, deepening upwards.
+            s = min((z - an.z_apex - 5.0) / 40.0, 1.0)
+            for sign in (-1.0, 1.0):
+                fx, fy = an.xm + sign * 0.55 * a, an.cy - b_ant
+                rx, ry = 0.22 * a * (0.5 + s), b_ant * (0.15 + 0.45 * s)
+                sl[((x - fx) / rx) ** 2 + ((y - fy) / ry) ** 2 < 1] = _AIR
         # Scapulae in the upper chest, in the posterior muscle layer.
-        if z > an.z_car - 30:
+        if an.z_car - 30 < z < an.z_apex + 35:
             mid = r_mus + (r_fat - r_mus) * np.array([0.3, 0.6])
             plate = (rho > mid[0]) & (rho < mid[1]) & (y - an.cy > 0.3 * b_post)
             plate &= (xr[None, :] > 0.3 * a) & (xr[None, :] < 0.78 * a)
@@ -835,6 +872,33 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
             lk &= ((x - an.xm) / w) ** 2 + ((y - yc) / ry) ** 2 >= 1
         lung[k] = lk
     return hu, lung
+
+
+def _paint_humeral_heads(sl: np.ndarray, an: _Anatomy, x: np.ndarray, y: np.ndarray, z: float, a: float) -> None:
+    """Humeral heads (cortex and cancellous bone) in the lateral shoulder muscle of one slice."""
+    zc = an.z_apex - 5.0
+    r2 = an.humerus_r**2 - (0.8 * (z - zc)) ** 2
+    if r2 <= 16.0:
+        return
+    r = math.sqrt(r2)
+    for sign in (-1.0, 1.0):
+        cx = an.xm + sign * (a - an.humerus_r - an.t_fat - 10.0)
+        d = np.hypot(x - cx, y - (an.cy + 0.15 * an.b_post))
+        sl[d < r] = an.bone_hu
+        sl[d < r - 3.0] = np.float32(0.3 * an.bone_hu + 60.0)
+
+
+def _clavicles(an: _Anatomy) -> list[_Tube]:
+    """Clavicles from the sternal notch to the acromion (bone tubes at the shoulder girdle)."""
+    a_top = _layers(an, an.z_apex + 20.0)[0]
+    y_ant = an.cy - an.b_ant * 0.86
+    return [
+        _Tube(((an.xm + s * 18.0, y_ant + 10.0, an.z_apex - 12.0),
+               (an.xm + s * 0.45 * a_top, y_ant + 4.0, an.z_apex - 2.0),
+               (an.xm + s * 0.72 * a_top, an.cy - 0.1 * an.b_post, an.z_apex + 10.0)),
+              (7.0, 6.5, 6.0), 0.75 * an.bone_hu, 2.0)
+        for s in (-1.0, 1.0)
+    ]
 
 
 def _cavity_box(an: _Anatomy, grid: _Grid, box: tuple[slice, slice, slice]) -> np.ndarray:
@@ -1254,7 +1318,7 @@ def _add_noise(hu: np.ndarray, sd: float, rng: np.random.Generator) -> None:
 def _make_grid(spec: PhantomSpec, an: _Anatomy) -> _Grid:
     ps = spec.pixel_spacing
     dz = float(f"{spec.slice_spacing_mm:.6g}")
-    z_c = (an.z_apex + 20.0 + an.z_low - 25.0) / 2
+    z_c = (an.z_apex + spec.neck_mm + an.z_low - 25.0) / 2
     z_top = round(z_c + (spec.slices - 1) / 2 * dz, 2)
     return _Grid(
         nz=spec.slices,
@@ -1277,7 +1341,7 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     grid = _make_grid(spec, an)
     hu, lung = _build_slices(an, grid, spec.contrast)
     _draw_heart(hu, lung, an, grid, spec.contrast)
-    for tube in _mediastinal_tubes(an, grid, spec.contrast):
+    for tube in _mediastinal_tubes(an, grid, spec.contrast) + _clavicles(an):
         _draw_tube(hu, lung, grid, tube)
     left_side = np.broadcast_to((grid.x > an.xm)[None, None, :], lung.shape)
     removed = _keep_main_lungs(lung, left_side)

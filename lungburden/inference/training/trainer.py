@@ -91,6 +91,11 @@ class TrainConfig:
     #: per-slice work is shared by the overlapping windows, ~4x faster on CPU); 0 = independent windows.
     slab: int = 0
     threads: int | None = None
+    #: "cpu", "cuda" (or "cuda:N") or "auto" (cuda when available). The data pipeline and the
+    #: augmentation stay on the CPU; model, loss and validation run on this device.
+    device: str = "cpu"
+    #: Processes that generate and preprocess the cases before training (0 = in this process).
+    workers: int = 0
     resume: bool = False
     progress: bool = True
 
@@ -211,7 +216,17 @@ def _val_batches(model, cases: list[TrainingCase], per_case: int, micro: int):
         yield x, y, False
 
 
-def _validate(model, loss_fn, batches) -> tuple[float, dict[str, float | None]]:
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` → CUDA when available, else CPU; any other name as given (checked)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA device")
+    return device
+
+
+def _validate(model, loss_fn, batches, device: torch.device | None = None) -> tuple[float, dict[str, float | None]]:
     """Mean loss and pooled Dice per class over the fixed validation inputs (model grid)."""
     model.eval()
     total, n = 0.0, 0
@@ -221,6 +236,8 @@ def _validate(model, loss_fn, batches) -> tuple[float, dict[str, float | None]]:
     lesion = np.zeros(3)
     with torch.no_grad():
         for x, y, slab in batches:
+            if device is not None:
+                x, y = x.to(device), y.to(device)
             logits = model.forward_sequence(x) if slab else model(x)
             total += float(loss_fn(logits, y)) * len(y)
             n += len(y)
@@ -313,12 +330,14 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
     hparams = dict(config.model_hparams)
     if config.size:
         hparams["input_size"] = config.size
+    device = resolve_device(config.device)
     model = build_model(config.model, **hparams)
     size = int(model.input_size)
     if cache.size != size:
         cache = CaseCache(cache.directory, size)
-    train_cases = load_training_cases(index, split.train, cache, config.progress)
-    val_cases = load_training_cases(index, split.val, cache, config.progress)
+    train_cases = load_training_cases(index, split.train, cache, config.progress, config.workers)
+    val_cases = load_training_cases(index, split.val, cache, config.progress, config.workers)
+    model.to(device)
     loss_fn = RMILoss(num_classes=L.NUM_CLASSES, lambda_ce=config.lambda_ce)
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -365,7 +384,8 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             "git_commit": git_commit(),
             "lungburden_version": __version__,
             "host": f"{platform.node()} {platform.processor() or platform.machine()}, "
-                    f"{torch.get_num_threads()} threads",
+                    f"{torch.get_num_threads()} threads"
+                    + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
             "config": config.to_dict(),
             "data": data.to_dict(),
             "split": {"name": split.name, "fold": split.fold, "train": split.train, "val": split.val,
@@ -401,6 +421,8 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         for _ in bar:
             optimizer.zero_grad(set_to_none=True)
             for part_x, part_y, weight in _batch_parts(train_cases, sampler, rng, gen, model, config, aug):
+                part_x = part_x.to(device, non_blocking=True)
+                part_y = part_y.to(device, non_blocking=True)
                 logits = model.forward_sequence(part_x[0]) if slab else model(part_x)
                 loss = loss_fn(logits, part_y[0] if slab else part_y)
                 (loss * weight).backward()
@@ -409,7 +431,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             optimizer.step()
             bar.set_postfix(loss=f"{running / max(seen, 1):.4f}", lr=f"{lr_now():.0e}")
         val_loss, val_dice = _validate(model, loss_fn, _val_batches(model, val_cases, config.val_windows_per_case,
-                                                                    config.micro_batch))
+                                                                    config.micro_batch), device)
         scheduler.step(val_loss)
         epoch += 1
         record = EpochRecord(epoch, round(running / max(seen, 1), 6), round(val_loss, 6), val_dice, lr_now(),
@@ -418,7 +440,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         dice_text = " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in val_dice.items())
         msg = (f"{split.name} epoch {epoch}: train {record.train_loss:.4f} val {val_loss:.4f} "
                f"[{dice_text}] lr {lr_now():.0e} {record.seconds:.0f}s{' *' if improved else ''}")

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train several lungburden models side by side on one CUDA GPU (the lent device machine), with the
+# case generation spread over the CPU cores first. Writes each run's best checkpoint and log to
+# $OUT (or ./gpu-out). The recipe is the documented one of docs/training.md; only --device cuda
+# and the number of epochs the time budget allows differ from the CPU runs.
+#
+#   PHANTOMS=400 VARIANTS=16 BUDGET=6.5 WORKERS=15 DEVICE=cuda REAL_CT=.devdata/real-ct scripts/gpu_train.sh
+set -u
+OUT=${OUT:-gpu-out}
+PHANTOMS=${PHANTOMS:-400}
+VARIANTS=${VARIANTS:-16}
+BUDGET=${BUDGET:-6.5}
+WORKERS=${WORKERS:-15}
+DEVICE=${DEVICE:-cuda}
+REAL_CT=${REAL_CT:-../shared/data/real-ct}
+CACHE=${CACHE:-/tmp/lungburden-gpu-cases}
+RUNS=${RUNS:-/tmp/lungburden-gpu-runs}
+PY=${PY:-python3}
+EPOCH_WINDOWS=${EPOCH_WINDOWS:-512}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1
+started=$(date +%s)
+DATA="--phantoms $PHANTOMS --phantom-seed-start 1000 --real-ct $REAL_CT --real-ct-variants $VARIANTS
+      --real-ct-seed-start 1000 --cache $CACHE --seed 0 --split-seed 0 --quiet"
+# 1. Generate and preprocess every case once, in parallel (no training: --max-epochs 0).
+$PY -m lungburden.cli train --final --model convlstm --out "$RUNS/prep" $DATA --max-epochs 0 \
+    --workers "$WORKERS" --threads 1 > "$OUT/prep.log" 2>&1 || { echo "case preparation failed"; tail -30 "$OUT/prep.log"; exit 1; }
+echo "cases ready after $(( $(date +%s) - started )) s: $(ls "$CACHE" | wc -l) files"
+# 2. The runs, side by side (each its own process and CPU threads; the GPU is shared).
+COMMON="$DATA --device $DEVICE --threads 4 --slab 16 --batch 32 --windows-per-epoch $EPOCH_WINDOWS
+        --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET"
+L4="--hparam levels=4 --hparam growth=24 --hparam hidden=24 --hparam head_width=24 --hparam lstm_pool=1"
+L4W="--hparam levels=4 --hparam growth=32 --hparam hidden=32 --hparam head_width=32 --hparam lstm_pool=1"
+$PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4" $COMMON $L4 > "$OUT/l4.log" 2>&1 &
+$PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4w" $COMMON $L4W > "$OUT/l4w.log" 2>&1 &
+$PY -m lungburden.cli train --final --model unet3d --out "$RUNS/unet3d" $DATA --device "$DEVICE" --threads 4 \
+    --batch 32 --windows-per-epoch 256 --val-windows-per-case 12 --optimizer adam --lr 2e-3 \
+    --time-budget "$BUDGET" > "$OUT/unet3d.log" 2>&1 &
+wait
+for run in l4 l4w unet3d; do
+    cp "$RUNS/$run/final/best.pt" "$OUT/$run.pt" 2>/dev/null || echo "$run: no checkpoint"
+    tail -3 "$OUT/$run.log"
+done
+echo "total $(( $(date +%s) - started )) s"
