@@ -391,3 +391,25 @@ def test_device_option_and_parallel_case_preparation(tmp_path):
         np.testing.assert_array_equal(a.labels, b.labels)
         np.testing.assert_array_equal(a.image, b.image)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # the workers filled the cache
+
+
+def test_init_fine_tunes_from_a_checkpoint_and_checks_its_model(tmp_path):
+    from lungburden.cli import main
+    from lungburden.inference.models import build_model, load_checkpoint, save_checkpoint
+
+    hparams = dict(input_size=32, context=1, width=4, growth=4, dense_layers=1, features=4, hidden=4,
+                   head_width=4, lstm_pool=1, refine=0, levels=1)
+    start = build_model("convlstm", **hparams)
+    save_checkpoint(tmp_path / "start.pt", start, {"kind": "test"})
+    common = ["train", "--phantoms", "2", "--phantom-matrix", "64", "--phantom-max-slices", "12", "--final",
+              "--windows-per-epoch", "4", "--batch", "2", "--micro-batch", "2", "--val-windows-per-case", "2",
+              "--cache", str(tmp_path / "cache"), "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"),
+              "--max-epochs", "1", "--init", str(tmp_path / "start.pt")]
+    assert main([*common, "--out", str(tmp_path / "ft"), "--lr", "1e-9"]) == 0
+    tuned, ckpt = load_checkpoint(tmp_path / "ft" / "final" / "last.pt")
+    assert tuned.hparams == start.hparams and ckpt["metadata"]["config"]["init"] == str(tmp_path / "start.pt")
+    # A tiny learning rate leaves the weights next to the initial ones (a fresh model would differ).
+    first = "encoder.stem.0.weight"
+    torch.testing.assert_close(tuned.state_dict()[first], start.state_dict()[first], atol=1e-5, rtol=0)
+    assert main([*common, "--out", str(tmp_path / "bad"), "--hparam", "hidden=8"]) != 0
+    assert main([*common, "--out", str(tmp_path / "bad2"), "--model", "unet2d"]) != 0

@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
         final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
         augment=not args.no_augment, slab=args.slab, threads=args.threads, device=args.device, workers=args.workers,
-        resume=args.resume, progress=not args.quiet,
+        init=args.init, resume=args.resume, progress=not args.quiet,
     )
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -337,6 +337,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
                    help="where the network trains: cpu, cuda, cuda:N or auto (default cpu; data stay on the CPU)")
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes that generate/preprocess the cases before training (default 0: this one)")
+    p.add_argument("--init", default=None, metavar="CKPT",
+                   help="start from this checkpoint's weights (fine-tuning; model and hyperparameters from it)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/<fold>/state.pt")
     p.add_argument("--export", default=None, metavar="PATH", help="copy the best checkpoint here (e.g. "
                    "lungburden/weights/convlstm.pt); single model only")

@@ -96,6 +96,9 @@ class TrainConfig:
     device: str = "cpu"
     #: Processes that generate and preprocess the cases before training (0 = in this process).
     workers: int = 0
+    #: Start from this checkpoint's weights (fine-tuning, e.g. of the shipped model on a site's
+    #: corrected SEGs); the model and its hyperparameters come from the checkpoint.
+    init: str | None = None
     resume: bool = False
     progress: bool = True
 
@@ -226,6 +229,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def initial_model(config: TrainConfig, hparams: dict[str, Any]) -> torch.nn.Module:
+    """The model of ``config.init`` (fine-tuning); its hyperparameters must agree with ``hparams``."""
+    from lungburden.inference.models import load_checkpoint
+
+    model, checkpoint = load_checkpoint(config.init)
+    if checkpoint["model"] != config.model:
+        raise ValueError(f"--init {config.init} holds a {checkpoint['model']} model, not {config.model}")
+    differ = {k: (v, model.hparams.get(k)) for k, v in hparams.items() if model.hparams.get(k) != v}
+    if differ:
+        raise ValueError(f"--init {config.init}: hyperparameters differ from the checkpoint's: "
+                         + ", ".join(f"{k}={a} (checkpoint {b})" for k, (a, b) in differ.items()))
+    model.train()
+    return model
+
+
 def _validate(model, loss_fn, batches, device: torch.device | None = None) -> tuple[float, dict[str, float | None]]:
     """Mean loss and pooled Dice per class over the fixed validation inputs (model grid)."""
     model.eval()
@@ -331,7 +349,11 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
     if config.size:
         hparams["input_size"] = config.size
     device = resolve_device(config.device)
-    model = build_model(config.model, **hparams)
+    if config.init:
+        model = initial_model(config, hparams)
+        hparams = dict(model.hparams)
+    else:
+        model = build_model(config.model, **hparams)
     size = int(model.input_size)
     if cache.size != size:
         cache = CaseCache(cache.directory, size)
