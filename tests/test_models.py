@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lungburden import labels as L
 from lungburden.inference.losses import RMILoss, neighbourhood_vectors
 from lungburden.inference.models import (
     MODEL_NAMES,
@@ -26,6 +27,7 @@ from lungburden.inference.preprocess import (
     CropBox,
     argmax_channels,
     body_box,
+    clear_outside_body,
     labels_to_model_grid,
     logits_to_labels,
     pad_context,
@@ -207,6 +209,26 @@ def test_preprocess_crops_windows_and_resizes() -> None:
                                atol=2e-3, rtol=0)
     blank = np.full((3, 20, 30), -1000, np.float32)
     assert body_box(blank).side == 30
+
+
+def test_labels_outside_the_body_are_cleared() -> None:
+    """Couch foam or a blanket taken for lung is dropped; the lungs, enclosed by the body, stay."""
+    hu = np.full((4, 96, 96), -1000.0, np.float32)
+    yy, xx = np.mgrid[:96, :96]
+    body = ((yy - 40) / 30) ** 2 + ((xx - 48) / 40) ** 2 < 1
+    lung = ((yy - 40) / 18) ** 2 + ((np.abs(xx - 48) - 18) / 12) ** 2 < 1
+    hu[:, body] = 40.0
+    hu[:, lung] = -850.0
+    hu[:, 80:84, 10:86] = 200.0  # couch shell, separated from the body by air
+    hu[:, 84:90, 10:86] = -750.0  # couch foam
+    labels = np.zeros(hu.shape, np.uint8)
+    labels[:, lung] = L.LUNG
+    labels[:, 84:90, 10:86] = L.LUNG  # the network's mistake
+    labels[:, 2:6, 2:6] = L.GGO
+    out = clear_outside_body(labels.copy(), hu)
+    assert (out[:, lung] == L.LUNG).all()
+    assert not out[:, 80:, :].any() and not out[:, :6, :6].any()
+    assert not clear_outside_body(labels.copy(), np.full(hu.shape, -1000.0, np.float32)).any()
 
 
 def test_logits_to_labels_matches_upsample_argmax() -> None:

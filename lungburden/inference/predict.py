@@ -40,6 +40,7 @@ from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
+    clear_outside_body,
     logits_to_labels,
     pad_context,
     preprocess,
@@ -168,7 +169,7 @@ class ConvLSTMSegmenter:
                 self._fast(pre, labels)
             else:
                 self._windows(pre, labels)
-        return labels
+        return clear_outside_body(labels, hu)
 
     # -- paths -----------------------------------------------------------------------------------
     def _emit(self, logits: torch.Tensor, pre: PreprocessedSeries, labels: np.ndarray, start: int) -> None:
