@@ -99,7 +99,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
     spec = PhantomSpec(
         seed=args.seed, slices=args.slices, slice_spacing_mm=args.spacing,
-        contrast=args.contrast, burden_percent=args.burden,
+        contrast=args.contrast, burden_percent=args.burden, neck_mm=args.neck,
     )
     phantom = generate_phantom(spec)
     out = write_phantom_series(phantom, Path(args.out_dir), spec)
@@ -137,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=float, default=5.0, help="slice spacing = thickness in mm (default 5)")
     p.add_argument("--contrast", action="store_true", help="IV contrast (bright vessels, heart, aorta)")
     p.add_argument("--burden", type=float, default=None, help="target pneumonia burden in %% (default random)")
+    p.add_argument("--neck", type=float, default=20.0, metavar="MM",
+                   help="how far the scan reaches above the lung apices (default 20; 40-70 adds the shoulder girdle)")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("models", help="list the available segmenters")

@@ -96,6 +96,17 @@ def test_phantom_then_analyze(tmp_path, capsys):
     assert result["lung_volume_ml"] == pytest.approx(truth["lung_volume_ml"], rel=0.15)
 
 
+def test_phantom_neck_option_moves_the_scan_up(tmp_path):
+    import pydicom
+
+    tops = {}
+    for neck in (20, 60):
+        out = tmp_path / f"n{neck}"
+        assert main(["phantom", str(out), "--seed", "7", "--slices", "8", "--neck", str(neck)]) == 0
+        tops[neck] = max(float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in out.glob("*.dcm"))
+    assert tops[60] - tops[20] == pytest.approx(20.0)  # the slab centre moves by half the extra reach
+
+
 def test_uid_seed_gives_deterministic_result_uids(real_lung_series, tmp_path):
     from lungburden.pipeline import process_series
 

@@ -95,11 +95,23 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, threshold: float = BO
     if body is None:
         labels[...] = 0
         return labels
-    rows, cols = labels.shape[1:]
-    for k in range(labels.shape[0]):
-        filled = ndimage.binary_fill_holes(body[k])
-        inside = np.repeat(np.repeat(filled, step, axis=0), step, axis=1)[:rows, :cols]
-        labels[k][~inside] = 0
+    n, rows, cols = labels.shape
+    # Holes filled slice by slice: background components (in-plane connectivity) that do not
+    # touch the image edge are inside the body.
+    plane = np.zeros((3, 3, 3), bool)
+    plane[1] = ndimage.generate_binary_structure(2, 1)
+    background, count = ndimage.label(~body, structure=plane)
+    outside = np.zeros(count + 1, bool)
+    outside[np.concatenate([background[:, 0].ravel(), background[:, -1].ravel(),
+                            background[:, :, 0].ravel(), background[:, :, -1].ravel()])] = True
+    outside[0] = False
+    inside = ~outside[background]
+    if rows % step == 0 and cols % step == 0:  # broadcast the coarse mask over step x step blocks
+        blocks = labels.reshape(n, rows // step, step, cols // step, step)
+        np.multiply(blocks, inside[:, :, None, :, None], out=blocks)
+        return labels
+    for k in range(n):
+        labels[k] *= np.repeat(np.repeat(inside[k], step, axis=0), step, axis=1)[:rows, :cols]
     return labels
 
 
