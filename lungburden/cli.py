@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contrast", action="store_true", help="IV contrast (bright vessels, heart, aorta)")
     p.add_argument("--burden", type=float, default=None, help="target pneumonia burden in %% (default random)")
     p.add_argument("--neck", type=float, default=20.0, metavar="MM",
-                   help="how far the scan reaches above the lung apices (default 20; 40-70 adds the shoulder girdle)")
+                   help="how far the scan range reaches above the lung apices (default 20; 40-70 adds more of the "
+                        "shoulder girdle and the root of the neck)")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("models", help="list the available segmenters")

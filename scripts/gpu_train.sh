@@ -31,14 +31,24 @@ COMMON="$DATA --device $DEVICE --threads 4 --slab 16 --batch 32 --windows-per-ep
         --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET"
 L4="--hparam levels=4 --hparam growth=24 --hparam hidden=24 --hparam head_width=24 --hparam lstm_pool=1"
 L4W="--hparam levels=4 --hparam growth=32 --hparam hidden=32 --hparam head_width=32 --hparam lstm_pool=1"
+pids=""
 $PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4" $COMMON $L4 > "$OUT/l4.log" 2>&1 &
+pids="$pids $!"
 $PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4w" $COMMON $L4W > "$OUT/l4w.log" 2>&1 &
+pids="$pids $!"
 $PY -m lungburden.cli train --final --model unet3d --out "$RUNS/unet3d" $DATA --device "$DEVICE" --threads 4 \
     --batch 32 --windows-per-epoch 256 --val-windows-per-case 12 --optimizer adam --lr 2e-3 \
     --time-budget "$BUDGET" > "$OUT/unet3d.log" 2>&1 &
-wait
+pids="$pids $!"
+failed=0
+for pid in $pids; do wait "$pid" || failed=$((failed + 1)); done
 for run in l4 l4w unet3d; do
-    cp "$RUNS/$run/final/best.pt" "$OUT/$run.pt" 2>/dev/null || echo "$run: no checkpoint"
+    if grep -q "stopped after" "$OUT/$run.log"; then
+        cp "$RUNS/$run/final/best.pt" "$OUT/$run.pt"
+    else
+        echo "$run: FAILED (no checkpoint copied)"
+    fi
     tail -3 "$OUT/$run.log"
 done
-echo "total $(( $(date +%s) - started )) s"
+echo "total $(( $(date +%s) - started )) s; $failed run(s) failed"
+exit $(( failed > 0 ))

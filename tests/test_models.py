@@ -229,6 +229,18 @@ def test_labels_outside_the_body_are_cleared() -> None:
     assert (out[:, lung] == L.LUNG).all()
     assert not out[:, 80:, :].any() and not out[:, :6, :6].any()
     assert not clear_outside_body(labels.copy(), np.full(hu.shape, -1000.0, np.float32)).any()
+    # A crop or reduced field of view that cuts through the body and a lung (the lung reaches the
+    # image edge): the cut lung is not air-like, so it stays; also on a size not divisible by 4.
+    crop_hu, crop_labels = hu[:, 12:69, 25:90], labels[:, 12:69, 25:90]
+    assert crop_hu.shape[1:] == (57, 65) and lung[12:69, 25:90][:, 0].any()
+    out = clear_outside_body(crop_labels.copy(), crop_hu)
+    np.testing.assert_array_equal(out == L.LUNG, lung[12:69, 25:90][None].repeat(4, 0))
+    # Non-contiguous label maps are updated in place too.
+    wide = np.zeros((4, 96, 192), np.uint8)
+    view = wide[:, :, ::2]
+    view[...] = labels
+    clear_outside_body(view, hu)
+    assert not view[:, 84:90].any() and (view[:, lung] == L.LUNG).all()
 
 
 def test_logits_to_labels_matches_upsample_argmax() -> None:

@@ -405,9 +405,10 @@ def test_init_fine_tunes_from_a_checkpoint_and_checks_its_model(tmp_path):
               "--windows-per-epoch", "4", "--batch", "2", "--micro-batch", "2", "--val-windows-per-case", "2",
               "--cache", str(tmp_path / "cache"), "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"),
               "--max-epochs", "1", "--init", str(tmp_path / "start.pt")]
-    assert main([*common, "--out", str(tmp_path / "ft"), "--lr", "1e-9"]) == 0
+    assert main([*common, "--out", str(tmp_path / "ft"), "--lr", "1e-9", "--stop-lr", "1e-12"]) == 0
     tuned, ckpt = load_checkpoint(tmp_path / "ft" / "final" / "last.pt")
     assert tuned.hparams == start.hparams and ckpt["metadata"]["config"]["init"] == str(tmp_path / "start.pt")
+    assert ckpt["metadata"]["epochs"] == 1
     # A tiny learning rate leaves the weights next to the initial ones (a fresh model would differ).
     first = "encoder.stem.0.weight"
     torch.testing.assert_close(tuned.state_dict()[first], start.state_dict()[first], atol=1e-5, rtol=0)

@@ -338,7 +338,8 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="processes that generate/preprocess the cases before training (default 0: this one)")
     p.add_argument("--init", default=None, metavar="CKPT",
-                   help="start from this checkpoint's weights (fine-tuning; model and hyperparameters from it)")
+                   help="start from this checkpoint's weights (fine-tuning; its hyperparameters are used, "
+                        "and --model must name its model, e.g. --model unet3d for a UNet3D checkpoint)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/<fold>/state.pt")
     p.add_argument("--export", default=None, metavar="PATH", help="copy the best checkpoint here (e.g. "
                    "lungburden/weights/convlstm.pt); single model only")

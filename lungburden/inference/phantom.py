@@ -75,8 +75,10 @@ class PhantomSpec:
     lesion_kinds: frozenset[str] = frozenset(LESION_KINDS)
     #: Scale of the CT noise (1 = the seed's 10-25 HU; 0 = noiseless, for debugging).
     noise_scale: float = 1.0
-    #: How far the scan reaches above the lung apices (mm): 20 = the upper thorax only; larger
-    #: values add the shoulder girdle and the root of the neck, where real chest CTs start.
+    #: How far the scan range reaches above the lung apices (mm; the slab is centred on the range
+    #: [lowest diaphragm - 25 mm, apices + neck_mm]). The shoulder girdle starts 45 mm below the
+    #: apices, so any scan of the apices shows part of it; larger values add more of it and the
+    #: root of the neck, where real chest CTs start.
     neck_mm: float = 20.0
 
     def __post_init__(self) -> None:
@@ -90,6 +92,9 @@ class PhantomSpec:
             raise ValueError("spacings must be positive")
         if self.burden_percent is not None and not 0.0 <= self.burden_percent <= 100.0:
             raise ValueError("burden_percent must lie in [0, 100]")
+        object.__setattr__(self, "neck_mm", float(self.neck_mm))
+        if not 0.0 <= self.neck_mm <= 300.0:
+            raise ValueError("neck_mm must lie in [0, 300]")
 
     @property
     def pixel_spacing(self) -> float:
@@ -677,7 +682,10 @@ def _layers(an: _Anatomy, z: float) -> tuple[float, float, float, float, float, 
     of skin inner, fat inner, muscle inner (= rib zone outer) and cavity boundaries.
 
     At the shoulder girdle the body widens (``shoulder_w``) while the thoracic cavity keeps its
-    width: the extra width is muscle (deltoid, trapezius, pectorals) around a narrow apex.
+    width: the extra width is muscle (deltoid, trapezius, pectorals) around a narrow apex. The
+    layers are radii of one ellipse, so the cavity's front-to-back depth shrinks by the same
+    factor (up to 1/1.32 above the apices, ~1/1.1 at the top of the lungs): thicker pectoral and
+    back muscle there, and slightly flatter apices.
     """
     top = float(np.clip((z - an.z_car) / max(an.z_apex + 20 - an.z_car, 1.0), 0, 1))
     widen = 1.0 + an.shoulder_w * _shoulder_level(an, z)

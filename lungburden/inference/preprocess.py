@@ -72,6 +72,10 @@ class PreprocessedSeries:
         return int(self.image.shape[0])
 
 
+#: Below this, a background region that reaches the image edge counts as the air around the patient.
+OUTSIDE_AIR_HU = -950.0
+
+
 def _coarse_body(hu: np.ndarray, threshold: float, step: int) -> np.ndarray | None:
     """Largest 3-D component of ``hu > threshold`` on the ``step``-subsampled in-plane grid
     (None without any voxel above the threshold)."""
@@ -89,24 +93,31 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, threshold: float = BO
 
     The body is the component of :func:`body_box` with its holes (lungs, airways) filled slice by
     slice; a network can take the foam of the couch or a blanket for lung, which would enter the
-    burden denominator. On the ``step`` grid (3 mm at 0.8 mm pixels), far from any lung edge.
+    burden denominator. A hole that reaches the image edge (a lung cut by a reduced field of view
+    or a crop) stays inside unless it is mostly air (< -950 HU: the room around the patient, with
+    the couch and blankets in it). On the ``step`` grid (3 mm at 0.8 mm pixels), far from any
+    lung edge.
     """
     body = _coarse_body(hu, threshold, step)
     if body is None:
         labels[...] = 0
         return labels
     n, rows, cols = labels.shape
-    # Holes filled slice by slice: background components (in-plane connectivity) that do not
-    # touch the image edge are inside the body.
+    # Background components per slice (in-plane connectivity); those reaching the image edge
+    # and mostly air-like are the outside.
     plane = np.zeros((3, 3, 3), bool)
     plane[1] = ndimage.generate_binary_structure(2, 1)
     background, count = ndimage.label(~body, structure=plane)
+    edge = np.unique(np.concatenate([background[:, 0].ravel(), background[:, -1].ravel(),
+                                     background[:, :, 0].ravel(), background[:, :, -1].ravel()]))
+    edge = edge[edge > 0]
     outside = np.zeros(count + 1, bool)
-    outside[np.concatenate([background[:, 0].ravel(), background[:, -1].ravel(),
-                            background[:, :, 0].ravel(), background[:, :, -1].ravel()])] = True
-    outside[0] = False
+    if edge.size:
+        air_share = np.asarray(ndimage.mean(hu[:, ::step, ::step] < OUTSIDE_AIR_HU, background, edge))
+        outside[edge[air_share > 0.5]] = True
     inside = ~outside[background]
-    if rows % step == 0 and cols % step == 0:  # broadcast the coarse mask over step x step blocks
+    if labels.flags.c_contiguous and rows % step == 0 and cols % step == 0:
+        # Broadcast the coarse mask over the step x step blocks of the label map (a view).
         blocks = labels.reshape(n, rows // step, step, cols // step, step)
         np.multiply(blocks, inside[:, :, None, :, None], out=blocks)
         return labels

@@ -601,9 +601,10 @@ def sample_phantom_spec(seed: int, matrix: int = 256, max_slices: int = 96):
     reconstructions cover a slab of the chest); contrast in half the cases; burden 0 in ~15 % of
     cases, otherwise 80·u^1.5 % (more low-burden cases, as in clinical cohorts); lesion kinds all
     three in 70 % of cases, else GGO only / consolidation only / GGO + effusion; field of view
-    320-450 mm on a ``matrix`` × ``matrix`` grid; noise 0.6-1.5 × the seed's; the scan starts
-    20 mm above the lung apices in 40 % of cases, else 25-70 mm above them (shoulder girdle and
-    root of the neck, as in real chest CTs).
+    320-450 mm on a ``matrix`` × ``matrix`` grid; noise 0.6-1.5 × the seed's; the scan range
+    reaches 20 mm above the lung apices in 40 % of cases, else 25-70 mm (more of the shoulder
+    girdle and the root of the neck, as in real chest CTs; thin-slice slabs of the mid-chest
+    seldom reach the apices either way).
     """
     from lungburden.inference.phantom import LESION_KINDS, PhantomSpec
 
@@ -644,7 +645,8 @@ class PhantomSource:
         return int(case_id.rsplit("-", 1)[1])
 
     def cache_key(self, case_id: str) -> str:
-        return json.dumps([case_id, self.matrix, self.max_slices, _module_digest("lungburden.inference.phantom")])
+        spec = sample_phantom_spec(self._seed(case_id), self.matrix, self.max_slices)
+        return json.dumps([case_id, spec.key(), _module_digest("lungburden.inference.phantom")])
 
     def load(self, case_id: str) -> RawCase:
         from lungburden.inference.phantom import generate_phantom
@@ -954,10 +956,19 @@ class CaseCache:
         return case
 
 
-def _worker_init() -> None:
+_WORKER_STATE: dict[str, Any] = {}
+
+
+def _worker_init(index: CaseIndex, cache: CaseCache) -> None:
+    """Spawned case-preparation process: one torch thread, the index and cache sent once."""
     import torch
 
     torch.set_num_threads(1)
+    _WORKER_STATE.update(index=index, cache=cache)
+
+
+def _worker_case(case_id: str) -> TrainingCase:
+    return _WORKER_STATE["cache"].get(_WORKER_STATE["index"], case_id)
 
 
 def load_training_cases(index: CaseIndex, case_ids: Sequence[str], cache: CaseCache,
@@ -973,9 +984,12 @@ def load_training_cases(index: CaseIndex, case_ids: Sequence[str], cache: CaseCa
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(min(workers, len(case_ids)), mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init) as pool:
-            return list(tqdm(pool.map(cache.get, [index] * len(case_ids), case_ids), **bar))
+        pool = ProcessPoolExecutor(min(workers, len(case_ids)), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_init, initargs=(index, cache))
+        try:
+            return list(tqdm(pool.map(_worker_case, case_ids), **bar))
+        finally:
+            pool.shutdown(cancel_futures=True)
     return [cache.get(index, cid) for cid in tqdm(case_ids, **bar)]
 
 
