@@ -169,7 +169,7 @@ class ConvLSTMSegmenter:
                 self._fast(pre, labels)
             else:
                 self._windows(pre, labels)
-        return clear_outside_body(labels, hu)
+        return clear_outside_body(labels, hu, pre.body)
 
     # -- paths -----------------------------------------------------------------------------------
     def _emit(self, logits: torch.Tensor, pre: PreprocessedSeries, labels: np.ndarray, start: int) -> None:

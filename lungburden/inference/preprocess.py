@@ -62,6 +62,9 @@ class PreprocessedSeries:
     image: torch.Tensor
     box: CropBox
     source_shape: tuple[int, int, int]
+    #: The body component the box was found from (:func:`coarse_body`), reused by
+    #: :func:`clear_outside_body`; None when the box was given.
+    body: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -76,19 +79,23 @@ class PreprocessedSeries:
 OUTSIDE_AIR_HU = -950.0
 
 
-def _coarse_body(hu: np.ndarray, threshold: float, step: int) -> np.ndarray | None:
+#: In-plane subsampling of the body component (4 = 3 mm at 0.8 mm pixels) and the crop margin.
+BODY_STEP, BODY_MARGIN = 4, 8
+
+
+def coarse_body(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP) -> np.ndarray:
     """Largest 3-D component of ``hu > threshold`` on the ``step``-subsampled in-plane grid
-    (None without any voxel above the threshold)."""
+    (all False without any voxel above the threshold)."""
     components, count = ndimage.label(hu[:, ::step, ::step] > threshold)
     if count == 0:
-        return None
+        return np.zeros(components.shape, bool)
     sizes = np.bincount(components.ravel())
     sizes[0] = 0
     return components == int(sizes.argmax())
 
 
-def clear_outside_body(labels: np.ndarray, hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU,
-                       step: int = 4) -> np.ndarray:
+def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | None = None,
+                       step: int = BODY_STEP) -> np.ndarray:
     """Set ``labels`` to background outside the patient's body, in place; returns ``labels``.
 
     The body is the component of :func:`body_box` with its holes (lungs, airways) filled slice by
@@ -96,10 +103,11 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, threshold: float = BO
     burden denominator. A hole that reaches the image edge (a lung cut by a reduced field of view
     or a crop) stays inside unless it is mostly air (< -950 HU: the room around the patient, with
     the couch and blankets in it). On the ``step`` grid (3 mm at 0.8 mm pixels), far from any
-    lung edge.
+    lung edge. ``body``: the :func:`coarse_body` of ``hu`` if already computed (preprocessing).
     """
-    body = _coarse_body(hu, threshold, step)
     if body is None:
+        body = coarse_body(hu, step=step)
+    if not body.any():
         labels[...] = 0
         return labels
     n, rows, cols = labels.shape
@@ -126,17 +134,20 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, threshold: float = BO
     return labels
 
 
-def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = 4,
-             margin: int = 8) -> CropBox:
+def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP,
+             margin: int = BODY_MARGIN) -> CropBox:
     """Square bounding box (source pixels) of the body over the whole series (section 2.4).
 
     The body is the largest 3-D component of ``hu > threshold`` on a ``step``-subsampled in-plane
     grid; the box is grown by ``margin + step`` pixels and centred-padded to a square. Without a
     body (blank series), the whole image is used.
     """
-    n, rows, cols = hu.shape
-    body = _coarse_body(hu, threshold, step)
-    if body is None:
+    return _box_around(coarse_body(hu, threshold, step), hu.shape[1], hu.shape[2], step, margin)
+
+
+def _box_around(body: np.ndarray, rows: int, cols: int, step: int, margin: int) -> CropBox:
+    """The square crop of :func:`body_box` around a :func:`coarse_body` mask."""
+    if not body.any():
         side = max(rows, cols)
         return CropBox((rows - side) // 2, (cols - side) // 2, side)
     rr = np.flatnonzero(body.any(axis=(0, 2)))
@@ -181,11 +192,14 @@ def preprocess(hu: np.ndarray, size: int = DEFAULT_SIZE, box: CropBox | None = N
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"expected a (slices, rows, cols) volume, got shape {hu.shape}")
-    box = box or body_box(hu)
+    body = None
+    if box is None:
+        body = coarse_body(hu)
+        box = _box_around(body, hu.shape[1], hu.shape[2], BODY_STEP, BODY_MARGIN)
     out = torch.empty((hu.shape[0], size, size), dtype=torch.float32)
     for a in range(0, hu.shape[0], chunk):
         out[a:a + chunk] = normalise_slices(hu[a:a + chunk], box, size)
-    return PreprocessedSeries(image=out, box=box, source_shape=tuple(int(s) for s in hu.shape))
+    return PreprocessedSeries(image=out, box=box, source_shape=tuple(int(s) for s in hu.shape), body=body)
 
 
 def to_source_grid(maps: torch.Tensor, box: CropBox, rows: int, cols: int) -> torch.Tensor:
