@@ -5,6 +5,13 @@
 # and the number of epochs the time budget allows differ from the CPU runs.
 #
 #   PHANTOMS=400 VARIANTS=16 BUDGET=6.5 WORKERS=15 DEVICE=cuda REAL_CT=.devdata/real-ct scripts/gpu_train.sh
+#
+# RUNS_LIST names the runs (default "l4 l4w unet3d", session 3):
+#   l4      ConvLSTM levels=4, width 24, from Kaiming initialisation, Adam lr 2e-3
+#   l4w     the same at width 32
+#   unet3d  the UNet3D baseline of Table 4
+#   ft-l4   fine-tune of the levels=4 width-24 checkpoint $INIT (Adam lr $FT_LR, default 5e-4)
+#   ft-l4s  the same at a smaller learning rate ($FT_LR_SMALL, default 2e-4)
 set -u
 OUT=${OUT:-gpu-out}
 PHANTOMS=${PHANTOMS:-400}
@@ -17,6 +24,10 @@ CACHE=${CACHE:-/tmp/lungburden-gpu-cases}
 RUNS=${RUNS:-/tmp/lungburden-gpu-runs}
 PY=${PY:-python3}
 EPOCH_WINDOWS=${EPOCH_WINDOWS:-512}
+RUNS_LIST=${RUNS_LIST:-l4 l4w unet3d}
+INIT=${INIT:-}
+FT_LR=${FT_LR:-5e-4}
+FT_LR_SMALL=${FT_LR_SMALL:-2e-4}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
@@ -28,21 +39,30 @@ $PY -m lungburden.cli train --final --model convlstm --out "$RUNS/prep" $DATA --
 echo "cases ready after $(( $(date +%s) - started )) s: $(ls "$CACHE" | wc -l) files"
 # 2. The runs, side by side (each its own process and CPU threads; the GPU is shared).
 COMMON="$DATA --device $DEVICE --threads 4 --slab 16 --batch 32 --windows-per-epoch $EPOCH_WINDOWS
-        --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET"
+        --val-windows-per-case 12 --optimizer adam --time-budget $BUDGET"
 L4="--hparam levels=4 --hparam growth=24 --hparam hidden=24 --hparam head_width=24 --hparam lstm_pool=1"
 L4W="--hparam levels=4 --hparam growth=32 --hparam hidden=32 --hparam head_width=32 --hparam lstm_pool=1"
+run_args() {
+    case "$1" in
+        l4) echo "--model convlstm $COMMON --lr 2e-3 $L4" ;;
+        l4w) echo "--model convlstm $COMMON --lr 2e-3 $L4W" ;;
+        unet3d) echo "--model unet3d $DATA --device $DEVICE --threads 4 --batch 32 --windows-per-epoch 256
+                     --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET" ;;
+        ft-l4) echo "--model convlstm $COMMON --lr $FT_LR --init $INIT" ;;
+        ft-l4s) echo "--model convlstm $COMMON --lr $FT_LR_SMALL --init $INIT" ;;
+        *) return 1 ;;
+    esac
+}
 pids=""
-$PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4" $COMMON $L4 > "$OUT/l4.log" 2>&1 &
-pids="$pids $!"
-$PY -m lungburden.cli train --final --model convlstm --out "$RUNS/l4w" $COMMON $L4W > "$OUT/l4w.log" 2>&1 &
-pids="$pids $!"
-$PY -m lungburden.cli train --final --model unet3d --out "$RUNS/unet3d" $DATA --device "$DEVICE" --threads 4 \
-    --batch 32 --windows-per-epoch 256 --val-windows-per-case 12 --optimizer adam --lr 2e-3 \
-    --time-budget "$BUDGET" > "$OUT/unet3d.log" 2>&1 &
-pids="$pids $!"
+for run in $RUNS_LIST; do
+    args=$(run_args "$run") || { echo "unknown run $run"; exit 2; }
+    # shellcheck disable=SC2086
+    $PY -m lungburden.cli train --final --out "$RUNS/$run" $args > "$OUT/$run.log" 2>&1 &
+    pids="$pids $!"
+done
 failed=0
 for pid in $pids; do wait "$pid" || failed=$((failed + 1)); done
-for run in l4 l4w unet3d; do
+for run in $RUNS_LIST; do
     if grep -q "stopped after" "$OUT/$run.log"; then
         cp "$RUNS/$run/final/best.pt" "$OUT/$run.pt"
     else

@@ -96,19 +96,49 @@ def test_lungs_labels_and_sides(sick):
 
 
 def test_lesion_hu_ranges_noise_free():
-    ph = generate_phantom(small(seed=4, burden_percent=40.0, noise_scale=0.0))
+    # Thin slices: no partial-volume averaging (see test_thick_slices_average_sub_slices).
+    ph = generate_phantom(small(seed=4, slices=72, slice_spacing_mm=1.25, burden_percent=40.0, noise_scale=0.0))
     kinds, hu = ph.lesion_kinds, ph.hu
     ggo = hu[kinds == KIND_GGO]
     assert ggo.size and -700 <= np.median(ggo) <= -350
     assert np.mean((ggo >= -750) & (ggo <= -300)) > 0.85  # the rest: preserved vessels in GGO
     cons = hu[kinds == KIND_CONSOLIDATION]
     assert cons.size and cons.min() >= -100 and cons.max() <= 100
-    eff = generate_phantom(small(seed=4, burden_percent=6.0, noise_scale=0.0, lesion_kinds=frozenset({"effusion"})))
+    eff = generate_phantom(small(seed=4, slices=72, slice_spacing_mm=1.25, burden_percent=6.0, noise_scale=0.0,
+                                 lesion_kinds=frozenset({"effusion"})))
     vals = eff.hu[eff.lesion_kinds == KIND_EFFUSION]
     assert vals.size and vals.min() >= 0 and vals.max() <= 30
     # Dependent: the effusion lies posterior (larger row index) to the average lung voxel.
     rows = np.nonzero(eff.labels > 0)[1].mean()
     assert np.nonzero(eff.lesion_kinds == KIND_EFFUSION)[1].mean() > rows + 10
+
+
+def test_thick_slices_average_sub_slices():
+    from lungburden.inference.phantom import _thick_slices, slice_subsamples
+
+    assert [slice_subsamples(t) for t in (0.625, 1.25, 2.0, 2.5, 3.0, 5.0, 10.0)] == [1, 1, 2, 2, 3, 4, 4]
+    hu = np.array([-900, -900, 40, 40, -900, -900, -900, 60], dtype=np.float32).reshape(4, 1, 2)
+    lab = np.array([1, 1, 0, 0, 1, 2, 2, 3], dtype=np.uint8).reshape(4, 1, 2)
+    left = np.array([1, 0, 0, 0, 1, 0, 1, 1], dtype=bool).reshape(4, 1, 2)
+    kinds = np.array([0, 0, 0, 0, 0, 1, 1, 2], dtype=np.uint8).reshape(4, 1, 2)
+    t_hu, t_lab, t_left, t_kinds = _thick_slices(hu, lab, left, kinds, 2)
+    # HU: the mean of each pair of sub-slices (partial volume); truth: the majority, a tie going
+    # to the central (here: second) sub-slice.
+    assert t_hu.ravel().tolist() == [-430.0, -430.0, -900.0, -420.0]
+    assert t_lab.ravel().tolist() == [0, 0, 2, 3]
+    assert t_left.ravel().tolist() == [False, False, True, True]
+    assert t_kinds.ravel().tolist() == [0, 0, 1, 2]
+    # A noise-free 5 mm phantom without lesions: the diaphragm and vessels cut by the slab give
+    # lung-labelled voxels of intermediate density that 1.25 mm slices do not have.
+    thick = generate_phantom(small(seed=5, slices=18, burden_percent=0.0, noise_scale=0.0))
+    thin = generate_phantom(small(seed=5, slices=72, slice_spacing_mm=1.25, burden_percent=0.0, noise_scale=0.0))
+
+    def intermediate(ph):
+        v = ph.hu[ph.labels == L.LUNG]
+        return np.mean((v > -600) & (v < -200))
+
+    assert intermediate(thick) > 1.2 * intermediate(thin)
+    assert not (thick.labels >= L.GGO).any()
 
 
 def test_lesion_hu_with_noise_and_peripheral_bilateral(sick):

@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -622,6 +622,9 @@ class _Anatomy:
     contrast_hu: float
     shoulder_w: float
     humerus_r: float
+    #: Extra thickness (mm, at the midline) of the back: paraspinal and back muscles between the
+    #: posterior ribs and the skin, over the whole scan range.
+    back: float
 
 
 def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
@@ -634,7 +637,7 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
     z_arch = z_apex - u(50, 70)
     heart_ax = (u(52, 68), u(42, 55), u(45, 58))
     b_ant = u(95, 122)
-    return _Anatomy(
+    an = _Anatomy(
         xm=u(-6, 6),
         cy=u(-22, -2),
         a0=u(150, 185),
@@ -669,7 +672,12 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
         contrast_hu=u(230, 330),
         shoulder_w=u(0.12, 0.32),
         humerus_r=u(19, 25),
+        back=0.0,
     )
+    # Drawn last so that the earlier fields keep their values per seed; the body centre moves
+    # forward by half the extra back so the patient stays centred in the field of view.
+    back = u(10, 55)
+    return replace(an, back=back, cy=an.cy - back / 2)
 
 
 def _shoulder_level(an: _Anatomy, z: float) -> float:
@@ -792,7 +800,7 @@ def _couch(an: _Anatomy, grid: _Grid) -> np.ndarray:
     """CT couch (carbon shells around foam) under the patient, -1000 elsewhere, per (y, x)."""
     y = grid.y[:, None]
     x = grid.x[None, :]
-    top = an.cy + an.b_post + 2.0 - x**2 / 1400.0
+    top = an.cy + an.b_post + an.back + 2.0 - x**2 / 1400.0
     rel = y - top
     out = np.full((grid.ny, grid.nx), _AIR, dtype=np.float32)
     out = np.where((rel >= 0) & (rel < 30), -750.0, out)
@@ -831,7 +839,12 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
         eps = 0.6 * grid.ps / radius
         xp = [0.0, r_cav - eps, r_cav + eps, r_fat - eps, r_fat + eps, r_skin - eps, r_skin + eps, 1 - eps, 1 + eps]
         fp = [_FAT, _FAT, _MUSCLE, _MUSCLE, -100.0, -100.0, 30.0, 30.0, _AIR]
-        sl = np.interp(rho.ravel(), xp, fp).astype(np.float32).reshape(rho.shape)
+        # Skin and fat follow the body outline, which reaches ``back`` mm further behind; the
+        # cavity and the rib zone keep their place (rho): what lies between is back muscle.
+        rho_body = _rho(an, a, b_ant, b_post + an.back, y, x)
+        sl = np.interp(rho_body.ravel(), xp, fp).astype(np.float32).reshape(rho.shape)
+        sl[(rho >= r_cav + eps) & (rho_body < r_fat - eps)] = _MUSCLE
+        _back_fat_planes(sl, an, rho, rho_body, r_mus, r_fat, eps, y)
         np.maximum(sl, couch, out=sl)
         # Ribs and costal cartilage in the rib zone, sloping down from back to front.
         ring = np.flatnonzero(((rho >= r_cav) & (rho < r_mus)).ravel())
@@ -880,6 +893,21 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
             lk &= ((x - an.xm) / w) ** 2 + ((y - yc) / ry) ** 2 >= 1
         lung[k] = lk
     return hu, lung
+
+
+def _back_fat_planes(
+    sl: np.ndarray, an: _Anatomy, rho: np.ndarray, rho_body: np.ndarray, r_mus: float, r_fat: float,
+    eps: float, y: np.ndarray,
+) -> None:
+    """Thin fat planes of the back: between the superficial (trapezius, latissimus) and the deep
+    (erector spinae) muscle layers, where the back is thick enough to have both."""
+    if an.back < 12.0:
+        return
+    posterior = (y - an.cy) > 0
+    deep = rho >= r_mus
+    # The plane sits at 55 % of the way from the ribs' outer edge to the subcutaneous fat.
+    plane = np.abs(rho_body - (r_mus + 0.55 * (r_fat - r_mus))) < eps
+    sl[plane & deep & posterior & (rho_body < r_fat - eps)] = -80.0
 
 
 def _paint_humeral_heads(sl: np.ndarray, an: _Anatomy, x: np.ndarray, y: np.ndarray, z: float, a: float) -> None:
@@ -1346,7 +1374,9 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
         np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(4)
     )
     an = _sample_anatomy(rng_anat)
-    grid = _make_grid(spec, an)
+    out_grid = _make_grid(spec, an)
+    sub = slice_subsamples(out_grid.dz)
+    grid = _subslice_grid(out_grid, sub)
     hu, lung = _build_slices(an, grid, spec.contrast)
     _draw_heart(hu, lung, an, grid, spec.contrast)
     for tube in _mediastinal_tubes(an, grid, spec.contrast) + _clavicles(an):
@@ -1366,18 +1396,72 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     burden = random_burden_percent(rng_les) if spec.burden_percent is None else float(spec.burden_percent)
     plan = plan_lesions(rng_les, burden, spec.lesion_kinds)
     kinds = draw_lesions(hu, lung, grid.affine, rng_les, plan, left=left, noise_sd=0.0)
+    labels = _labels_from(lung, kinds)
+    if sub > 1:
+        hu, labels, left, kinds = _thick_slices(hu, labels, left, kinds, sub)
     _add_noise(hu, an.noise_sd * spec.noise_scale, rng_noise)
     np.rint(hu, out=hu)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
     return Phantom(
         spec=spec,
         hu=hu.astype(np.int16),
-        labels=_labels_from(lung, kinds),
-        affine=grid.affine,
+        labels=labels,
+        affine=out_grid.affine,
         left_lung=left,
         lesion_kinds=kinds,
         burden_target_percent=100.0 * plan.total,
     )
+
+
+#: Thinnest slab (mm) the generator samples; thicker slices average sub-slices of at most this.
+SUBSLICE_MM = 1.25
+
+
+def slice_subsamples(slice_spacing_mm: float) -> int:
+    """Sub-slices averaged per output slice: 1 up to 1.25 mm, then ceil(spacing / 1.25), at most 4."""
+    return int(min(4, max(1, math.ceil(slice_spacing_mm / SUBSLICE_MM - 1e-6))))
+
+
+def _subslice_grid(grid: _Grid, sub: int) -> _Grid:
+    """The grid of ``sub`` equally spaced sub-slices per slice of ``grid``, centred on each slice."""
+    if sub == 1:
+        return grid
+    dz = grid.dz / sub
+    return replace(grid, nz=grid.nz * sub, dz=dz, z_top=grid.z_top + grid.dz / 2 - dz / 2)
+
+
+def _majority(values: np.ndarray, sub: int, classes: int) -> np.ndarray:
+    """Most frequent value of each group of ``sub`` consecutive slices; a tie goes to the value of
+    the group's central sub-slice (one of the tied values), so that neither class gains volume."""
+    groups = values.reshape(values.shape[0] // sub, sub, *values.shape[1:])
+    counts = np.stack([np.count_nonzero(groups == c, axis=1) for c in range(classes)])
+    top = counts.max(axis=0)
+    out = np.argmax(counts, axis=0).astype(values.dtype)
+    tied = np.count_nonzero(counts == top, axis=0) > 1
+    out[tied] = groups[:, sub // 2][tied]
+    return out
+
+
+def _thick_slices(
+    hu: np.ndarray, labels: np.ndarray, left: np.ndarray, kinds: np.ndarray, sub: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Reconstructed thick slices from ``sub`` sub-slices each: HU averaged (the partial-volume
+    effect of a real reconstruction: the diaphragm dome or a vessel cut obliquely gives
+    intermediate densities that are not opacities), ground truth by majority of the sub-voxels."""
+    nz = hu.shape[0] // sub
+    thick = hu.reshape(nz, sub, *hu.shape[1:]).mean(axis=1, dtype=np.float32)
+    out_labels = _majority(labels, sub, 4)
+    field = out_labels > 0
+    groups_left = left.reshape(nz, sub, *left.shape[1:])
+    groups_field = (labels > 0).reshape(groups_left.shape)
+    out_left = field & (2 * np.count_nonzero(groups_left, axis=1) >= np.count_nonzero(groups_field, axis=1))
+    out_kinds = _majority(kinds, sub, KIND_EFFUSION + 1)
+    # Kinds agree with the labels (GGO exactly where label GGO; consolidation or effusion under
+    # high opacity, consolidation where the sub-voxels' majority kind was not one of them).
+    out_kinds[out_labels < L.GGO] = KIND_NONE
+    out_kinds[out_labels == L.GGO] = KIND_GGO
+    out_kinds[(out_labels == L.HIGH_OPACITY) & (out_kinds < KIND_CONSOLIDATION)] = KIND_CONSOLIDATION
+    return thick, out_labels, out_left, out_kinds
 
 
 # --------------------------------------------------------------------------------------------
