@@ -141,6 +141,18 @@ def test_thick_slices_average_sub_slices():
     assert not (thick.labels >= L.GGO).any()
 
 
+def test_muscle_has_texture_and_fat_planes():
+    from lungburden.inference.phantom import _FAT, _MUSCLE
+
+    ph = generate_phantom(small(seed=6, slices=40, slice_spacing_mm=1.25, burden_percent=0.0, noise_scale=0.0))
+    body_wall = ph.hu[:, 150:, :]  # posterior half: back muscle, ribs, spine, lung
+    soft = body_wall[(body_wall > 0) & (body_wall < 100)]
+    # Muscle HU varies around 45 (not one flat value) and thin fat planes run through it.
+    assert soft.size > 1000 and np.count_nonzero(soft == int(_MUSCLE)) < 0.05 * soft.size
+    assert 5.0 < soft.std() < 25.0
+    assert np.count_nonzero(ph.hu == int(_FAT + 10.0)) > 0.02 * soft.size
+
+
 def test_lesion_hu_with_noise_and_peripheral_bilateral(sick):
     q = phantom_quantities(sick)
     assert -750 <= q.ggo_mean_hu <= -300

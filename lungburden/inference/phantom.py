@@ -910,6 +910,32 @@ def _back_fat_planes(
     sl[plane & deep & posterior & (rho_body < r_fat - eps)] = -80.0
 
 
+def _muscle_texture(hu: np.ndarray, grid: _Grid, rng: np.random.Generator) -> None:
+    """Texture of the skeletal muscle (voxels at exactly ``_MUSCLE``): slow HU variation of
+    +-15 HU and a network of thin intermuscular fat planes (where a smooth random field crosses
+    zero), as real shoulder, back and chest-wall muscle shows; a uniform muscle would teach a
+    network that any textured soft tissue is consolidation."""
+    muscle = hu == np.float32(_MUSCLE)
+    if not muscle.any():
+        return
+    spacing = np.array([grid.dz, grid.ps, grid.ps])
+    factors = tuple(int(max(1, round(3.0 / d))) for d in spacing)
+    coarse = tuple(-(-n // f) for n, f in zip(hu.shape, factors, strict=True))
+    cspacing = spacing * np.array(factors)
+
+    def field(sigma_mm: float) -> np.ndarray:
+        noise = rng.standard_normal(coarse, dtype=np.float32)
+        smooth = ndimage.gaussian_filter(noise, sigma=tuple(float(v) for v in sigma_mm / cspacing), mode="wrap")
+        smooth /= max(float(smooth.std()), 1e-6)
+        return _upsample_linear(smooth, factors, hu.shape)
+
+    level = field(10.0)
+    planes = np.abs(field(float(rng.uniform(7.0, 14.0)))) < np.float32(rng.uniform(0.06, 0.14))
+    values = np.float32(_MUSCLE) + np.float32(rng.uniform(6.0, 15.0)) * level
+    values[planes] = np.float32(_FAT + 10.0)
+    np.copyto(hu, values, where=muscle)
+
+
 def _paint_humeral_heads(sl: np.ndarray, an: _Anatomy, x: np.ndarray, y: np.ndarray, z: float, a: float) -> None:
     """Humeral heads (cortex and cancellous bone) in the lateral shoulder muscle of one slice."""
     zc = an.z_apex - 5.0
@@ -1370,14 +1396,16 @@ def _make_grid(spec: PhantomSpec, an: _Anatomy) -> _Grid:
 
 def generate_phantom(spec: PhantomSpec) -> Phantom:
     """Generate a synthetic chest CT with lesions (see :class:`Phantom`); deterministic per spec."""
-    rng_anat, rng_tree, rng_les, rng_noise = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(4)
+    # spawn(5) gives the same first four streams as spawn(4) did: adding one kept the others.
+    rng_anat, rng_tree, rng_les, rng_noise, rng_texture = (
+        np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(5)
     )
     an = _sample_anatomy(rng_anat)
     out_grid = _make_grid(spec, an)
     sub = slice_subsamples(out_grid.dz)
     grid = _subslice_grid(out_grid, sub)
     hu, lung = _build_slices(an, grid, spec.contrast)
+    _muscle_texture(hu, grid, rng_texture)
     _draw_heart(hu, lung, an, grid, spec.contrast)
     for tube in _mediastinal_tubes(an, grid, spec.contrast) + _clavicles(an):
         _draw_tube(hu, lung, grid, tube)
