@@ -32,6 +32,7 @@ from lungburden.inference.preprocess import (
     logits_to_labels,
     pad_context,
     preprocess,
+    remove_small_opacities,
     to_source_grid,
     window_indices,
 )
@@ -241,6 +242,31 @@ def test_labels_outside_the_body_are_cleared() -> None:
     view[...] = labels
     clear_outside_body(view, hu)
     assert not view[:, 84:90].any() and (view[:, lung] == L.LUNG).all()
+
+
+def test_small_opacity_specks_are_removed() -> None:
+    """Opacity components under the size floor go (to lung inside the lung, else background);
+    larger ones, and a small GGO joined to a consolidation, stay."""
+    labels = np.zeros((10, 40, 40), np.uint8)
+    labels[:, 5:35, 5:35] = L.LUNG
+    labels[2:3, 10:12, 10:12] = L.GGO  # 4 voxels inside the lung
+    labels[6:9, 20:30, 20:30] = L.HIGH_OPACITY  # 300 voxels
+    labels[5:6, 24:26, 24:26] = L.GGO  # touches the consolidation: one component with it
+    labels[0:1, 0:2, 0:2] = L.HIGH_OPACITY  # 4 voxels outside the lung
+    before = labels.copy()
+    out = remove_small_opacities(labels, voxel_ml=0.01, min_ml=0.5)  # floor: 50 voxels
+    assert out is labels
+    assert (out[2, 10:12, 10:12] == L.LUNG).all() and not out[0, 0:2, 0:2].any()
+    assert (out[6:9, 20:30, 20:30] == L.HIGH_OPACITY).all() and (out[5, 24:26, 24:26] == L.GGO).all()
+    changed = out != before
+    assert changed.sum() == 8
+    # Disabled with a floor of 0; non-contiguous maps are updated in place.
+    assert (remove_small_opacities(before.copy(), 0.01, 0.0) == before).all()
+    wide = np.zeros((10, 40, 80), np.uint8)
+    view = wide[:, :, ::2]
+    view[...] = before
+    remove_small_opacities(view, 0.01, 0.5)
+    assert (view == out).all()
 
 
 def test_logits_to_labels_matches_upsample_argmax() -> None:

@@ -44,6 +44,7 @@ from lungburden.inference.preprocess import (
     logits_to_labels,
     pad_context,
     preprocess,
+    remove_small_opacities,
     window_indices,
 )
 from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter
@@ -51,6 +52,8 @@ from lungburden.inference.volume import CTVolume
 
 #: Where the shipped weights live (``lungburden train --final --export`` writes them).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "convlstm.pt"
+#: Opacity components smaller than this (mL) are dropped (:func:`remove_small_opacities`).
+MIN_OPACITY_ML = 0.5
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -114,7 +117,8 @@ class ConvLSTMSegmenter:
 
     def __init__(self, weights_path: str | os.PathLike[str] | None = None, model: nn.Module | None = None, *,
                  naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
-                 target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True):
+                 target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True,
+                 min_opacity_ml: float = MIN_OPACITY_ML):
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
         if model is None:
@@ -135,13 +139,15 @@ class ConvLSTMSegmenter:
         self.encode_chunk = max(1, encode_chunk)
         self.target_chunk = max(1, target_chunk)
         self.window_batch = max(1, window_batch)
+        self.min_opacity_ml = float(min_opacity_ml)
         model_name = str(getattr(model, "name", type(model).__name__))
         self.info = AlgorithmInfo(
             name=f"lungburden {model_name}",
             version=__version__,
             family="Artificial Intelligence",
             parameters={"model": model_name, "weights": weights_id,
-                        "input_size": str(self.input_size), "context": str(self.context)},
+                        "input_size": str(self.input_size), "context": str(self.context),
+                        "min_opacity_ml": str(self.min_opacity_ml)},
         )
 
     @classmethod
@@ -169,7 +175,10 @@ class ConvLSTMSegmenter:
                 self._fast(pre, labels)
             else:
                 self._windows(pre, labels)
-        return clear_outside_body(labels, hu, pre.body)
+        clear_outside_body(labels, hu, pre.body)
+        if isinstance(volume, CTVolume):
+            remove_small_opacities(labels, volume.voxel_volume_ml, self.min_opacity_ml)
+        return labels
 
     # -- paths -----------------------------------------------------------------------------------
     def _emit(self, logits: torch.Tensor, pre: PreprocessedSeries, labels: np.ndarray, start: int) -> None:

@@ -134,6 +134,42 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | No
     return labels
 
 
+#: 26-connectivity in 3-D.
+_CUBE = np.ones((3, 3, 3), bool)
+
+
+def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """Relabel opacity components (GGO and high opacity together, 26-connected in 3-D) smaller
+    than ``min_ml`` millilitres, in place; returns ``labels``.
+
+    A speck of a few voxels is network noise, not a reportable finding (a pneumonia focus is
+    centimetres across), and a burden report should read exactly 0 in a patient without
+    pneumonia. A removed speck that touches aerated lung becomes lung, any other background.
+    ``min_ml <= 0`` disables the step.
+    """
+    if min_ml <= 0 or voxel_ml <= 0:
+        return labels
+    opacity = labels >= 2  # lungburden.labels.GGO / HIGH_OPACITY
+    axes = [np.flatnonzero(opacity.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not axes[0].size:
+        return labels
+    # Work inside the opacity's bounding box, grown by one voxel for the lung-contact test.
+    crop = tuple(slice(max(int(a[0]) - 1, 0), int(a[-1]) + 2) for a in axes)
+    sub_labels = labels[crop]
+    comps, _ = ndimage.label(opacity[crop], structure=_CUBE)
+    max_voxels = min_ml / voxel_ml
+    for index, box in enumerate(ndimage.find_objects(comps), start=1):
+        if box is None:
+            continue
+        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+        speck = comps[grown] == index
+        if np.count_nonzero(speck) >= max_voxels:
+            continue
+        touches_lung = bool((ndimage.binary_dilation(speck, structure=_CUBE) & (sub_labels[grown] == 1)).any())
+        sub_labels[grown][speck] = 1 if touches_lung else 0
+    return labels
+
+
 def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP,
              margin: int = BODY_MARGIN) -> CropBox:
     """Square bounding box (source pixels) of the body over the whole series (section 2.4).
