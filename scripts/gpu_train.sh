@@ -28,6 +28,17 @@ RUNS_LIST=${RUNS_LIST:-l4 l4w unet3d}
 INIT=${INIT:-}
 FT_LR=${FT_LR:-5e-4}
 FT_LR_SMALL=${FT_LR_SMALL:-2e-4}
+# Check the run list before the long case preparation.
+seen=" "
+for run in $RUNS_LIST; do
+    case "$run" in
+        l4|l4w|unet3d) ;;
+        ft-l4|ft-l4s) [ -f "$INIT" ] || { echo "run $run needs INIT=<checkpoint> (got '$INIT')"; exit 2; } ;;
+        *) echo "unknown run $run (l4 l4w unet3d ft-l4 ft-l4s)"; exit 2 ;;
+    esac
+    case "$seen" in *" $run "*) echo "run $run listed twice"; exit 2 ;; esac
+    seen="$seen$run "
+done
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1
 started=$(date +%s)
@@ -55,7 +66,7 @@ run_args() {
 }
 pids=""
 for run in $RUNS_LIST; do
-    args=$(run_args "$run") || { echo "unknown run $run"; exit 2; }
+    args=$(run_args "$run")
     # shellcheck disable=SC2086
     $PY -m lungburden.cli train --final --out "$RUNS/$run" $args > "$OUT/$run.log" 2>&1 &
     pids="$pids $!"

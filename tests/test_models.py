@@ -253,11 +253,15 @@ def test_small_opacity_specks_are_removed() -> None:
     labels[6:9, 20:30, 20:30] = L.HIGH_OPACITY  # 300 voxels
     labels[5:6, 24:26, 24:26] = L.GGO  # touches the consolidation: one component with it
     labels[0:1, 0:2, 0:2] = L.HIGH_OPACITY  # 4 voxels outside the lung
+    # Two 32-voxel cubes touching only at a corner: one 64-voxel component (26-connectivity) stays.
+    labels[0:2, 36:40, 36:40] = L.GGO
+    labels[2:4, 32:36, 32:36] = L.GGO
     before = labels.copy()
     out = remove_small_opacities(labels, voxel_ml=0.01, min_ml=0.5)  # floor: 50 voxels
     assert out is labels
     assert (out[2, 10:12, 10:12] == L.LUNG).all() and not out[0, 0:2, 0:2].any()
     assert (out[6:9, 20:30, 20:30] == L.HIGH_OPACITY).all() and (out[5, 24:26, 24:26] == L.GGO).all()
+    assert (out[0:2, 36:40, 36:40] == L.GGO).all() and (out[2:4, 32:36, 32:36] == L.GGO).all()
     changed = out != before
     assert changed.sum() == 8
     # Disabled with a floor of 0; non-contiguous maps are updated in place.

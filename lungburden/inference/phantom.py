@@ -15,8 +15,10 @@ Three uses share the code of this module (see ``docs/phantom.md``):
 Lesions (:func:`draw_lesions`, used by both): ground-glass opacity (GGO, label 2, -750..-300 HU,
 vessels kept), consolidation and dependent pleural effusion (label 3, -100..+100 HU and
 0..+30 HU). Lesion voxels are chosen by rank inside the lung field, so the requested burden is
-met to the voxel. Lung vessels and airways inside the lungs belong to the lung field (label 1),
-as in the usual lung masks; the trachea, main bronchi and hilar vessels do not.
+met to the voxel on the generation grid (slices thicker than 1.25 mm are averaged from
+sub-slices, whose majority vote moves it by up to ~0.1 percentage point). Lung vessels and
+airways inside the lungs belong to the lung field (label 1), as in the usual lung masks; the
+trachea, main bronchi and hilar vessels do not.
 
 Array conventions are those of :class:`~lungburden.inference.volume.CTVolume`: axes
 ``(slice, row, column)``, the first slice is the most superior, ``affine`` maps
@@ -911,8 +913,8 @@ def _back_fat_planes(
 
 
 def _muscle_texture(hu: np.ndarray, grid: _Grid, rng: np.random.Generator) -> None:
-    """Texture of the skeletal muscle (voxels at exactly ``_MUSCLE``): slow HU variation of
-    +-15 HU and a network of thin intermuscular fat planes (where a smooth random field crosses
+    """Texture of the skeletal muscle (voxels at exactly ``_MUSCLE``): slow HU variation (SD
+    6-15 HU) and a network of thin intermuscular fat planes (where a smooth random field crosses
     zero), as real shoulder, back and chest-wall muscle shows; a uniform muscle would teach a
     network that any textured soft tissue is consolidation."""
     muscle = hu == np.float32(_MUSCLE)
@@ -923,17 +925,19 @@ def _muscle_texture(hu: np.ndarray, grid: _Grid, rng: np.random.Generator) -> No
     coarse = tuple(-(-n // f) for n, f in zip(hu.shape, factors, strict=True))
     cspacing = spacing * np.array(factors)
 
-    def field(sigma_mm: float) -> np.ndarray:
+    def random_field(sigma_mm: float) -> np.ndarray:
         noise = rng.standard_normal(coarse, dtype=np.float32)
         smooth = ndimage.gaussian_filter(noise, sigma=tuple(float(v) for v in sigma_mm / cspacing), mode="wrap")
         smooth /= max(float(smooth.std()), 1e-6)
         return _upsample_linear(smooth, factors, hu.shape)
 
-    level = field(10.0)
-    planes = np.abs(field(float(rng.uniform(7.0, 14.0)))) < np.float32(rng.uniform(0.06, 0.14))
+    where = np.nonzero(muscle)
+    del muscle
+    level = random_field(10.0)[where]
+    planes = np.abs(random_field(float(rng.uniform(7.0, 14.0)))[where]) < np.float32(rng.uniform(0.06, 0.14))
     values = np.float32(_MUSCLE) + np.float32(rng.uniform(6.0, 15.0)) * level
     values[planes] = np.float32(_FAT + 10.0)
-    np.copyto(hu, values, where=muscle)
+    hu[where] = values
 
 
 def _paint_humeral_heads(sl: np.ndarray, an: _Anatomy, x: np.ndarray, y: np.ndarray, z: float, a: float) -> None:
@@ -1427,6 +1431,12 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     labels = _labels_from(lung, kinds)
     if sub > 1:
         hu, labels, left, kinds = _thick_slices(hu, labels, left, kinds, sub)
+        # The majority vote can leave lung islands of a few voxels: one component per lung again.
+        field = labels > 0
+        removed = _keep_main_lungs(field, np.broadcast_to((out_grid.x > an.xm)[None, None, :], field.shape))
+        labels[removed] = 0
+        kinds[removed] = KIND_NONE
+        left &= field
     _add_noise(hu, an.noise_sd * spec.noise_scale, rng_noise)
     np.rint(hu, out=hu)
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
@@ -1441,7 +1451,8 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     )
 
 
-#: Thinnest slab (mm) the generator samples; thicker slices average sub-slices of at most this.
+#: Sub-slice spacing (mm) below which slices are generated directly; thicker ones average
+#: ceil(thickness / SUBSLICE_MM) sub-slices, at most 4 (so 2.5 mm apart at 10 mm).
 SUBSLICE_MM = 1.25
 
 
@@ -1462,10 +1473,17 @@ def _majority(values: np.ndarray, sub: int, classes: int) -> np.ndarray:
     """Most frequent value of each group of ``sub`` consecutive slices; a tie goes to the value of
     the group's central sub-slice (one of the tied values), so that neither class gains volume."""
     groups = values.reshape(values.shape[0] // sub, sub, *values.shape[1:])
-    counts = np.stack([np.count_nonzero(groups == c, axis=1) for c in range(classes)])
-    top = counts.max(axis=0)
-    out = np.argmax(counts, axis=0).astype(values.dtype)
-    tied = np.count_nonzero(counts == top, axis=0) > 1
+    shape = groups.shape[:1] + groups.shape[2:]
+    out = np.zeros(shape, values.dtype)
+    top = np.zeros(shape, np.uint8)
+    tied = np.zeros(shape, bool)
+    for c in range(classes):  # uint8 counts, one class at a time (memory: a few output-sized maps)
+        count = (groups == c).sum(axis=1, dtype=np.uint8)
+        more = count > top
+        tied &= ~more
+        tied |= (count == top) & (count > 0)
+        out[more] = c
+        np.maximum(top, count, out=top)
     out[tied] = groups[:, sub // 2][tied]
     return out
 

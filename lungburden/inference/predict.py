@@ -164,7 +164,11 @@ class ConvLSTMSegmenter:
 
     # -- Segmenter protocol ----------------------------------------------------------------------
     def segment(self, volume: CTVolume | np.ndarray) -> np.ndarray:
-        """``uint8`` label map with the shape of ``volume.hu`` (see :mod:`lungburden.labels`)."""
+        """``uint8`` label map with the shape of ``volume.hu`` (see :mod:`lungburden.labels`).
+
+        Labels outside the body are cleared; opacity specks under ``min_opacity_ml`` are dropped
+        when ``volume`` is a :class:`CTVolume` (a bare array has no voxel size: not applied).
+        """
         hu = volume.hu if isinstance(volume, CTVolume) else np.asarray(volume)
         if hu.ndim != 3:
             raise ValueError(f"expected a (slices, rows, cols) volume, got shape {hu.shape}")

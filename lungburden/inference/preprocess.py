@@ -145,7 +145,10 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     A speck of a few voxels is network noise, not a reportable finding (a pneumonia focus is
     centimetres across), and a burden report should read exactly 0 in a patient without
     pneumonia. A removed speck that touches aerated lung becomes lung, any other background.
-    ``min_ml <= 0`` disables the step.
+    ``min_ml <= 0`` disables the step. Cost: one 3-D labelling of the opacity's bounding box
+    plus ~0.1 ms per component (a map full of noise, 30 000 specks in 500 slices: ~4 s).
+    The phantoms' own truth has such pieces too (lesion fragments: a few mL per case, up to
+    ~15 % of the opacity at 2 % burden), so evaluated against it the step reads slightly low.
     """
     if min_ml <= 0 or voxel_ml <= 0:
         return labels
@@ -156,7 +159,11 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     # Work inside the opacity's bounding box, grown by one voxel for the lung-contact test.
     crop = tuple(slice(max(int(a[0]) - 1, 0), int(a[-1]) + 2) for a in axes)
     sub_labels = labels[crop]
-    comps, _ = ndimage.label(opacity[crop], structure=_CUBE)
+    comps = np.empty(sub_labels.shape, np.uint16)  # half the memory of int32 ...
+    try:
+        ndimage.label(opacity[crop], structure=_CUBE, output=comps)
+    except RuntimeError:  # ... unless there are over 65535 components
+        comps, _ = ndimage.label(opacity[crop], structure=_CUBE)
     max_voxels = min_ml / voxel_ml
     for index, box in enumerate(ndimage.find_objects(comps), start=1):
         if box is None:
