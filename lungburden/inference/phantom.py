@@ -1413,7 +1413,8 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     _draw_heart(hu, lung, an, grid, spec.contrast)
     for tube in _mediastinal_tubes(an, grid, spec.contrast) + _clavicles(an):
         _draw_tube(hu, lung, grid, tube)
-    left_side = np.broadcast_to((grid.x > an.xm)[None, None, :], lung.shape)
+    left_of_midline = (grid.x > an.xm)[None, None, :]  # the patient's left (LPS +x)
+    left_side = np.broadcast_to(left_of_midline, lung.shape)
     removed = _keep_main_lungs(lung, left_side)
     hu[removed] = _FAT
     # Aerated lung: denser towards the dependent (posterior) part.
@@ -1433,8 +1434,8 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
         hu, labels, left, kinds = _thick_slices(hu, labels, left, kinds, sub)
         # The majority vote can leave lung islands of a few voxels: one component per lung again.
         field = labels > 0
-        removed = _keep_main_lungs(field, np.broadcast_to((out_grid.x > an.xm)[None, None, :], field.shape))
-        labels[removed] = 0
+        removed = _keep_main_lungs(field, np.broadcast_to(left_of_midline, field.shape))
+        labels[removed] = L.BACKGROUND
         kinds[removed] = KIND_NONE
         left &= field
     _add_noise(hu, an.noise_sd * spec.noise_scale, rng_noise)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from lungburden import labels as L
+
 HU_MIN = -1024.0
 HU_MAX = 600.0
 BODY_THRESHOLD_HU = -500.0
@@ -152,7 +154,7 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     """
     if min_ml <= 0 or voxel_ml <= 0:
         return labels
-    opacity = labels >= 2  # lungburden.labels.GGO / HIGH_OPACITY
+    opacity = labels >= L.GGO  # GGO or high opacity
     axes = [np.flatnonzero(opacity.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
     if not axes[0].size:
         return labels
@@ -166,14 +168,12 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
         comps, _ = ndimage.label(opacity[crop], structure=_CUBE)
     max_voxels = min_ml / voxel_ml
     for index, box in enumerate(ndimage.find_objects(comps), start=1):
-        if box is None:
-            continue
         grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
         speck = comps[grown] == index
         if np.count_nonzero(speck) >= max_voxels:
             continue
-        touches_lung = bool((ndimage.binary_dilation(speck, structure=_CUBE) & (sub_labels[grown] == 1)).any())
-        sub_labels[grown][speck] = 1 if touches_lung else 0
+        touches_lung = bool((ndimage.binary_dilation(speck, structure=_CUBE) & (sub_labels[grown] == L.LUNG)).any())
+        sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
     return labels
 
 

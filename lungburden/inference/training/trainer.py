@@ -357,8 +357,9 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
     size = int(model.input_size)
     if cache.size != size:
         cache = CaseCache(cache.directory, size)
-    train_cases = load_training_cases(index, split.train, cache, config.progress, config.workers)
-    val_cases = load_training_cases(index, split.val, cache, config.progress, config.workers)
+    # One call for both (with --workers: one process pool, not two).
+    cases = load_training_cases(index, [*split.train, *split.val], cache, config.progress, config.workers)
+    train_cases, val_cases = cases[:len(split.train)], cases[len(split.train):]
     model.to(device)
     loss_fn = RMILoss(num_classes=L.NUM_CLASSES, lambda_ce=config.lambda_ce)
     if config.optimizer == "adam":
