@@ -285,6 +285,36 @@ def test_logits_to_labels_matches_upsample_argmax() -> None:
     x = torch.randn(2, 4, 5, 6).round()  # ties: first index wins, as argmax
     assert torch.equal(argmax_channels(x.contiguous(memory_format=torch.channels_last)), x.argmax(1).byte())
 
+def test_logits_to_labels_cells_match_full_upsampling_on_random_boxes() -> None:
+    """The uniform-cell shortcut gives the labels of upsampling every class map, for up- and
+    down-sampling boxes cut by the image edge; only exact ties (rounded logits) may differ, by
+    float rounding of the interpolation weights."""
+    rng = torch.Generator().manual_seed(3)
+    checked = 0
+    for trial in range(120):
+        size, side = (int(v) for v in torch.randint(8, 48, (2,), generator=rng))
+        side = side if trial % 2 else side * 3  # down- and up-sampling
+        rows, cols = (int(v) for v in torch.randint(12, 140, (2,), generator=rng))
+        box = CropBox(*(int(v) for v in torch.randint(-20, 12, (2,), generator=rng)), side)
+        r0, r1, c0, c1 = box.clipped(rows, cols)
+        if r1 <= r0 or c1 <= c0:
+            continue
+        logits = F.interpolate(torch.randn(3, NUM_CLASSES, 5, 5, generator=rng) * 3, size=(size, size),
+                               mode="bilinear")
+        if trial % 3 == 0:
+            logits = logits.round()
+        got = logits_to_labels(logits, box, rows, cols)
+        up = to_source_grid(logits, box, rows, cols)
+        expected = np.zeros_like(got)
+        expected[:, r0:r1, c0:c1] = up.argmax(1).numpy()
+        s, r, c = np.nonzero(got[:, r0:r1, c0:c1] != expected[:, r0:r1, c0:c1])
+        if len(s):
+            top2 = up[s, :, r, c].topk(2, dim=1).values
+            assert (top2[:, 0] - top2[:, 1]).max().item() < 1e-5
+        assert (got[:, :r0] == 0).all() and (got[:, r1:] == 0).all()
+        checked += 1
+    assert checked > 60
+
 
 def test_labels_to_model_grid_round_trip() -> None:
     labels = np.zeros((2, 70, 90), np.uint8)

@@ -257,15 +257,22 @@ def to_source_grid(maps: torch.Tensor, box: CropBox, rows: int, cols: int) -> to
 
 
 def logits_to_labels(logits: torch.Tensor, box: CropBox, rows: int, cols: int,
-                     out: np.ndarray | None = None, step: int = 8) -> np.ndarray:
+                     out: np.ndarray | None = None, step: int = 16) -> np.ndarray:
     """Model-grid logits ``(n, C, size, size)`` → ``uint8`` labels ``(n, rows, cols)``.
 
-    Logits are upsampled (bilinear) into the crop box, then argmax; outside the box the label is 0
-    (background). Works ``step`` slices at a time in channels-last layout (the argmax over
-    contiguous channels is ~10× faster than over NCHW planes). ``out`` is written in place when
-    given.
+    The labels are the argmax of the logits upsampled bilinearly into the crop box (the
+    ``align_corners=False`` sampling of :func:`to_source_grid`); outside the box the label is 0
+    (background). ``out`` is written in place when given; ``step`` slices at a time.
+
+    Computed without upsampling every class map: a source pixel's bilinear value is a convex
+    combination of the logits at the 2×2 model-grid samples around it, so where one class wins
+    at all four (first index on ties, as argmax) it wins at every pixel between them. Such
+    pixels take that class directly (a repeat of the per-cell label); only pixels of cells whose
+    four winners differ (the class boundaries, a few % of the box) are interpolated, from the
+    same weights. Same labels as :func:`to_source_grid` + argmax up to float rounding at exact
+    ties; ~2× faster on a 120-slice series.
     """
-    n = logits.shape[0]
+    n, _, size, _ = logits.shape
     if out is None:
         out = np.zeros((n, rows, cols), np.uint8)
     else:
@@ -273,11 +280,65 @@ def logits_to_labels(logits: torch.Tensor, box: CropBox, rows: int, cols: int,
     r0, r1, c0, c1 = box.clipped(rows, cols)
     if r1 <= r0 or c1 <= c0:
         return out
+    row_taps = _bilinear_taps(size, box.side, r0 - box.row0, r1 - box.row0)
+    col_taps = _bilinear_taps(size, box.side, c0 - box.col0, c1 - box.col0)
     for a in range(0, n, step):
-        part = logits[a:a + step].float().contiguous(memory_format=torch.channels_last)
-        up = to_source_grid(part, box, rows, cols)
-        out[a:a + step, r0:r1, c0:c1] = argmax_channels(up).numpy()
+        part = logits[a:a + step].float()
+        winner = argmax_channels(part.contiguous(memory_format=torch.channels_last)).numpy()
+        # The four corner winners of every cell used by the output (cells: rows × cols).
+        top, bottom = winner[:, row_taps.cell_lo], winner[:, row_taps.cell_hi]
+        corners = [top[:, :, col_taps.cell_lo], top[:, :, col_taps.cell_hi],
+                   bottom[:, :, col_taps.cell_lo], bottom[:, :, col_taps.cell_hi]]
+        mixed = (corners[0] != corners[1]) | (corners[0] != corners[2]) | (corners[0] != corners[3])
+        cell_label = np.where(mixed, _MIXED, corners[0])
+        full = np.repeat(np.repeat(cell_label, row_taps.count, axis=1), col_taps.count, axis=2)
+        s, r, c = np.nonzero(full == _MIXED)
+        if s.size:
+            full[s, r, c] = _interpolated_argmax(part, s, row_taps, r, col_taps, c)
+        out[a:a + step, r0:r1, c0:c1] = full
     return out
+
+
+#: Cell marker of :func:`logits_to_labels` (not a class index: at most 255 classes).
+_MIXED = np.uint8(255)
+
+
+@dataclass(frozen=True)
+class _BilinearTaps:
+    """Where output pixels ``lo..hi-1`` of a ``size → side`` bilinear resize sample the input
+    (``align_corners=False``, as ``F.interpolate``): per pixel the two input indices and the
+    weight of the second; per distinct left index (a "cell", in output order) its two indices
+    and how many consecutive output pixels fall in it."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    weight: np.ndarray
+    cell_lo: np.ndarray
+    cell_hi: np.ndarray
+    count: np.ndarray
+
+
+def _bilinear_taps(size: int, side: int, lo: int, hi: int) -> _BilinearTaps:
+    # float32 arithmetic as ATen's upsample_bilinear2d: scale = in/out, src = scale·(dst+½)−½ ≥ 0.
+    scale = np.float32(size) / np.float32(side)
+    src = np.maximum(scale * (np.arange(lo, hi, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
+    first = np.minimum(src.astype(np.int64), size - 1)
+    second = np.where(first < size - 1, first + 1, first)
+    cells, count = np.unique(first, return_counts=True)  # ``first`` is non-decreasing
+    return _BilinearTaps(first, second, (src - first).astype(np.float32), cells,
+                         np.where(cells < size - 1, cells + 1, cells), count)
+
+
+def _interpolated_argmax(logits: torch.Tensor, s: np.ndarray, rows: _BilinearTaps, r: np.ndarray,
+                         cols: _BilinearTaps, c: np.ndarray) -> np.ndarray:
+    """Argmax over classes of the bilinear logits at the pixels ``(s, r, c)`` (slice in
+    ``logits``, row and column within the taps' range)."""
+    x = np.ascontiguousarray(logits.permute(0, 2, 3, 1).numpy())  # (n, size, size, C)
+    y0, y1, wy = rows.lo[r], rows.hi[r], rows.weight[r][:, None]
+    x0, x1, wx = cols.lo[c], cols.hi[c], cols.weight[c][:, None]
+    upper = x[s, y0, x0] * (1 - wx) + x[s, y0, x1] * wx
+    lower = x[s, y1, x0] * (1 - wx) + x[s, y1, x1] * wx
+    return (upper * (1 - wy) + lower * wy).argmax(1).astype(np.uint8)
 
 
 def argmax_channels(x: torch.Tensor) -> torch.Tensor:
