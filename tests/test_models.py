@@ -5,6 +5,7 @@ Small random-initialised models only (trained weights are not needed); runs in a
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +23,13 @@ from lungburden.inference.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from lungburden.inference.predict import ConvLSTMSegmenter, WeightsNotFound, fold_batchnorm
+from lungburden.inference.predict import ConvLSTMSegmenter, WeightsNotFound, _LabelWriter, fold_batchnorm
 from lungburden.inference.preprocess import (
     CropBox,
     argmax_channels,
     body_box,
     clear_outside_body,
+    coarse_body,
     labels_to_model_grid,
     logits_to_labels,
     pad_context,
@@ -230,6 +232,17 @@ def test_labels_outside_the_body_are_cleared() -> None:
     assert (out[:, lung] == L.LUNG).all()
     assert not out[:, 80:, :].any() and not out[:, :6, :6].any()
     assert not clear_outside_body(labels.copy(), np.full(hu.shape, -1000.0, np.float32)).any()
+    # Slice by slice (part of a series, as the segmenter's label writer does) = the whole series,
+    # also for a slice without body but not air (kept in both: only air-like outside goes).
+    odd = hu.copy()
+    odd[3] = -800.0
+    whole = clear_outside_body(labels.copy(), odd)
+    body = coarse_body(odd)
+    assert body.any() and not body[3].any() and (whole[3] == labels[3]).all()
+    parts = labels.copy()
+    for k in range(0, 4, 3):
+        clear_outside_body(parts[k:k + 3], odd[k:k + 3], body[k:k + 3], part_of_series=True)
+    np.testing.assert_array_equal(parts, whole)
     # A crop or reduced field of view that cuts through the body and a lung (the lung reaches the
     # image edge): the cut lung is not air-like, so it stays; also on a size not divisible by 4.
     crop_hu, crop_labels = hu[:, 12:69, 25:90], labels[:, 12:69, 25:90]
@@ -242,6 +255,20 @@ def test_labels_outside_the_body_are_cleared() -> None:
     view[...] = labels
     clear_outside_body(view, hu)
     assert not view[:, 84:90].any() and (view[:, lung] == L.LUNG).all()
+
+
+def test_label_writer_raises_helper_errors_and_stops() -> None:
+    """An error on the label thread reaches the caller, and no helper thread is left behind."""
+    hu = np.full((6, 40, 40), 40.0, np.float32)
+    labels = np.zeros(hu.shape, np.uint8)
+    pre = preprocess(hu, size=32)
+    logits = torch.zeros(4, NUM_CLASSES, 32, 32)
+    logits[:, L.LUNG] = 1.0
+    with pytest.raises(ValueError), _LabelWriter(pre, hu, labels) as writer:
+        writer.submit(logits[:2], 0)
+        writer.submit(logits, 4)  # 4 slices into the last 2: fails on the helper thread
+    assert not [t for t in threading.enumerate() if t.name.startswith("labels")]
+    assert labels[:2].any() and not labels[2:4].any()
 
 
 def test_small_opacity_specks_are_removed() -> None:

@@ -11,8 +11,9 @@ overlap in 10 of their 11 slices:
    ``2·context`` encoded slices between chunks (so memory does not grow with the series);
 2. the recurrence runs for ``target_chunk`` windows at once: step ``t`` of every window is a view
    of the per-slice gates (no copy) plus one batched ``W_h * h`` convolution;
-3. heads, fusion and upsampling run once per target; logits are turned into labels at once, a few
-   slices at a time, so the only full-size arrays are the input HU volume and the output labels.
+3. heads, fusion and upsampling run once per target; logits are turned into labels (and cleared
+   outside the body) a chunk at a time on a helper thread while the network computes the next
+   chunk, so the only full-size arrays are the input HU volume and the output labels.
 
 ``naive=True`` runs the plain per-window forward (every window re-encodes its 11 slices), for
 the benchmark and the equivalence test. Other models of :func:`build_model` (UNet2D/3D) always
@@ -25,7 +26,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,7 @@ from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
     clear_outside_body,
+    coarse_body,
     logits_to_labels,
     pad_context,
     preprocess,
@@ -175,21 +179,17 @@ class ConvLSTMSegmenter:
         labels = np.zeros(hu.shape, np.uint8)
         with torch_threads(self.threads), torch.inference_mode():
             pre = preprocess(hu, size=self.input_size)
-            if not self.naive and isinstance(self.model, ConvLSTMSegNet):
-                self._fast(pre, labels)
-            else:
-                self._windows(pre, labels)
-        clear_outside_body(labels, hu, pre.body)
+            with _LabelWriter(pre, hu, labels) as writer:
+                if not self.naive and isinstance(self.model, ConvLSTMSegNet):
+                    self._fast(pre, writer)
+                else:
+                    self._windows(pre, writer)
         if isinstance(volume, CTVolume):
             remove_small_opacities(labels, volume.voxel_volume_ml, self.min_opacity_ml)
         return labels
 
     # -- paths -----------------------------------------------------------------------------------
-    def _emit(self, logits: torch.Tensor, pre: PreprocessedSeries, labels: np.ndarray, start: int) -> None:
-        rows, cols = labels.shape[1:]
-        logits_to_labels(logits, pre.box, rows, cols, out=labels[start:start + logits.shape[0]])
-
-    def _fast(self, pre: PreprocessedSeries, labels: np.ndarray) -> None:
+    def _fast(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
         """Per-slice encoding once, windows advanced together (module docstring)."""
         model = self.model
         assert isinstance(model, ConvLSTMSegNet)
@@ -206,17 +206,62 @@ class ConvLSTMSegmenter:
             while done < ready:
                 count = min(self.target_chunk, ready - done)
                 j = done - buf_start
-                self._emit(model.forward_features(buf[j:j + count + 2 * c]), pre, labels, done)
+                writer.submit(model.forward_features(buf[j:j + count + 2 * c]), done)
                 done += count
             buf, buf_start = buf[done - buf_start:], done
 
-    def _windows(self, pre: PreprocessedSeries, labels: np.ndarray) -> None:
+    def _windows(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
         """Plain per-window forward, ``window_batch`` windows per call (naive / UNet path)."""
         c, n = self.context, pre.num_slices
         for a in range(0, n, self.window_batch):
             targets = range(a, min(a + self.window_batch, n))
             index = torch.from_numpy(np.stack([window_indices(n, t, c) for t in targets]))
-            self._emit(self.model(pre.image[index]), pre, labels, a)
+            writer.submit(self.model(pre.image[index]), a)
+
+
+class _LabelWriter:
+    """Turns the logits of consecutive target slices into labels on a helper thread, while the
+    caller computes the next ones (both paths; step 3 of the module docstring).
+
+    Per chunk: :func:`logits_to_labels` into ``labels[start:stop]``, then
+    :func:`clear_outside_body` on those slices (its outside test is per slice, so chunks give
+    the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
+    the next :meth:`submit` or on leaving the ``with`` block, and nothing is left running.
+    """
+
+    def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2):
+        self.pre, self.hu, self.labels, self.depth = pre, hu, labels, depth
+        self.body = pre.body if pre.body is not None else coarse_body(hu)
+        self.any_body = bool(self.body.any())
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
+        self.pending: deque[Future[None]] = deque()
+
+    def submit(self, logits: torch.Tensor, start: int) -> None:
+        while len(self.pending) >= self.depth:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(self._write, logits, start))
+
+    def _write(self, logits: torch.Tensor, start: int) -> None:
+        stop = start + logits.shape[0]
+        rows, cols = self.labels.shape[1:]
+        out = self.labels[start:stop]
+        if not self.any_body:  # a blank series: nothing is inside (as clear_outside_body)
+            out[...] = 0
+            return
+        logits_to_labels(logits, self.pre.box, rows, cols, out=out)
+        clear_outside_body(out, self.hu[start:stop], self.body[start:stop], part_of_series=True)
+
+    def __enter__(self) -> _LabelWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            for future in self.pending:
+                future.cancel()
+            self.pool.shutdown(wait=True)
 
 
 def _default_factory() -> ConvLSTMSegmenter:

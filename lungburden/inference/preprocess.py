@@ -97,7 +97,7 @@ def coarse_body(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int 
 
 
 def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | None = None,
-                       step: int = BODY_STEP) -> np.ndarray:
+                       step: int = BODY_STEP, part_of_series: bool = False) -> np.ndarray:
     """Set ``labels`` to background outside the patient's body, in place; returns ``labels``.
 
     The body is the component of :func:`body_box` with its holes (lungs, airways) filled slice by
@@ -106,10 +106,12 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | No
     or a crop) stays inside unless it is mostly air (< -950 HU: the room around the patient, with
     the couch and blankets in it). On the ``step`` grid (3 mm at 0.8 mm pixels), far from any
     lung edge. ``body``: the :func:`coarse_body` of ``hu`` if already computed (preprocessing).
+    The test is per slice, so a run of slices of a series with a body (``part_of_series``,
+    with the matching slices of the series' ``body``) gets its share of the whole-series result.
     """
     if body is None:
         body = coarse_body(hu, step=step)
-    if not body.any():
+    if not part_of_series and not body.any():
         labels[...] = 0
         return labels
     n, rows, cols = labels.shape
@@ -215,14 +217,22 @@ def _crop_square(x: torch.Tensor, box: CropBox, fill: float) -> torch.Tensor:
 
 def normalise_slices(hu: np.ndarray, box: CropBox, size: int) -> torch.Tensor:
     """HU slices ``(n, rows, cols)`` (any real dtype) → crop, clip, min-max, resize: float32
-    ``(n, size, size)``."""
+    ``(n, size, size)``.
+
+    The clipped crop is written once into a ``HU_MIN``-filled square; the min-max scaling, an
+    affine map, is applied after the resize (which commutes with it: its weights sum to 1, so
+    up to float rounding, ~1e-7), on the small grid.
+    """
     t = torch.from_numpy(np.asarray(hu))
-    t = _crop_square(t if t.is_floating_point() else t.float(), box, HU_MIN)
-    t = t.clamp(HU_MIN, HU_MAX).sub_(HU_MIN).mul_(1.0 / (HU_MAX - HU_MIN))
+    rows, cols = t.shape[-2:]
+    r0, r1, c0, c1 = box.clipped(rows, cols)
+    square = torch.full((t.shape[0], box.side, box.side), HU_MIN, dtype=torch.float32)
+    inner = square[:, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+    torch.clamp(t[:, r0:r1, c0:c1], HU_MIN, HU_MAX, out=inner)
     if box.side != size:
-        t = F.interpolate(t[:, None], size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=box.side > size)[:, 0]
-    return t.contiguous()
+        square = F.interpolate(square[:, None], size=(size, size), mode="bilinear", align_corners=False,
+                               antialias=box.side > size)[:, 0]
+    return square.sub_(HU_MIN).mul_(1.0 / (HU_MAX - HU_MIN)).clamp_(0.0, 1.0).contiguous()
 
 
 def preprocess(hu: np.ndarray, size: int = DEFAULT_SIZE, box: CropBox | None = None,
