@@ -1,8 +1,9 @@
 """Specificity on the real non-COVID study: opacity found outside the annotated lung tumour.
 
-    python benchmarks/real_study_specificity.py [--model convlstm | --weights CKPT] [--study DIR] [--out JSON]
+    python benchmarks/real_study_specificity.py [--model convlstm | --weights CKPT] [--study DIR]
+        [--series lung-kernel-L-5mm | soft-kernel-B-5mm] [--out JSON]
 
-Runs the product pipeline (``process_series``) on the lung-kernel series of
+Runs the product pipeline (``process_series``) on the lung-kernel series (or ``--series``) of
 ../shared/data/real-ct/lung-pet-ct-dx-A0001 (a lung-cancer patient without pneumonia), then
 splits the opacity (GGO + high opacity) into what lies inside the annotated tumour boxes (the
 20 Pascal-VOC boxes, extended by one slice above and below) and what lies outside. Outside the
@@ -36,10 +37,13 @@ def main() -> None:
     p.add_argument("--model", default=None, help="segmenter (default: the shipped default)")
     p.add_argument("--weights", default=None, help="a checkpoint written by `lungburden train` instead of --model")
     p.add_argument("--study", default=str(DEFAULT_STUDY))
+    p.add_argument("--series", default="lung-kernel-L-5mm",
+                   help="series folder of the study (default the lung kernel; soft-kernel-B-5mm is the same "
+                        "acquisition with the soft-tissue kernel: much less image noise)")
     p.add_argument("--out", default=None, help="also write the JSON report here")
     args = p.parse_args()
     study = Path(args.study)
-    volume = load_files(sorted((study / "lung-kernel-L-5mm").glob("*.dcm")))
+    volume = load_files(sorted((study / args.series).glob("*.dcm")))
     segmenter = build_segmenter(args.model, args.weights)
     result = analyze_volume(volume, segmenter, args.model or "default")
     labels, q = result.labels, result.quantities
@@ -52,6 +56,7 @@ def main() -> None:
     report = {
         "model": args.model or "default",
         "weights": args.weights,
+        "series": args.series,
         "algorithm": f"{segmenter.info.name} {segmenter.info.version}",
         "lung_volume_ml": lung_ml,
         "right_lung_volume_ml": q.right_lung_volume_ml,

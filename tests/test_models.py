@@ -300,6 +300,32 @@ def test_small_opacity_specks_are_removed() -> None:
     assert (view == out).all()
 
 
+def test_many_specks_are_removed_in_whole_array_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A map full of noise (thousands of specks, some in the lung, some outside, a few large
+    components) gives the same result by the whole-array path as by the per-speck loop."""
+    rng = np.random.default_rng(0)
+    labels = np.zeros((20, 60, 60), np.uint8)
+    labels[:, 10:50, 5:55] = L.LUNG
+    noise = rng.random(labels.shape)
+    labels[noise < 0.02] = L.GGO  # sparse (3 %): specks of a few voxels, far below percolation
+    labels[noise > 0.99] = L.HIGH_OPACITY
+    labels[5:12, 20:30, 20:30] = L.HIGH_OPACITY  # 700 voxels: stays
+    import lungburden.inference.preprocess as pre_module
+
+    results = []
+    for limit in (10**9, 0):  # loop, then whole-array passes
+        monkeypatch.setattr(pre_module, "_SPECK_LOOP_LIMIT", limit)
+        results.append(remove_small_opacities(labels.copy(), voxel_ml=0.01, min_ml=0.5))
+    np.testing.assert_array_equal(results[0], results[1])
+    out = results[1]
+    assert (out[5:12, 20:30, 20:30] == L.HIGH_OPACITY).all()
+    specks_before = np.count_nonzero(labels >= L.GGO) - 700
+    assert specks_before > 1000 and np.count_nonzero(out >= L.GGO) < 700 + specks_before // 5
+    outside = np.zeros(labels.shape, bool)
+    outside[:, :4] = True  # 6 rows from the lung: specks there become background
+    assert not out[outside].any()
+
+
 def test_logits_to_labels_matches_upsample_argmax() -> None:
     for box in (CropBox(5, 3, 60), CropBox(-10, -4, 100)):
         logits = F.interpolate(torch.randn(3, NUM_CLASSES, 4, 4) * 3, size=(32, 32), mode="bilinear")

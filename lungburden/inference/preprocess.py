@@ -150,7 +150,8 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     centimetres across), and a burden report should read exactly 0 in a patient without
     pneumonia. A removed speck that touches aerated lung becomes lung, any other background.
     ``min_ml <= 0`` disables the step. Cost: one 3-D labelling of the opacity's bounding box
-    plus ~0.1 ms per component (a map full of noise, 30 000 specks in 500 slices: ~4 s).
+    plus ~0.1 ms per speck, or, above ``_SPECK_LOOP_LIMIT`` specks (a map full of noise), a few
+    whole-box passes instead (one lung dilation).
     The phantoms' own truth has such pieces too (lesion fragments: a few mL per case, up to
     ~15 % of the opacity at 2 % burden), so evaluated against it the step reads slightly low.
     """
@@ -168,15 +169,35 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
         ndimage.label(opacity[crop], structure=_CUBE, output=comps)
     except RuntimeError:  # ... unless there are over 65535 components
         comps, _ = ndimage.label(opacity[crop], structure=_CUBE)
-    max_voxels = min_ml / voxel_ml
-    for index, box in enumerate(ndimage.find_objects(comps), start=1):
-        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in box)
+    sizes = np.bincount(comps.ravel())
+    specks = np.flatnonzero(sizes < min_ml / voxel_ml)
+    specks = specks[specks > 0]
+    if specks.size > _SPECK_LOOP_LIMIT:
+        _relabel_specks_at_once(sub_labels, comps, specks, sizes.size)
+        return labels
+    boxes = ndimage.find_objects(comps)
+    for index in specks:
+        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[index - 1])
         speck = comps[grown] == index
-        if np.count_nonzero(speck) >= max_voxels:
-            continue
         touches_lung = bool((ndimage.binary_dilation(speck, structure=_CUBE) & (sub_labels[grown] == L.LUNG)).any())
         sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
     return labels
+
+
+#: Above this many specks, :func:`remove_small_opacities` relabels them in whole-array passes.
+_SPECK_LOOP_LIMIT = 256
+
+
+def _relabel_specks_at_once(sub_labels: np.ndarray, comps: np.ndarray, specks: np.ndarray, count: int) -> None:
+    """The per-speck step of :func:`remove_small_opacities` for many specks: one dilation of the
+    lung, one lookup per voxel (constant cost, where the loop costs ~0.1 ms per speck)."""
+    is_speck = np.zeros(count, bool)
+    is_speck[specks] = True
+    voxels = is_speck[comps]
+    near_lung = ndimage.binary_dilation(sub_labels == L.LUNG, structure=_CUBE)
+    touching = np.zeros(count, bool)
+    touching[comps[voxels & near_lung]] = True
+    sub_labels[voxels] = np.where(touching[comps[voxels]], L.LUNG, L.BACKGROUND).astype(sub_labels.dtype)
 
 
 def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP,
