@@ -461,20 +461,32 @@ class ComputeCost:
         return self.peak_rss_mib - self.rss_before_mib
 
 
+def _status_mib(field: str) -> float | None:
+    """A memory field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
 def _peak_rss_mib() -> float:
+    """Peak resident memory of this process (MiB): ``VmHWM``, the high-water mark of its own
+    address space. Not ``getrusage``'s ``ru_maxrss``: on Linux a spawned child inherits the
+    parent's peak through fork and exec, so every model would report the parent's memory."""
+    peak = _status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
 
 
 def _rss_mib() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return _peak_rss_mib()
+    rss = _status_mib("VmRSS")
+    return rss if rss is not None else _peak_rss_mib()
 
 
 def write_timing_volume(path: Path, slices: int, rows: int = 512, seed: int = 7) -> Path:

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from lungburden import labels as L
+from lungburden.inference.masks import largest_component
 
 HU_MIN = -1024.0
 HU_MAX = 600.0
@@ -88,12 +89,7 @@ BODY_STEP, BODY_MARGIN = 4, 8
 def coarse_body(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP) -> np.ndarray:
     """Largest 3-D component of ``hu > threshold`` on the ``step``-subsampled in-plane grid
     (all False without any voxel above the threshold)."""
-    components, count = ndimage.label(hu[:, ::step, ::step] > threshold)
-    if count == 0:
-        return np.zeros(components.shape, bool)
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return components == int(sizes.argmax())
+    return largest_component(hu[:, ::step, ::step] > threshold)
 
 
 def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | None = None,

@@ -24,6 +24,7 @@ from scipy import ndimage
 
 from lungburden import __version__
 from lungburden import labels as L
+from lungburden.inference.masks import largest_component
 from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter
 from lungburden.inference.volume import CTVolume
 
@@ -37,13 +38,7 @@ def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
 
 def body_mask(hu: np.ndarray) -> np.ndarray:
     """Largest connected component of HU > -500, holes filled slice by slice."""
-    dense = hu > -500
-    components, count = ndimage.label(dense)
-    if count == 0:
-        return dense
-    sizes = np.bincount(components.ravel())
-    sizes[0] = 0
-    return _fill_holes_per_slice(components == int(sizes.argmax()))
+    return _fill_holes_per_slice(largest_component(hu > -500))
 
 
 def lung_field_mask(hu: np.ndarray, spacing: tuple[float, float, float]) -> np.ndarray:
