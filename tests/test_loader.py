@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
@@ -217,6 +218,39 @@ def test_reject_missing_geometry(real_datasets):
             del ds.ImagePositionPatient
 
     assert "lacks ImagePositionPatient" in _reject_reason(_modified(real_datasets, edit))
+
+
+def test_reject_missing_or_mixed_frame_of_reference_and_series(real_datasets):
+    def no_frame(i, ds):
+        if i == 4:
+            del ds.FrameOfReferenceUID
+
+    assert "lacks FrameOfReferenceUID" in _reject_reason(_modified(real_datasets, no_frame))
+
+    def other_frame(i, ds):
+        if i == 4:
+            ds.FrameOfReferenceUID = generate_uid()
+
+    assert "2 different frames of reference" in _reject_reason(_modified(real_datasets, other_frame))
+    mixed = _modified(real_datasets, lambda i, ds: setattr(ds, "SeriesInstanceUID", generate_uid()) if i == 9 else None)
+    with pytest.raises(SeriesRejected, match="2 different series"):
+        load_volume(mixed)
+
+
+def test_malformed_rescale_or_lut_is_rejected_not_raised(real_datasets):
+    """Whatever pydicom raises on bad modality-LUT data becomes a rejection naming the series."""
+
+    def empty_slope(i, ds):
+        ds.RescaleSlope = None
+
+    assert "pixel data or geometry unreadable" in _reject_reason(_modified(real_datasets, empty_slope))
+
+    def lut_without_data(i, ds):
+        item = Dataset()
+        item.LUTDescriptor = [4096, 0, 16]
+        ds.ModalityLUTSequence = [item]
+
+    assert "pixel data or geometry unreadable" in _reject_reason(_modified(real_datasets, lut_without_data))
 
 
 def test_missing_rescale_is_identity(real_datasets):

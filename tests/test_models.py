@@ -32,6 +32,7 @@ from lungburden.inference.preprocess import (
     coarse_body,
     labels_to_model_grid,
     logits_to_labels,
+    normalise_slices,
     pad_context,
     preprocess,
     remove_small_opacities,
@@ -210,6 +211,11 @@ def test_preprocess_crops_windows_and_resizes() -> None:
     # int16 input gives the same result (converted chunk by chunk).
     torch.testing.assert_close(preprocess(np.round(hu).astype(np.int16), size=32).image, pre.image,
                                atol=2e-3, rtol=0)
+    # float64 and float16 too (converted on the copy into the crop square).
+    torch.testing.assert_close(preprocess(hu.astype(np.float64), size=32).image, pre.image, atol=1e-6, rtol=0)
+    torch.testing.assert_close(preprocess(hu.astype(np.float16), size=32).image, pre.image, atol=2e-3, rtol=0)
+    # A crop square wholly outside the image reads as air: all zeros.
+    assert float(normalise_slices(hu, CropBox(-80, -80, 40), 32).max()) < 1e-4
     blank = np.full((3, 20, 30), -1000, np.float32)
     assert body_box(blank).side == 30
 
@@ -264,11 +270,22 @@ def test_label_writer_raises_helper_errors_and_stops() -> None:
     pre = preprocess(hu, size=32)
     logits = torch.zeros(4, NUM_CLASSES, 32, 32)
     logits[:, L.LUNG] = 1.0
-    with pytest.raises(ValueError), _LabelWriter(pre, hu, labels) as writer:
+    with pytest.raises(ValueError, match="broadcast"), _LabelWriter(pre, hu, labels) as writer:
         writer.submit(logits[:2], 0)
         writer.submit(logits, 4)  # 4 slices into the last 2: fails on the helper thread
     assert not [t for t in threading.enumerate() if t.name.startswith("labels")]
     assert labels[:2].any() and not labels[2:4].any()
+    # An error of the caller's own block is the one reported, not a helper error behind it.
+    with pytest.raises(KeyError, match="network"), _LabelWriter(pre, hu, labels) as writer:
+        writer.submit(logits, 4)
+        raise KeyError("network")
+    assert not [t for t in threading.enumerate() if t.name.startswith("labels")]
+    # Without a helper thread (a one-thread segmenter) the chunk is written at once.
+    labels[...] = 0
+    with _LabelWriter(pre, hu, labels, background=False) as writer:
+        assert writer.pool is None
+        writer.submit(logits[:2], 2)
+        assert (labels[2:4] == L.LUNG).all() and not labels[:2].any()
 
 
 def test_small_opacity_specks_are_removed() -> None:
@@ -364,7 +381,8 @@ def test_logits_to_labels_cells_match_full_upsampling_on_random_boxes() -> None:
         if len(s):
             top2 = up[s, :, r, c].topk(2, dim=1).values
             assert (top2[:, 0] - top2[:, 1]).max().item() < 1e-5
-        assert (got[:, :r0] == 0).all() and (got[:, r1:] == 0).all()
+        assert not got[:, :r0].any() and not got[:, r1:].any()
+        assert not got[:, :, :c0].any() and not got[:, :, c1:].any()
         checked += 1
     assert checked > 60
 

@@ -179,7 +179,7 @@ class ConvLSTMSegmenter:
         labels = np.zeros(hu.shape, np.uint8)
         with torch_threads(self.threads), torch.inference_mode():
             pre = preprocess(hu, size=self.input_size)
-            with _LabelWriter(pre, hu, labels) as writer:
+            with _LabelWriter(pre, hu, labels, background=torch.get_num_threads() > 1) as writer:
                 if not self.naive and isinstance(self.model, ConvLSTMSegNet):
                     self._fast(pre, writer)
                 else:
@@ -226,17 +226,23 @@ class _LabelWriter:
     Per chunk: :func:`logits_to_labels` into ``labels[start:stop]``, then
     :func:`clear_outside_body` on those slices (its outside test is per slice, so chunks give
     the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
-    the next :meth:`submit` or on leaving the ``with`` block, and nothing is left running.
+    the next :meth:`submit` or on leaving the ``with`` block (unless the block itself raised:
+    that error is kept), and nothing is left running. ``background=False`` (a segmenter limited
+    to one thread) writes in the caller's thread.
     """
 
-    def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2):
+    def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2,
+                 background: bool = True):
         self.pre, self.hu, self.labels, self.depth = pre, hu, labels, depth
         self.body = pre.body if pre.body is not None else coarse_body(hu)
         self.any_body = bool(self.body.any())
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") if background else None
         self.pending: deque[Future[None]] = deque()
 
     def submit(self, logits: torch.Tensor, start: int) -> None:
+        if self.pool is None:
+            self._write(logits, start)
+            return
         while len(self.pending) >= self.depth:
             self.pending.popleft().result()
         self.pending.append(self.pool.submit(self._write, logits, start))
@@ -254,14 +260,19 @@ class _LabelWriter:
     def __enter__(self) -> _LabelWriter:
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         try:
             while self.pending:
-                self.pending.popleft().result()
+                future = self.pending.popleft()
+                if exc_type is None:
+                    future.result()
+                else:  # the caller's error is the one to report; the helper's would mask it
+                    future.exception()
         finally:
             for future in self.pending:
                 future.cancel()
-            self.pool.shutdown(wait=True)
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
 
 
 def _default_factory() -> ConvLSTMSegmenter:

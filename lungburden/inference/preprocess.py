@@ -245,8 +245,13 @@ def normalise_slices(hu: np.ndarray, box: CropBox, size: int) -> torch.Tensor:
     rows, cols = t.shape[-2:]
     r0, r1, c0, c1 = box.clipped(rows, cols)
     square = torch.full((t.shape[0], box.side, box.side), HU_MIN, dtype=torch.float32)
-    inner = square[:, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
-    torch.clamp(t[:, r0:r1, c0:c1], HU_MIN, HU_MAX, out=inner)
+    if r1 > r0 and c1 > c0:  # else the box lies wholly outside the image: all air
+        inner = square[:, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+        crop = t[:, r0:r1, c0:c1]
+        if crop.dtype == torch.float32:
+            torch.clamp(crop, HU_MIN, HU_MAX, out=inner)
+        else:  # integers, float64, float16: converted on the copy
+            inner.copy_(crop).clamp_(HU_MIN, HU_MAX)
     if box.side != size:
         square = F.interpolate(square[:, None], size=(size, size), mode="bilinear", align_corners=False,
                                antialias=box.side > size)[:, 0]
