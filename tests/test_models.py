@@ -247,7 +247,7 @@ def test_labels_outside_the_body_are_cleared() -> None:
     assert body.any() and not body[3].any() and (whole[3] == labels[3]).all()
     parts = labels.copy()
     for k in range(0, 4, 3):
-        clear_outside_body(parts[k:k + 3], odd[k:k + 3], body[k:k + 3], part_of_series=True)
+        clear_outside_body(parts[k:k + 3], odd[k:k + 3], body[k:k + 3], series_has_body=True)
     np.testing.assert_array_equal(parts, whole)
     # A crop or reduced field of view that cuts through the body and a lung (the lung reaches the
     # image edge): the cut lung is not air-like, so it stays; also on a size not divisible by 4.

@@ -251,11 +251,8 @@ class _LabelWriter:
         stop = start + logits.shape[0]
         rows, cols = self.labels.shape[1:]
         out = self.labels[start:stop]
-        if not self.any_body:  # a blank series: nothing is inside (as clear_outside_body)
-            out[...] = 0
-            return
         logits_to_labels(logits, self.pre.box, rows, cols, out=out)
-        clear_outside_body(out, self.hu[start:stop], self.body[start:stop], part_of_series=True)
+        clear_outside_body(out, self.hu[start:stop], self.body[start:stop], series_has_body=self.any_body)
 
     def __enter__(self) -> _LabelWriter:
         return self

@@ -53,6 +53,13 @@ class CropBox:
         return (max(self.row0, 0), min(self.row0 + self.side, rows),
                 max(self.col0, 0), min(self.col0 + self.side, cols))
 
+    def inside(self, rows: int, cols: int) -> tuple[slice, slice]:
+        """The same part as :meth:`clipped`, as (row, column) slices in the square's own pixels
+        (empty when the square misses the image)."""
+        r0, r1, c0, c1 = self.clipped(rows, cols)
+        return (slice(r0 - self.row0, max(r1, r0) - self.row0),
+                slice(c0 - self.col0, max(c1, c0) - self.col0))
+
 
 @dataclass
 class PreprocessedSeries:
@@ -93,7 +100,7 @@ def coarse_body(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int 
 
 
 def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | None = None,
-                       step: int = BODY_STEP, part_of_series: bool = False) -> np.ndarray:
+                       step: int = BODY_STEP, series_has_body: bool | None = None) -> np.ndarray:
     """Set ``labels`` to background outside the patient's body, in place; returns ``labels``.
 
     The body is the component of :func:`body_box` with its holes (lungs, airways) filled slice by
@@ -102,12 +109,14 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | No
     or a crop) stays inside unless it is mostly air (< -950 HU: the room around the patient, with
     the couch and blankets in it). On the ``step`` grid (3 mm at 0.8 mm pixels), far from any
     lung edge. ``body``: the :func:`coarse_body` of ``hu`` if already computed (preprocessing).
-    The test is per slice, so a run of slices of a series with a body (``part_of_series``,
-    with the matching slices of the series' ``body``) gets its share of the whole-series result.
+    Without any body in the series, everything is cleared. The test is per slice, so a run of
+    slices of a series (with the matching slices of the series' ``body``, and
+    ``series_has_body``: whether the whole series has one) gets its share of the whole-series
+    result.
     """
     if body is None:
         body = coarse_body(hu, step=step)
-    if not part_of_series and not body.any():
+    if not (body.any() if series_has_body is None else series_has_body):
         labels[...] = 0
         return labels
     n, rows, cols = labels.shape
@@ -227,7 +236,8 @@ def _crop_square(x: torch.Tensor, box: CropBox, fill: float) -> torch.Tensor:
     rows, cols = x.shape[-2:]
     r0, r1, c0, c1 = box.clipped(rows, cols)
     x = x[..., r0:r1, c0:c1]
-    pads = (c0 - box.col0, box.col0 + box.side - c1, r0 - box.row0, box.row0 + box.side - r1)
+    in_rows, in_cols = box.inside(rows, cols)
+    pads = (in_cols.start, box.side - in_cols.stop, in_rows.start, box.side - in_rows.stop)
     if any(pads):
         x = F.pad(x, pads, value=fill)
     return x
@@ -246,7 +256,7 @@ def normalise_slices(hu: np.ndarray, box: CropBox, size: int) -> torch.Tensor:
     r0, r1, c0, c1 = box.clipped(rows, cols)
     square = torch.full((t.shape[0], box.side, box.side), HU_MIN, dtype=torch.float32)
     if r1 > r0 and c1 > c0:  # else the box lies wholly outside the image: all air
-        inner = square[:, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+        inner = square[(slice(None), *box.inside(rows, cols))]
         crop = t[:, r0:r1, c0:c1]
         if crop.dtype == torch.float32:
             torch.clamp(crop, HU_MIN, HU_MAX, out=inner)
@@ -284,9 +294,8 @@ def to_source_grid(maps: torch.Tensor, box: CropBox, rows: int, cols: int) -> to
     Returns ``(n, C, r1 - r0, c1 - c0)`` for the part of the box inside the image (see
     :meth:`CropBox.clipped`); the caller fills the rest of the source grid.
     """
-    r0, r1, c0, c1 = box.clipped(rows, cols)
     up = F.interpolate(maps, size=(box.side, box.side), mode="bilinear", align_corners=False)
-    return up[:, :, r0 - box.row0:r1 - box.row0, c0 - box.col0:c1 - box.col0]
+    return up[(slice(None), slice(None), *box.inside(rows, cols))]
 
 
 def logits_to_labels(logits: torch.Tensor, box: CropBox, rows: int, cols: int,
@@ -313,8 +322,9 @@ def logits_to_labels(logits: torch.Tensor, box: CropBox, rows: int, cols: int,
     r0, r1, c0, c1 = box.clipped(rows, cols)
     if r1 <= r0 or c1 <= c0:
         return out
-    row_taps = _bilinear_taps(size, box.side, r0 - box.row0, r1 - box.row0)
-    col_taps = _bilinear_taps(size, box.side, c0 - box.col0, c1 - box.col0)
+    in_rows, in_cols = box.inside(rows, cols)
+    row_taps = _bilinear_taps(size, box.side, in_rows.start, in_rows.stop)
+    col_taps = _bilinear_taps(size, box.side, in_cols.start, in_cols.stop)
     for a in range(0, n, step):
         part = logits[a:a + step].float()
         winner = argmax_channels(part.contiguous(memory_format=torch.channels_last)).numpy()
