@@ -8,7 +8,9 @@ Default mode, on one synthetic 512×512 chest CT held in memory (the phantom of
 
 * median wall time of files → label map (``load_files`` of the phantom written as a 512×512 DICOM
   series, then ``segment``) for the fast path and for the naive path (every window re-encodes its
-  11 slices) in the same run, and their ratio;
+  11 slices, float32) in the same run, and their ratio; the fast path runs at ``--precision``
+  (default ``auto``: bfloat16 convolutions on CPUs with AMX / AVX512-BF16) and, when that is not
+  float32, also at float32, so the gain of the algorithm and that of the arithmetic show apart;
 * the same for ``segment(volume)`` alone, and where the fast path's time goes
   (preprocessing / network / logits → labels);
 * peak resident memory of a 500-slice run in a fresh subprocess (``VmHWM``, including the 0.5 GB
@@ -89,16 +91,17 @@ def vm_hwm_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def make_segmenter(model_name: str, weights: str | None, naive: bool = False, threads: int | None = None):
+def make_segmenter(model_name: str, weights: str | None, naive: bool = False, threads: int | None = None,
+                   precision: str | None = None):
     from lungburden.inference.models import build_model
     from lungburden.inference.predict import ConvLSTMSegmenter
 
     if weights:
-        return ConvLSTMSegmenter(weights_path=weights, naive=naive, threads=threads)
+        return ConvLSTMSegmenter(weights_path=weights, naive=naive, threads=threads, precision=precision)
     import torch
 
     torch.manual_seed(0)
-    return ConvLSTMSegmenter(model=build_model(model_name), naive=naive, threads=threads)
+    return ConvLSTMSegmenter(model=build_model(model_name), naive=naive, threads=threads, precision=precision)
 
 
 def timed(fn, repeats: int) -> tuple[float, float, list[float]]:
@@ -147,7 +150,7 @@ def stage_times(seg, hu: np.ndarray) -> dict[str, float]:
 def child(args: argparse.Namespace) -> None:
     """Subprocess: build the volume, segment once, print JSON with timing and memory."""
     hu = ellipse_volume(args.child_slices) if args.child_slices > 160 else synthetic_volume(args.child_slices)
-    seg = make_segmenter(args.child_model, args.weights, threads=args.threads)
+    seg = make_segmenter(args.child_model, args.weights, threads=args.threads, precision=args.precision)
     base = vm_hwm_mib()  # volume + Python + torch + model, before segment()
     w, c = time.perf_counter(), time.process_time()
     labels = seg.segment(hu)
@@ -163,6 +166,7 @@ def run_child(model: str, slices: int, args: argparse.Namespace, weights: str | 
         cmd += ["--weights", weights]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    cmd += ["--precision", args.precision]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -171,11 +175,15 @@ def main_default(args: argparse.Namespace) -> None:
     import torch
 
     from lungburden.inference.models import count_parameters
+    from lungburden.inference.predict import native_bfloat16
     from lungburden.inference.volume import load_files
 
     hu = synthetic_volume(args.slices)
-    fast = make_segmenter("convlstm", args.weights, threads=args.threads)
-    naive = make_segmenter("convlstm", args.weights, naive=True, threads=args.threads)
+    fast = make_segmenter("convlstm", args.weights, threads=args.threads, precision=args.precision)
+    naive = make_segmenter("convlstm", args.weights, naive=True, threads=args.threads, precision="float32")
+    fast32 = None
+    if fast.precision != "float32":
+        fast32 = make_segmenter("convlstm", args.weights, threads=args.threads, precision="float32")
     model = fast.model
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, threads {args.threads or 'all'}, load avg {os.getloadavg()[0]:.1f}, "
@@ -183,20 +191,28 @@ def main_default(args: argparse.Namespace) -> None:
     print(f"model: convlstm {json.dumps(fast.source_model.hparams)}")
     print(f"parameters: {count_parameters(model)} ({count_parameters(model) * 4 / 2**20:.2f} MB float32); "
           f"weights: {args.weights or 'random init'}")
-    print(f"volume: {hu.shape[0]} slices × {hu.shape[1]}×{hu.shape[2]} float32 HU "
-          "(in memory; DICOM loading not included)")
+    print(f"precision: fast path {fast.precision} (--precision {args.precision}; CPU bfloat16 in hardware: "
+          f"{native_bfloat16()}), naive path float32")
+    print(f"volume: {hu.shape[0]} slices × {hu.shape[1]}×{hu.shape[2]} float32 HU")
     with tempfile.TemporaryDirectory() as tmp:
         files = write_series(args.slices, Path(tmp))
         t_fast, _, t_fast_all = timed(lambda: fast.segment(load_files(files)), args.repeats)
         t_naive, _, t_naive_all = timed(lambda: naive.segment(load_files(files)), args.repeats)
+        if fast32 is not None:
+            t_fast32, _, t_fast32_all = timed(lambda: fast32.segment(load_files(files)), args.repeats)
         t_load, _, _ = timed(lambda: load_files(files), args.repeats)
-    print(f"fast  files→labels: median wall {t_fast:.2f} s runs {[round(x, 2) for x in t_fast_all]} "
-          f"(of which loading {len(files)} DICOM files {t_load:.2f} s)")
-    print(f"naive files→labels: median wall {t_naive:.2f} s runs {[round(x, 2) for x in t_naive_all]}")
-    print(f"speed-up files→labels fast vs naive: {t_naive / t_fast:.1f}×")
+    print(f"fast  files→labels ({fast.precision}): median wall {t_fast:.2f} s runs "
+          f"{[round(x, 2) for x in t_fast_all]} (of which loading {len(files)} DICOM files {t_load:.2f} s)")
+    if fast32 is not None:
+        print(f"fast  files→labels (float32): median wall {t_fast32:.2f} s runs {[round(x, 2) for x in t_fast32_all]}")
+    print(f"naive files→labels (float32): median wall {t_naive:.2f} s runs {[round(x, 2) for x in t_naive_all]}")
+    print(f"speed-up files→labels fast vs naive: {t_naive / t_fast:.1f}×"
+          + (f" ({fast.precision}); float32 fast vs naive {t_naive / t_fast32:.1f}×" if fast32 is not None else ""))
     f_wall, f_cpu, f_all = timed(lambda: fast.segment(hu), args.repeats)
     n_wall, n_cpu, n_all = timed(lambda: naive.segment(hu), args.repeats)
-    same = float(np.mean(fast.segment(hu) == naive.segment(hu)))
+    naive_labels = naive.segment(hu)
+    same = float(np.mean(fast.segment(hu) == naive_labels))
+    same32 = float(np.mean(fast32.segment(hu) == naive_labels)) if fast32 is not None else same
     runs = [stage_times(fast, hu) for _ in range(args.repeats)]
     stages = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     naive_runs = [stage_times(naive, hu) for _ in range(max(1, args.repeats // 2))]
@@ -204,7 +220,7 @@ def main_default(args: argparse.Namespace) -> None:
     print(f"fast  volume→labels: median wall {f_wall:.2f} s (CPU {f_cpu:.2f} s) runs {[round(x, 2) for x in f_all]}")
     print(f"naive volume→labels: median wall {n_wall:.2f} s (CPU {n_cpu:.2f} s) runs {[round(x, 2) for x in n_all]}")
     print(f"speed-up fast vs naive: {n_wall / f_wall:.1f}× wall, {n_cpu / f_cpu:.1f}× CPU; identical labels: "
-          f"{same * 100:.4f} %")
+          f"{same * 100:.4f} % ({fast.precision} vs float32), float32 fast vs naive {same32 * 100:.4f} %")
     print(f"fast path stages (median wall): preprocess {stages['preprocess']:.2f} s, network + logits→labels "
           f"{stages['network']:.2f} s (the labels thread was busy {stages['labels_busy']:.2f} s of it); "
           f"network-stage speed-up vs naive ≈ {naive_network / max(stages['network'], 1e-9):.1f}×")
@@ -245,6 +261,8 @@ def main() -> None:
     p.add_argument("--weights", default=None, help="checkpoint (default: random initialisation)")
     p.add_argument("--weights-dir", default=None, help="--table4: folder with convlstm.pt, unet2d.pt, unet3d.pt")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--precision", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="arithmetic of the fast path's network (default auto; the naive path is float32)")
     p.add_argument("--table4", action="store_true", help="ConvLSTM vs UNet2D vs UNet3D on 16 slices")
     p.add_argument("--_child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--_child-model", dest="child_model", default="convlstm", help=argparse.SUPPRESS)

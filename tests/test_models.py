@@ -23,7 +23,15 @@ from lungburden.inference.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from lungburden.inference.predict import ConvLSTMSegmenter, WeightsNotFound, _LabelWriter, fold_batchnorm
+from lungburden.inference.predict import (
+    PRECISION_ENV,
+    ConvLSTMSegmenter,
+    WeightsNotFound,
+    _LabelWriter,
+    fold_batchnorm,
+    native_bfloat16,
+    resolve_precision,
+)
 from lungburden.inference.preprocess import (
     CropBox,
     argmax_channels,
@@ -427,9 +435,10 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
 def test_fast_path_equals_naive() -> None:
     model = small_convlstm()
     hu = phantom_hu(slices=23)
-    naive = ConvLSTMSegmenter(model=model, naive=True).segment(hu)
+    naive = ConvLSTMSegmenter(model=model, naive=True, precision="float32").segment(hu)
     for encode_chunk, target_chunk in ((48, 16), (7, 3), (1, 1)):
-        fast = ConvLSTMSegmenter(model=model, encode_chunk=encode_chunk, target_chunk=target_chunk).segment(hu)
+        fast = ConvLSTMSegmenter(model=model, encode_chunk=encode_chunk, target_chunk=target_chunk,
+                                 precision="float32").segment(hu)
         # Identical labels up to argmax ties at float rounding level.
         assert (fast == naive).mean() > 0.9999, (encode_chunk, target_chunk)
     # Logits too: the chunked path against a plain window forward.
@@ -440,6 +449,36 @@ def test_fast_path_equals_naive() -> None:
         expected = seg.model(windows)
         got = seg.model.forward_sequence(pad_context(pre.image, 5))
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_precision_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert resolve_precision() == ("bfloat16" if native_bfloat16() else "float32")
+    assert resolve_precision("float32") == "float32" and resolve_precision("BFloat16") == "bfloat16"
+    monkeypatch.setenv(PRECISION_ENV, "float32")
+    assert resolve_precision() == "float32" and resolve_precision("bfloat16") == "bfloat16"
+    assert ConvLSTMSegmenter(model=small_convlstm()).info.parameters["precision"] == "float32"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("float16")
+    monkeypatch.setenv(PRECISION_ENV, "half")
+    with pytest.raises(ValueError, match="'half'"):
+        ConvLSTMSegmenter(model=small_convlstm())
+
+
+def test_bfloat16_segmentation_close_to_float32() -> None:
+    """bfloat16 convolutions (autocast) change few labels; labels come from float32 logits."""
+    model = small_convlstm()
+    hu = phantom_hu(slices=13)
+    exact = ConvLSTMSegmenter(model=model, precision="float32")
+    bf16 = ConvLSTMSegmenter(model=model, precision="bfloat16")
+    assert bf16.info.parameters["precision"] == "bfloat16"
+    with torch.inference_mode(), bf16._network_precision():
+        assert bf16.model.encode(torch.rand(2, 1, 32, 32)).feats.dtype == torch.bfloat16
+    with torch.inference_mode(), exact._network_precision():
+        assert exact.model.encode(torch.rand(2, 1, 32, 32)).feats.dtype == torch.float32
+    for naive in (False, True):
+        bf16.naive = exact.naive = naive
+        assert (bf16.segment(hu) == exact.segment(hu)).mean() > 0.99, naive
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)

@@ -223,6 +223,32 @@ def load_volume(
     )
 
 
+#: Integers of at most this magnitude are exact in float32 (24-bit significand).
+_FLOAT32_EXACT = 2**24
+
+
+def _modality_lut_into(pixels: np.ndarray, ds: Dataset, out: np.ndarray) -> None:
+    """Write the modality-LUT output of ``pixels`` (PS3.3 C.11.1) into the float32 ``out``.
+
+    Equal to ``float32(apply_modality_lut(pixels, ds))`` (pydicom, float64). The usual CT case,
+    integer pixels with an integer Rescale Slope and Intercept whose outputs stay below 2**24, is
+    computed in float32 directly: every intermediate is an integer exact in float32, so the
+    result is the same, without pydicom's float64 temporary (~0.5 ms per 512×512 slice).
+    """
+    if not ds.get("ModalityLUTSequence") and "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        slope, intercept = float(ds.RescaleSlope), float(ds.RescaleIntercept)
+        if (pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2 and slope.is_integer()
+                and intercept.is_integer()
+                and abs(slope) * 2 ** (8 * pixels.dtype.itemsize) + abs(intercept) < _FLOAT32_EXACT):
+            if slope == 1.0:
+                np.add(pixels, np.float32(intercept), out=out, dtype=np.float32)
+            else:
+                np.multiply(pixels, np.float32(slope), out=out, dtype=np.float32)
+                out += np.float32(intercept)
+            return
+    out[...] = apply_modality_lut(pixels, ds)
+
+
 def _hu_stack(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(hu, affine, order)``: the float32 HU stack, its LPS affine and the permutation of
     ``datasets`` into slice order.
@@ -243,7 +269,7 @@ def _hu_stack(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray, np.n
     hu = np.empty((len(datasets), int(first.Rows), int(first.Columns)), np.float32)
     for k, i in enumerate(order):
         ds = datasets[int(i)]
-        hu[k] = apply_modality_lut(ds.pixel_array, ds)
+        _modality_lut_into(ds.pixel_array, ds, hu[k])
     volume = hd.Volume.from_attributes(
         array=hu, image_position=first.ImagePositionPatient, image_orientation=first.ImageOrientationPatient,
         pixel_spacing=first.PixelSpacing, spacing_between_slices=spacing, coordinate_system="PATIENT",
