@@ -203,7 +203,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             segmenter = build_segmenter(args.model, args.weights, args.threads)
             results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
-            info = {"model": args.weights or args.model or "default segmenter", "cases": len(results)}
+            info = {"model": args.weights or args.model or "default segmenter", "cases": len(results),
+                    **{k: v for k, v in (segmenter.info.parameters or {}).items() if k == "precision"}}
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
