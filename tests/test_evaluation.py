@@ -14,6 +14,7 @@ from lungburden.inference.evaluation import (
     Overlap,
     agreement,
     bland_altman,
+    case_group,
     compare_labels,
     dice,
     evaluate_cases,
@@ -138,6 +139,39 @@ def test_evaluate_cases_and_report_files(tmp_path):
         "peak_rss_growth_mib": 20.0, "threads": 2}})], tmp_path)
     text = path.read_text()
     assert "oracle" in text and "1.00 / 2.00 (3.00)" in text
+
+
+def test_report_by_case_group(tmp_path):
+    """Phantom cases are grouped by lesion pattern; each group gets pooled DSC and summed volumes."""
+    truth, _ = _maps()
+    truth[truth >= L.GGO] = L.LUNG  # lesion-free lung
+    hu = np.full(truth.shape, -700, np.float32)
+    consolidation = truth.copy()
+    consolidation[0, 9, :6] = L.HIGH_OPACITY
+    metas = [{"lesion_kinds": "consolidation", "burden_percent": 40.0},
+             {"lesion_kinds": "consolidation", "burden_percent": 30.0},
+             {"lesion_kinds": "effusion,ggo", "burden_percent": 0.0}]
+    cases = [RawCase(f"phantom-{i}", hu, consolidation if i < 2 else truth, AFFINE, source="phantom", meta=m)
+             for i, m in enumerate(metas)]
+    cases.append(RawCase("real-x", hu, truth, AFFINE, source="real-ct", meta={"volume": "x", "seed": None}))
+    assert [case_group(c) for c in cases] == ["phantom: consolidation", "phantom: consolidation",
+                                              "phantom: no lesions", "real-ct"]
+
+    class MissesConsolidation:
+        def segment(self, volume):
+            out = truth.copy()  # every consolidation voxel read as lung
+            return out
+
+    summary = write_report(evaluate_cases(MissesConsolidation(), cases, progress=False), tmp_path, plots=False)
+    group = summary.per_group["phantom: consolidation"]
+    assert group.n_cases == 2 and group.pooled_dice["high_opacity"] == 0.0
+    assert group.model_high_opacity_ml == 0.0 and group.truth_high_opacity_ml == pytest.approx(2 * 6 * 0.002)
+    assert summary.per_group["phantom: no lesions"].pooled_dice["lesion"] is None
+    assert set(summary.per_group) == {"phantom: consolidation", "phantom: no lesions", "real-ct"}
+    text = (tmp_path / "report.md").read_text()
+    assert "## By case group" in text and "| phantom: consolidation | 2 | 0.000 |" in text
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["cases"][0]["group"] == "phantom: consolidation"
 
 
 # ------------------------------------------------------------------------------------ commands

@@ -181,6 +181,7 @@ class CaseResult:
     model: Quantities
     seconds: float
     slices: int
+    group: str = ""
 
     @property
     def dice(self) -> dict[str, float | None]:
@@ -191,6 +192,7 @@ class CaseResult:
             "case_id": self.case_id,
             "source": self.source,
             "fold": self.fold,
+            "group": self.group,
             "slices": self.slices,
             "seconds": round(self.seconds, 3),
             "dice": {k: (None if v is None else round(v, 5)) for k, v in self.dice.items()},
@@ -210,6 +212,7 @@ def compare_labels(
     source: str = "",
     fold: int | None = None,
     seconds: float = 0.0,
+    group: str = "",
 ) -> CaseResult:
     """Compare a predicted label map with the truth on the same (source) grid."""
     overlaps = {name: overlap(truth, pred, values) for name, values in DICE_CLASSES.items()}
@@ -222,7 +225,22 @@ def compare_labels(
         model=quantify(pred, hu, affine),
         seconds=seconds,
         slices=int(truth.shape[0]),
+        group=group,
     )
+
+
+def case_group(case) -> str:
+    """The subgroup a case is reported in: for a phantom its lesion pattern (``phantom: no
+    lesions``, ``phantom: consolidation``, ``phantom: effusion + ggo`` …, from the spec in
+    ``RawCase.meta``), else its source. A pooled figure hides a pattern the model misses, e.g.
+    consolidation without GGO, which is 10 % of the phantoms."""
+    meta = getattr(case, "meta", None) or {}
+    kinds = meta.get("lesion_kinds")
+    if not kinds:
+        return str(case.source)
+    if not meta.get("burden_percent"):
+        return f"{case.source}: no lesions"
+    return f"{case.source}: " + " + ".join(sorted(str(kinds).split(",")))
 
 
 def evaluate_cases(segmenter, cases: Iterable, fold: int | None = None, progress: bool = True) -> list[CaseResult]:
@@ -243,7 +261,7 @@ def evaluate_cases(segmenter, cases: Iterable, fold: int | None = None, progress
             raise RuntimeError(f"segmenter returned {pred.shape} for case {case.case_id} of shape {case.labels.shape}")
         results.append(
             compare_labels(case.case_id, case.labels, pred, volume.hu, volume.affine, source=case.source,
-                           fold=fold, seconds=seconds)
+                           fold=fold, seconds=seconds, group=case_group(case))
         )
     return results
 
@@ -272,6 +290,35 @@ class Summary:
     agreement: dict[str, Agreement]
     mean_seconds: float
     per_fold: dict[str, dict[str, DiceSummary]] = field(default_factory=dict)
+    per_group: dict[str, GroupSummary] = field(default_factory=dict)
+
+
+@dataclass
+class GroupSummary:
+    """One subgroup of cases (:func:`case_group`): pooled Dice, summed volumes, burden bias."""
+
+    n_cases: int
+    pooled_dice: dict[str, float | None]
+    truth_opacity_ml: float
+    model_opacity_ml: float
+    truth_high_opacity_ml: float
+    model_high_opacity_ml: float
+    burden_bias: float
+
+
+def summarize_group(results: Sequence[CaseResult]) -> GroupSummary:
+    def total(side: str, quantity: str) -> float:
+        return float(sum(getattr(getattr(r, side), quantity) for r in results))
+
+    return GroupSummary(
+        n_cases=len(results),
+        pooled_dice={name: d.pooled for name, d in summarize_dice(results).items()},
+        truth_opacity_ml=total("truth", "opacity_volume_ml"),
+        model_opacity_ml=total("model", "opacity_volume_ml"),
+        truth_high_opacity_ml=total("truth", "high_opacity_volume_ml"),
+        model_high_opacity_ml=total("model", "high_opacity_volume_ml"),
+        burden_bias=float(np.mean([r.model.burden_percent - r.truth.burden_percent for r in results])),
+    )
 
 
 def summarize_dice(results: Sequence[CaseResult]) -> dict[str, DiceSummary]:
@@ -298,12 +345,15 @@ def summarize(results: Sequence[CaseResult]) -> Summary:
     }
     folds = sorted({r.fold for r in results if r.fold is not None})
     per_fold = {str(k): summarize_dice([r for r in results if r.fold == k]) for k in folds}
+    groups = sorted({r.group for r in results if r.group})
+    per_group = {g: summarize_group([r for r in results if r.group == g]) for g in groups}
     return Summary(
         n_cases=len(results),
         dice=summarize_dice(results),
         agreement=agreements,
         mean_seconds=float(np.mean([r.seconds for r in results])) if results else 0.0,
         per_fold=per_fold,
+        per_group=per_group,
     )
 
 
@@ -387,6 +437,19 @@ def _agreement_table(agreements: dict[str, Agreement]) -> list[str]:
     return lines
 
 
+def _group_table(groups: dict[str, GroupSummary]) -> list[str]:
+    lines = ["| group | cases | DSC lesion | DSC GGO | DSC high | opacity model / truth mL "
+             "| high opacity model / truth mL | burden bias % |", "|---|---|---|---|---|---|---|---|"]
+    for name, g in groups.items():
+        d = g.pooled_dice
+        lines.append(
+            f"| {name} | {g.n_cases} | {_fmt(d['lesion'])} | {_fmt(d['ggo'])} | {_fmt(d['high_opacity'])} "
+            f"| {g.model_opacity_ml:.0f} / {g.truth_opacity_ml:.0f} | {g.model_high_opacity_ml:.0f} / "
+            f"{g.truth_high_opacity_ml:.0f} | {g.burden_bias:+.1f} |"
+        )
+    return lines
+
+
 def write_report(
     results: Sequence[CaseResult],
     out_dir: Path,
@@ -417,6 +480,9 @@ def write_report(
     if len(summary.per_fold) > 1:
         for k, d in summary.per_fold.items():
             md += ["", f"### Fold {k}", ""] + _dice_table(d)
+    if len(summary.per_group) > 1:
+        md += ["", "## By case group", "", "Pooled DSC and summed volumes per group (a phantom's lesion pattern).", ""]
+        md += _group_table(summary.per_group)
     md += ["", "## Volumes and burden: model versus truth", "",
            "Bias = mean(model - truth); LoA = bias ± 1.96 SD; Wilcoxon = paired signed-rank test.", ""]
     md += _agreement_table(summary.agreement)
