@@ -187,3 +187,16 @@ def test_dump_hides_passwords():
     config = config_from_mapping({"destinations": [
         {"name": "w", "type": "dicomweb", "url": "http://x", "username": "u", "password": "secret"}]})
     assert dump_config(config)["destinations"][0]["password"] == "***"
+
+
+def test_serve_rejects_a_bad_precision_variable_at_start_up(tmp_path, monkeypatch, capsys):
+    """$LUNGBURDEN_PRECISION (outside the YAML) is checked before the node starts, naming the variable."""
+    from lungburden.cli import main
+    from lungburden.dicom_node.commands import EXIT_CONFIG
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LUNGBURDEN_PRECISION", "half")
+    assert main(["serve", "--check-config"]) == EXIT_CONFIG
+    assert "$LUNGBURDEN_PRECISION must be one of auto, float32, bfloat16, got 'half'" in capsys.readouterr().err
+    monkeypatch.setenv("LUNGBURDEN_PRECISION", "Float32")
+    assert main(["serve", "--check-config"]) == 0

@@ -253,15 +253,24 @@ def test_malformed_rescale_or_lut_is_rejected_not_raised(real_datasets):
     assert "pixel data or geometry unreadable" in _reject_reason(_modified(real_datasets, lut_without_data))
 
 
-@pytest.mark.parametrize("dtype, slope, intercept", [
-    (np.uint16, 1, -1024), (np.int16, 1, 0), (np.uint16, 2, -2048), (np.int16, -3, 100),
-    (np.uint8, 1, -1000), (np.uint16, 0.5, -1024.25), (np.int32, 1, -1024), (np.uint16, 1, 1e7)])
-def test_modality_lut_matches_pydicom(dtype, slope, intercept):
-    """The float32 fast path of the rescale gives exactly float32(pydicom's float64 result)."""
+@pytest.mark.parametrize("dtype, slope, intercept, fast", [
+    (np.uint16, 1, -1024, True), (np.int16, 1, 0, True), (np.uint16, 2, -2048, True), (np.int16, -3, 100, True),
+    (np.uint8, 1, -1000, True), (np.uint16, 1, 1e7, True), (np.uint16, 255, 0, True),
+    (np.uint16, 0.5, -1024.25, False), (np.int32, 1, -1024, False), (np.uint16, 3, 2**24, False)])
+def test_modality_lut_matches_pydicom(dtype, slope, intercept, fast, monkeypatch):
+    """The float32 rescale gives exactly float32(pydicom's float64 result) and is used only where
+    that holds (integer pixels and rescale, outputs below 2**24); otherwise pydicom computes."""
     from pydicom.pixels import apply_modality_lut
 
-    from lungburden.inference.volume import _modality_lut_into
+    from lungburden.inference import volume
 
+    calls = []
+
+    def pydicom_lut(pixels, ds):
+        calls.append(1)
+        return apply_modality_lut(pixels, ds)
+
+    monkeypatch.setattr(volume, "apply_modality_lut", pydicom_lut)
     info = np.iinfo(dtype)
     rng = np.random.default_rng(0)
     pixels = rng.integers(max(info.min, -2**20), min(info.max, 2**20), (64, 64), endpoint=True).astype(dtype)
@@ -269,14 +278,16 @@ def test_modality_lut_matches_pydicom(dtype, slope, intercept):
     ds = Dataset()
     ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
     out = np.empty(pixels.shape, np.float32)
-    _modality_lut_into(pixels, ds, out)
+    volume._modality_lut_into(pixels, ds, out)
     assert np.array_equal(out, apply_modality_lut(pixels, ds).astype(np.float32))
+    assert len(calls) == (0 if fast else 1)
     item = Dataset()
     item.LUTDescriptor = [256, 0, 16]
     item.LUTData = list(range(0, 2560, 10))
     ds.ModalityLUTSequence = [item]  # the LUT takes precedence over the rescale (PS3.3 C.11.1)
-    _modality_lut_into(pixels, ds, out)
+    volume._modality_lut_into(pixels, ds, out)
     assert np.array_equal(out, apply_modality_lut(pixels, ds).astype(np.float32))
+    assert len(calls) == (1 if fast else 2)
 
 
 def test_missing_rescale_is_identity(real_datasets):

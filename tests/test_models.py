@@ -481,6 +481,34 @@ def test_bfloat16_segmentation_close_to_float32() -> None:
         assert (bf16.segment(hu) == exact.segment(hu)).mean() > 0.99, naive
 
 
+def test_segment_runs_the_network_under_autocast_and_the_argmax_in_float32(monkeypatch) -> None:
+    from lungburden.inference import predict
+
+    seen: list[tuple[str, bool]] = []
+    to_labels = predict.logits_to_labels
+
+    def record_labels(logits, *args, **kwargs):
+        seen.append((f"labels {logits.dtype}", torch.is_autocast_enabled("cpu")))
+        return to_labels(logits, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "logits_to_labels", record_labels)
+    hu = phantom_hu(slices=13)
+    for precision in ("bfloat16", "float32"):
+        for naive in (False, True):
+            seg = ConvLSTMSegmenter(model=small_convlstm(), precision=precision, naive=naive)
+            network = seg.model.forward if naive else seg.model.forward_features
+
+            def record_network(*args, _network=network, **kwargs):
+                seen.append(("network", torch.is_autocast_enabled("cpu")))
+                return _network(*args, **kwargs)
+
+            monkeypatch.setattr(seg.model, "forward" if naive else "forward_features", record_network)
+            seen.clear()
+            seg.segment(hu)
+            assert ("network", precision == "bfloat16") in seen and ("network", precision != "bfloat16") not in seen
+            assert set(x for x in seen if x[0] != "network") == {("labels torch.float32", False)}, (precision, naive)
+
+
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_segmenter_output_on_source_grid(name: str, tmp_path: Path) -> None:
     hp = SMALL if name == "convlstm" else dict(input_size=32, base=4)

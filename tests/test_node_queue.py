@@ -396,3 +396,26 @@ def test_rerun_of_a_series_version_gives_the_same_result_uids(tmp_path):
         store.retry([job.id], states=("done",))  # as if the worker had died before recording success
     assert uids[0] == uids[1]
     assert uids[0]["seg_sop_instance_uid"] != uids[0]["sr_sop_instance_uid"]
+
+
+def test_result_uid_seed_follows_the_algorithm():
+    """Other weights or precision = other SEG/SR objects = other UIDs; the same setting = the same."""
+    from types import SimpleNamespace
+
+    from lungburden.dicom_node.worker import uid_seed
+    from lungburden.inference.segmenter import AlgorithmInfo
+    from lungburden.pipeline import result_uids
+
+    job = SimpleNamespace(series_instance_uid="1.2.3", instance_set_hash="abc")
+
+    def info(**parameters):
+        return AlgorithmInfo(name="lungburden convlstm", version="0.1.0", parameters=parameters or None)
+
+    base = uid_seed(job, "convlstm", info(weights="a.pt sha256:1", precision="float32"))
+    assert base == uid_seed(job, "convlstm", info(precision="float32", weights="a.pt sha256:1"))
+    others = [uid_seed(job, "convlstm", info(weights="a.pt sha256:2", precision="float32")),
+              uid_seed(job, "convlstm", info(weights="a.pt sha256:1", precision="bfloat16")),
+              uid_seed(job, "threshold", info(weights="a.pt sha256:1", precision="float32")),
+              uid_seed(job, "convlstm", info())]
+    assert len({base, *others}) == 5
+    assert result_uids(base) == result_uids(base) != result_uids(others[1])

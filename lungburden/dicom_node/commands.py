@@ -33,6 +33,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
+    from lungburden.inference.segmenter import requested_precision
+
+    try:
+        requested_precision()  # $LUNGBURDEN_PRECISION: fail at start-up, not in every job
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.check_config:
         print(json.dumps(dump_config(config), indent=2))
         return 0

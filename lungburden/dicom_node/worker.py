@@ -12,6 +12,7 @@ restarted node's back; the restarted node re-queues the job (see :meth:`JobStore
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import multiprocessing
 import os
@@ -28,7 +29,7 @@ from lungburden.config.schema import Config
 from lungburden.dicom_node.jobs import Job, JobStore
 
 if TYPE_CHECKING:
-    from lungburden.inference.segmenter import Segmenter
+    from lungburden.inference.segmenter import AlgorithmInfo, Segmenter
     from lungburden.inference.volume import LoadLimits
 
 log = logging.getLogger(__name__)
@@ -58,9 +59,14 @@ def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
         pass
 
 
-def uid_seed(job: Job, model_name: str, model_version: str) -> str:
-    """The seed of the deterministic result UIDs of one series version and model (idempotency)."""
-    return f"{job.series_instance_uid}/{job.instance_set_hash}/{model_name}/{model_version}"
+def uid_seed(job: Job, model_name: str, algorithm: AlgorithmInfo) -> str:
+    """The seed of the deterministic result UIDs of one series version and algorithm (idempotency).
+
+    The algorithm's version and parameters (weights digest, precision, speck size) are part of
+    it: a re-analysis with other weights or arithmetic is another SEG/SR, so it gets other UIDs
+    (one UID, one object: PS3.3 C.12.1.1.1)."""
+    parameters = json.dumps(algorithm.parameters or {}, sort_keys=True)
+    return f"{job.series_instance_uid}/{job.instance_set_hash}/{model_name}/{algorithm.version}/{parameters}"
 
 
 class WorkerStopped(BaseException):
@@ -142,7 +148,7 @@ class JobRunner:
                      job.series_instance_uid, job.version, len(job.files), job.model)
             outputs = self.process_fn(list(job.files), out_dir, model=job.model,
                                       limits=self.config.selection.to_limits(), segmenter=segmenter,
-                                      uid_seed=uid_seed(job, job.model, segmenter.info.version))
+                                      uid_seed=uid_seed(job, job.model, segmenter.info))
         except SeriesRejected as exc:
             stop_beat.set()
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -269,6 +269,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     volumes: dict[int, Path] = {}
     for name in names:
         ckpt = weights.get(name)
+        segmenter = None
         try:
             if name in cvs:
                 results, _ = evaluate_cv(Path(cvs[name]), progress=not args.quiet, threads=args.threads)
@@ -283,7 +284,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
             rows.append(ModelComparison(name, ckpt, None, {}))
             continue
         if results:
-            write_report(results, out / name, title=f"lungburden evaluation: {name}", info={"model": ckpt or name},
+            info = {"model": ckpt or name}
+            if segmenter is not None and segmenter.info.parameters and "precision" in segmenter.info.parameters:
+                info["precision"] = segmenter.info.parameters["precision"]
+            write_report(results, out / name, title=f"lungburden evaluation: {name}", info=info,
                          plots=not args.no_plots)
         compute = {}
         for n in sizes:

@@ -238,7 +238,7 @@ def case_group(case) -> str:
     kinds = meta.get("lesion_kinds")
     if not kinds:
         return str(case.source)
-    if not meta.get("burden_percent"):
+    if meta.get("burden_percent") == 0:  # None: drawn from the seed, so the kinds say more
         return f"{case.source}: no lesions"
     return f"{case.source}: " + " + ".join(sorted(str(kinds).split(",")))
 

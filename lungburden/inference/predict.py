@@ -51,17 +51,19 @@ from lungburden.inference.preprocess import (
     remove_small_opacities,
     window_indices,
 )
-from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter
+from lungburden.inference.segmenter import (  # noqa: F401  (PRECISIONS, PRECISION_ENV: re-exported)
+    PRECISION_ENV,
+    PRECISIONS,
+    AlgorithmInfo,
+    register_segmenter,
+    requested_precision,
+)
 from lungburden.inference.volume import CTVolume
 
 #: Where the shipped weights live (``lungburden train --final --export`` writes them).
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "convlstm.pt"
 #: Opacity components smaller than this (mL) are dropped (:func:`remove_small_opacities`).
 MIN_OPACITY_ML = 0.5
-#: Arithmetic of the network's convolutions: ``auto`` = bfloat16 where the CPU has it natively.
-PRECISIONS = ("auto", "float32", "bfloat16")
-#: Environment variable giving the default precision of a segmenter (e.g. for the node service).
-PRECISION_ENV = "LUNGBURDEN_PRECISION"
 
 
 class WeightsNotFound(FileNotFoundError):
@@ -97,11 +99,10 @@ def native_bfloat16() -> bool:
 
 
 def resolve_precision(precision: str | None = None) -> str:
-    """``float32`` or ``bfloat16`` for a requested precision (``None``: ``$LUNGBURDEN_PRECISION``,
-    else ``auto``; ``auto``: bfloat16 on CPUs that compute it natively, else float32)."""
-    requested = (precision or os.environ.get(PRECISION_ENV) or "auto").strip().lower()
-    if requested not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    """``float32`` or ``bfloat16`` for a requested precision (:func:`requested_precision`:
+    ``None`` = ``$LUNGBURDEN_PRECISION``, else ``auto``; ``auto``: bfloat16 on CPUs that compute
+    it natively, else float32)."""
+    requested = requested_precision(precision)
     if requested == "auto":
         return "bfloat16" if native_bfloat16() else "float32"
     return requested
@@ -142,8 +143,8 @@ class ConvLSTMSegmenter:
     ``precision``: ``float32``, ``bfloat16`` (convolutions autocast to bfloat16, logits back to
     float32 before the argmax) or ``auto`` (:func:`resolve_precision`; default from
     ``$LUNGBURDEN_PRECISION``). On the shipped model bfloat16 changes ~0.01 % of the labels and
-    is ~1.4× faster on CPUs with AMX / AVX512-BF16 (docs/model.md); ``float32`` reproduces
-    results bit for bit across such CPUs.
+    is ~1.4× faster on this AMX Xeon (docs/model.md); ``float32`` gives the float32 results
+    whatever the CPU's bfloat16 support.
     """
 
     name = "convlstm"
@@ -152,6 +153,7 @@ class ConvLSTMSegmenter:
                  naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
                  target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True,
                  min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None):
+        self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
         if model is None:
@@ -173,7 +175,6 @@ class ConvLSTMSegmenter:
         self.target_chunk = max(1, target_chunk)
         self.window_batch = max(1, window_batch)
         self.min_opacity_ml = float(min_opacity_ml)
-        self.precision = resolve_precision(precision)
         model_name = str(getattr(model, "name", type(model).__name__))
         self.info = AlgorithmInfo(
             name=f"lungburden {model_name}",

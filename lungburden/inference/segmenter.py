@@ -6,6 +6,7 @@ network of the paper once its weights ship (``DEFAULT_SEGMENTER``).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -35,6 +36,24 @@ class Segmenter(Protocol):
 
 _REGISTRY: dict[str, Callable[[], Segmenter]] = {}
 DEFAULT_SEGMENTER = "convlstm"
+#: Arithmetic of a network segmenter's convolutions: ``auto`` = bfloat16 where the CPU has it natively.
+PRECISIONS = ("auto", "float32", "bfloat16")
+#: Environment variable giving the default precision of network segmenters (node, plugin, CLI).
+PRECISION_ENV = "LUNGBURDEN_PRECISION"
+
+
+def requested_precision(precision: str | None = None) -> str:
+    """The requested precision, checked (``None``: ``$LUNGBURDEN_PRECISION``, else ``auto``).
+
+    Raises ``ValueError`` naming where a bad value came from; imports no torch, so that the node
+    can check the environment at start-up (``lungburden serve``)."""
+    source = "precision"
+    if precision is None and os.environ.get(PRECISION_ENV):
+        precision, source = os.environ[PRECISION_ENV], f"${PRECISION_ENV}"
+    requested = str(precision or "auto").strip().lower()
+    if requested not in PRECISIONS:
+        raise ValueError(f"{source} must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return requested
 
 
 def register_segmenter(name: str, factory: Callable[[], Segmenter]) -> None:
