@@ -212,9 +212,10 @@ def test_worker_and_exporter_with_folder_destination(tmp_path):
 
     runner = JobRunner(config, store, process_fn=recording_process)
     assert runner.run_next()
-    # deterministic result UIDs: the seed names the series version and the model
-    version = seen["segmenter"].info.version
-    assert seen["uid_seed"] == f"{job.series_instance_uid}/{job.instance_set_hash}/threshold/{version}"
+    # deterministic result UIDs: the seed names the series version, the model and its parameters
+    info = seen["segmenter"].info
+    assert seen["uid_seed"] == (f"{job.series_instance_uid}/{job.instance_set_hash}/threshold/{info.version}/"
+                                + json.dumps(info.parameters or {}, sort_keys=True))
     job = store.job(job.id)
     assert job.state == "exporting" and job.result["burden_percent"] == 12.5
     assert [(d.destination, d.state) for d in job.deliveries] == [("folder", "pending")]
