@@ -16,6 +16,8 @@ from ct_builders import ct_slice
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from lungburden.dicom_node.demo import dcmtk_tool
+
 REPO = Path(__file__).resolve().parents[1]
 REAL_STUDY = REPO.parent / "shared" / "data" / "real-ct" / "lung-pet-ct-dx-A0001"
 
@@ -80,7 +82,7 @@ def series_files(folder: Path) -> list[Path]:
 def storescu(port: int, paths: list[Path] | Path, aet: str = "STORESCU", called: str = "LUNGBURDEN",
              timeout: float = 120, extra: list[str] | None = None) -> subprocess.CompletedProcess:
     """DCMTK ``storescu`` (the scanner) sending files or a folder (``+sd``) to 127.0.0.1:``port``."""
-    args = ["storescu", "-aet", aet, "-aec", called, *(extra or [])]
+    args = [dcmtk_tool("storescu") or "storescu", "-aet", aet, "-aec", called, *(extra or [])]
     if isinstance(paths, Path) and paths.is_dir():
         args += ["+sd", "+r"]
         targets = [str(paths)]

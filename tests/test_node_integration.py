@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -20,10 +19,12 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
+from lungburden.dicom_node.demo import dcmtk_tool
+
 pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed"),
-    pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK storescu not installed"),
+    pytest.mark.skipif(dcmtk_tool("storescu") is None, reason="DCMTK storescu not installed"),
 ]
 
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -17,10 +16,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from lungburden.config import config_from_mapping
+from lungburden.dicom_node.demo import dcmtk_tool
 from lungburden.dicom_node.http import parse_multipart_related
 from lungburden.dicom_node.service import NodeService
 
-HAVE_STORESCU = shutil.which("storescu") is not None
+HAVE_STORESCU = dcmtk_tool("storescu") is not None
 
 
 @pytest.fixture
@@ -286,3 +286,21 @@ def test_node_demo_loopback(tmp_path, capsys):
     (result,) = (tmp_path / "demo" / "results").rglob("result.json")
     assert sorted(p.name for p in result.parent.iterdir()) == ["result.json", "seg.dcm", "sr.dcm"]
     assert json.loads(result.read_text())["burden_percent"] > 0
+
+
+def test_dcmtk_tool_skips_the_python_environment_scripts(tmp_path, monkeypatch):
+    """pynetdicom's Python `storescu` in the venv must not shadow DCMTK's (other options)."""
+    import os
+    import sysconfig
+
+    scripts, system = tmp_path / "venv-bin", tmp_path / "usr-bin"
+    for folder in (scripts, system):
+        folder.mkdir()
+        tool = folder / "storescu"
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    monkeypatch.setattr(sysconfig, "get_path", lambda name, *a, **k: str(scripts))
+    monkeypatch.setenv("PATH", os.pathsep.join([str(scripts), str(system)]))
+    assert dcmtk_tool("storescu") == str(system / "storescu")
+    monkeypatch.setenv("PATH", str(scripts))
+    assert dcmtk_tool("storescu") is None

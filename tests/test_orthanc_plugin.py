@@ -10,7 +10,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from orthanc import PYTHON_PLUGIN, OrthancServer, find_plugin, orthanc_available
 from pydicom.uid import MRImageStorage, generate_uid
 
 from lungburden.config.loader import ConfigError
+from lungburden.dicom_node.demo import dcmtk_tool
 from lungburden.orthanc_plugin.settings import parse_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ PLUGIN_SCRIPT = REPO / "lungburden" / "orthanc_plugin" / "plugin.py"
 MODEL = "threshold"
 WAIT_S = 120.0
 
-HAVE_ORTHANC_PLUGIN = orthanc_available() and find_plugin(PYTHON_PLUGIN) is not None and shutil.which("storescu")
+HAVE_ORTHANC_PLUGIN = orthanc_available() and find_plugin(PYTHON_PLUGIN) is not None and dcmtk_tool("storescu")
 needs_orthanc = pytest.mark.skipif(not HAVE_ORTHANC_PLUGIN,
                                    reason="needs Debian packages orthanc, orthanc-dicomweb, orthanc-python, dcmtk")
 
@@ -248,7 +248,8 @@ class PluginOrthanc:
         return self.server.running and self.api("GET", "/system").ok
 
     def send(self, files: list[Path]) -> None:
-        subprocess.run(["storescu", "-aec", "ORTHANC", "127.0.0.1", str(self.server.dicom_port), *map(str, files)],
+        storescu = dcmtk_tool("storescu") or "storescu"
+        subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(self.server.dicom_port), *map(str, files)],
                        check=True, capture_output=True, timeout=120)
 
     def logs(self) -> str:

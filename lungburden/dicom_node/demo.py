@@ -8,8 +8,10 @@ installed, else pynetdicom), and the SEG + SR + result.json delivered to the fol
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import sysconfig
 import time
 from pathlib import Path
 
@@ -29,9 +31,21 @@ def _dicom_files(folder: Path) -> list[Path]:
     return files
 
 
+def dcmtk_tool(name: str) -> str | None:
+    """Path of the DCMTK program ``name`` on ``PATH``, or None. This Python environment's scripts
+    folder is skipped: pynetdicom installs Python apps of the same names there (``storescu``,
+    ``echoscu`` …) with other options, which shadow DCMTK's once a virtualenv is activated."""
+    scripts = Path(sysconfig.get_path("scripts")).resolve()
+    for entry in os.environ.get("PATH", "").split(os.pathsep):
+        if entry and Path(entry).resolve() != scripts and (found := shutil.which(name, path=entry)):
+            return found
+    return None
+
+
 def _send(port: int, files: list[Path], called: str) -> str:
-    if shutil.which("storescu"):
-        result = subprocess.run(["storescu", "-aet", "DEMOSCU", "-aec", called, "127.0.0.1", str(port),
+    storescu = dcmtk_tool("storescu")
+    if storescu:
+        result = subprocess.run([storescu, "-aet", "DEMOSCU", "-aec", called, "127.0.0.1", str(port),
                                  *map(str, files)], capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
             raise RuntimeError(f"storescu failed: {result.stderr[-1000:]}")
