@@ -304,3 +304,9 @@ def test_dcmtk_tool_skips_the_python_environment_scripts(tmp_path, monkeypatch):
     assert dcmtk_tool("storescu") == str(system / "storescu")
     monkeypatch.setenv("PATH", str(scripts))
     assert dcmtk_tool("storescu") is None
+    other_venv = tmp_path / "other-venv-bin"  # a Python console script of another environment
+    other_venv.mkdir()
+    (other_venv / "storescu").write_text("#!/opt/venv/bin/python3\nimport sys\n")
+    (other_venv / "storescu").chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(other_venv), str(system)]))
+    assert dcmtk_tool("storescu") == str(system / "storescu")

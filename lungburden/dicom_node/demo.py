@@ -32,14 +32,27 @@ def _dicom_files(folder: Path) -> list[Path]:
 
 
 def dcmtk_tool(name: str) -> str | None:
-    """Path of the DCMTK program ``name`` on ``PATH``, or None. This Python environment's scripts
-    folder is skipped: pynetdicom installs Python apps of the same names there (``storescu``,
-    ``echoscu`` …) with other options, which shadow DCMTK's once a virtualenv is activated."""
+    """Path of the DCMTK program ``name`` on ``PATH``, or None. Python scripts of that name are
+    skipped (and this environment's scripts folder): pynetdicom installs Python apps called
+    ``storescu``, ``echoscu`` … into a virtualenv, with other options, which shadow DCMTK's
+    once a virtualenv is activated."""
     scripts = Path(sysconfig.get_path("scripts")).resolve()
     for entry in os.environ.get("PATH", "").split(os.pathsep):
-        if entry and Path(entry).resolve() != scripts and (found := shutil.which(name, path=entry)):
+        if not entry or Path(entry).resolve() == scripts:
+            continue
+        found = shutil.which(name, path=entry)
+        if found and not _is_python_script(Path(found)):
             return found
     return None
+
+
+def _is_python_script(path: Path) -> bool:
+    try:
+        with path.open("rb") as f:
+            first = f.readline(256)
+    except OSError:
+        return False
+    return first.startswith(b"#!") and b"python" in first
 
 
 def _send(port: int, files: list[Path], called: str) -> str:
