@@ -24,7 +24,6 @@ from lungburden.inference.models import (
     save_checkpoint,
 )
 from lungburden.inference.predict import (
-    PRECISION_ENV,
     ConvLSTMSegmenter,
     WeightsNotFound,
     _LabelWriter,
@@ -47,6 +46,7 @@ from lungburden.inference.preprocess import (
     to_source_grid,
     window_indices,
 )
+from lungburden.inference.segmenter import PRECISION_ENV
 from lungburden.labels import LABEL_NAMES, NUM_CLASSES
 
 SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, levels=2, hidden=8, head_width=8,

@@ -181,6 +181,12 @@ def evaluate_cv(cv_dir: Path, progress: bool = True, threads: int | None = None)
     return results, {"cross-validation": str(cv_dir), "folds": "; ".join(folds)}
 
 
+def _precision_info(segmenter) -> dict[str, str]:
+    """``{"precision": …}`` for a report's info when the segmenter records one (network models)."""
+    parameters = (segmenter.info.parameters or {}) if segmenter is not None else {}
+    return {"precision": parameters["precision"]} if "precision" in parameters else {}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a model against ground truth and write report.md / report.json / PNGs (section 2.8)."""
     import torch
@@ -204,7 +210,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             segmenter = build_segmenter(args.model, args.weights, args.threads)
             results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)
             info = {"model": args.weights or args.model or "default segmenter", "cases": len(results),
-                    **{k: v for k, v in (segmenter.info.parameters or {}).items() if k == "precision"}}
+                    **_precision_info(segmenter)}
     except (ValueError, FileNotFoundError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -284,11 +290,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             rows.append(ModelComparison(name, ckpt, None, {}))
             continue
         if results:
-            info = {"model": ckpt or name}
-            if segmenter is not None and segmenter.info.parameters and "precision" in segmenter.info.parameters:
-                info["precision"] = segmenter.info.parameters["precision"]
-            write_report(results, out / name, title=f"lungburden evaluation: {name}", info=info,
-                         plots=not args.no_plots)
+            write_report(results, out / name, title=f"lungburden evaluation: {name}",
+                         info={"model": ckpt or name, **_precision_info(segmenter)}, plots=not args.no_plots)
         compute = {}
         for n in sizes:
             print(f"{name}: timing {n} slices ...", file=sys.stderr)

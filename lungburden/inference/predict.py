@@ -51,13 +51,7 @@ from lungburden.inference.preprocess import (
     remove_small_opacities,
     window_indices,
 )
-from lungburden.inference.segmenter import (  # noqa: F401  (PRECISIONS, PRECISION_ENV: re-exported)
-    PRECISION_ENV,
-    PRECISIONS,
-    AlgorithmInfo,
-    register_segmenter,
-    requested_precision,
-)
+from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter, requested_precision
 from lungburden.inference.volume import CTVolume
 
 #: Where the shipped weights live (``lungburden train --final --export`` writes them).
