@@ -6,7 +6,11 @@
 #
 #   PHANTOMS=400 VARIANTS=16 BUDGET=6.5 WORKERS=15 DEVICE=cuda REAL_CT=.devdata/real-ct scripts/gpu_train.sh
 #
-# RUNS_LIST names the runs (default "l4 l4w unet3d", session 3):
+# RUNS_LIST names the runs (default "l4 l4w unet3d", session 3); EPOCHS (optional) caps each run's
+# epochs besides the time budget (e.g. the epochs the CPU recipe gets in its hour):
+#   l3      the shipped recipe: ConvLSTM levels=3, lstm_pool=1, Adam lr 2e-3, bfloat16 autocast
+#   l3b4    the same with --high-opacity-boost 4 (l3b10: 10)
+#   l3f32   l3 in float32 (does bfloat16 training cost accuracy?)
 #   l4      ConvLSTM levels=4, width 24, from Kaiming initialisation, Adam lr 2e-3
 #   l4w     the same at width 32
 #   unet3d  the UNet3D baseline of Table 4
@@ -24,6 +28,7 @@ CACHE=${CACHE:-/tmp/lungburden-gpu-cases}
 RUNS=${RUNS:-/tmp/lungburden-gpu-runs}
 PY=${PY:-python3}
 EPOCH_WINDOWS=${EPOCH_WINDOWS:-512}
+EPOCHS=${EPOCHS:-}
 RUNS_LIST=${RUNS_LIST:-l4 l4w unet3d}
 INIT=${INIT:-}
 FT_LR=${FT_LR:-5e-4}
@@ -32,9 +37,9 @@ FT_LR_SMALL=${FT_LR_SMALL:-2e-4}
 seen=" "
 for run in $RUNS_LIST; do
     case "$run" in
-        l4|l4w|unet3d) ;;
+        l4|l4w|unet3d|l3|l3b4|l3b10|l3f32) ;;
         ft-l4|ft-l4s) [ -f "$INIT" ] || { echo "run $run needs INIT=<checkpoint> (got '$INIT')"; exit 2; } ;;
-        *) echo "unknown run $run (l4 l4w unet3d ft-l4 ft-l4s)"; exit 2 ;;
+        *) echo "unknown run $run (l4 l4w unet3d l3 l3b4 l3b10 l3f32 ft-l4 ft-l4s)"; exit 2 ;;
     esac
     case "$seen" in *" $run "*) echo "run $run listed twice"; exit 2 ;; esac
     seen="$seen$run "
@@ -50,13 +55,18 @@ $PY -m lungburden.cli train --final --model convlstm --out "$RUNS/prep" $DATA --
 echo "cases ready after $(( $(date +%s) - started )) s: $(ls "$CACHE" | wc -l) files"
 # 2. The runs, side by side (each its own process and CPU threads; the GPU is shared).
 COMMON="$DATA --device $DEVICE --threads 4 --slab 16 --batch 32 --windows-per-epoch $EPOCH_WINDOWS
-        --val-windows-per-case 12 --optimizer adam --time-budget $BUDGET"
+        --val-windows-per-case 12 --optimizer adam --time-budget $BUDGET ${EPOCHS:+--max-epochs $EPOCHS}"
+L3="--hparam levels=3 --hparam lstm_pool=1 --lr 2e-3"
 L4="--hparam levels=4 --hparam growth=24 --hparam hidden=24 --hparam head_width=24 --hparam lstm_pool=1"
 L4W="--hparam levels=4 --hparam growth=32 --hparam hidden=32 --hparam head_width=32 --hparam lstm_pool=1"
 run_args() {
     case "$1" in
         l4) echo "--model convlstm $COMMON --lr 2e-3 $L4" ;;
         l4w) echo "--model convlstm $COMMON --lr 2e-3 $L4W" ;;
+        l3) echo "--model convlstm $COMMON $L3 --precision bfloat16" ;;
+        l3b4) echo "--model convlstm $COMMON $L3 --precision bfloat16 --high-opacity-boost 4" ;;
+        l3b10) echo "--model convlstm $COMMON $L3 --precision bfloat16 --high-opacity-boost 10" ;;
+        l3f32) echo "--model convlstm $COMMON $L3 --precision float32" ;;
         unet3d) echo "--model unet3d $DATA --device $DEVICE --threads 4 --batch 32 --windows-per-epoch 256
                      --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET" ;;
         ft-l4) echo "--model convlstm $COMMON --lr $FT_LR --init $INIT" ;;

@@ -414,3 +414,63 @@ def test_init_fine_tunes_from_a_checkpoint_and_checks_its_model(tmp_path):
     torch.testing.assert_close(tuned.state_dict()[first], start.state_dict()[first], atol=1e-5, rtol=0)
     assert main([*common, "--out", str(tmp_path / "bad"), "--hparam", "hidden=8"]) != 0
     assert main([*common, "--out", str(tmp_path / "bad2"), "--model", "unet2d"]) != 0
+
+
+def _case_with(high_share: float, n: int = 4, size: int = 8) -> D.TrainingCase:
+    """A case whose lung (all of every slice) is ``high_share`` high opacity, the rest lung."""
+    labels = np.full((n, size, size), L.LUNG, np.uint8)
+    labels.reshape(-1)[: round(high_share * labels.size)] = L.HIGH_OPACITY
+    return D.TrainingCase(f"high-{high_share}", np.zeros((n, size, size), np.float16), labels, {})
+
+
+def test_high_opacity_boost_draws_high_opacity_cases_more_often():
+    cases = [_case_with(0.0), _case_with(0.5)]
+    # K = 0: every case alike, drawn exactly as before the option existed (same random stream).
+    uniform = D.WindowSampler(cases).sample(4000, np.random.default_rng(3))
+    rng = np.random.default_rng(3)
+    assert [ci for ci, _ in uniform[:50]] == rng.integers(0, 2, size=4000).tolist()[:50]
+    assert abs(np.mean([ci for ci, _ in uniform]) - 0.5) < 0.03
+    # K = 10: weights 1 and 1 + 10 * 0.5 = 6, so the white lung is drawn 6 times in 7.
+    boosted = D.WindowSampler(cases, high_opacity_boost=10).sample(4000, np.random.default_rng(3))
+    assert abs(np.mean([ci for ci, _ in boosted]) - 6 / 7) < 0.03
+    with pytest.raises(ValueError, match="boost"):
+        D.WindowSampler(cases, high_opacity_boost=-1)
+
+
+def test_training_precision_autocasts_the_network_only(tmp_path, monkeypatch):
+    from lungburden.cli import main
+    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.predict import native_bfloat16
+    from lungburden.inference.training.trainer import training_precision
+
+    cpu = torch.device("cpu")
+    assert training_precision("float32", cpu) == "float32"
+    assert training_precision("bfloat16", cpu) == "bfloat16"
+    assert training_precision("auto", cpu) == ("bfloat16" if native_bfloat16() else "float32")
+    with pytest.raises(ValueError, match="precision"):
+        training_precision("half", cpu)
+    seen: list[bool] = []
+
+    def record(module, args, output):
+        if type(module).__name__ == "ConvLSTMSegNet":
+            seen.append(torch.is_autocast_enabled("cpu"))
+
+    handle = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for precision in ("bfloat16", "float32"):
+            seen.clear()
+            out = tmp_path / precision
+            assert main(["train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64",
+                         "--phantom-max-slices", "12", "--final", "--windows-per-epoch", "4", "--batch", "2",
+                         "--micro-batch", "2", "--val-windows-per-case", "2", "--cache", str(tmp_path / "cache"),
+                         "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"), "--max-epochs", "1",
+                         "--precision", precision, "--high-opacity-boost", "2", *TINY]) == 0
+            # training and validation forward passes, all (and only) under autocast for bfloat16
+            assert seen and all(s == (precision == "bfloat16") for s in seen)
+            model, ckpt = load_checkpoint(out / "final" / "best.pt")
+            assert ckpt["metadata"]["precision"] == precision
+            assert ckpt["metadata"]["config"]["high_opacity_boost"] == 2
+            assert all(p.dtype == torch.float32 for p in model.parameters())  # weights stay float32
+            assert np.isfinite(ckpt["metadata"]["history"][0]["train_loss"])
+    finally:
+        handle.remove()

@@ -118,7 +118,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         val_windows_per_case=args.val_windows_per_case, plateau_patience=args.patience, stop_lr=args.stop_lr,
         max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
         final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
-        augment=not args.no_augment, slab=args.slab, threads=args.threads, device=args.device, workers=args.workers,
+        augment=not args.no_augment, slab=args.slab, high_opacity_boost=args.high_opacity_boost,
+        precision=args.precision, threads=args.threads, device=args.device, workers=args.workers,
         init=args.init, resume=args.resume, progress=not args.quiet,
     )
     if config.threads:
@@ -324,6 +325,12 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--slab", type=int, default=0, metavar="N",
                    help="convlstm: train on slabs of N consecutive targets (shared per-slice work, ~4x faster "
                         "on CPU); 0 = independent windows (default)")
+    p.add_argument("--high-opacity-boost", type=float, default=0.0, metavar="K",
+                   help="draw each case with weight 1 + K x its high-opacity share of the lung (white lungs, "
+                        "effusions seen more often); default 0 = every case alike")
+    p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="bfloat16 autocast of the network while training (weights and loss stay float32); auto "
+                        "(default) = bfloat16 where the CPU (AMX / AVX512-BF16) or GPU computes it natively")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                    help="sgd (momentum 0.9, the paper's) or adam (faster on a CPU budget; default sgd)")

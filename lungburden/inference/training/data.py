@@ -1002,20 +1002,36 @@ class WindowSampler:
 
     A case is drawn uniformly (so thin-slice cases do not dominate), then a slice with weight 1
     without lung, 4 with lung and 12 with lesion (lesion slices are a minority, section 3 / Table 2).
+
+    ``high_opacity_boost`` K > 0 draws case c with weight 1 + K·h_c instead, h_c being the share
+    of its lung (lung + lesion voxels) that is high opacity: consolidated "white lungs" and
+    effusions, the rarest and most often missed pattern, are seen more often.
     """
 
-    def __init__(self, cases: Sequence[TrainingCase], weights: tuple[float, float, float] = (1.0, 4.0, 12.0)):
+    def __init__(self, cases: Sequence[TrainingCase], weights: tuple[float, float, float] = (1.0, 4.0, 12.0),
+                 high_opacity_boost: float = 0.0):
+        if high_opacity_boost < 0:
+            raise ValueError(f"high-opacity boost must be >= 0, got {high_opacity_boost}")
         self.cases = cases
         self.probs = []
+        case_weights = []
         for c in cases:
             lab = c.labels.reshape(c.num_slices, -1)
             has_lung = (lab > 0).any(1)
             has_lesion = (lab >= L.GGO).any(1)
             w = np.where(has_lesion, weights[2], np.where(has_lung, weights[1], weights[0]))
             self.probs.append(w / w.sum())
+            lung = int(np.count_nonzero(lab))
+            high = int(np.count_nonzero(lab == L.HIGH_OPACITY))
+            case_weights.append(1.0 + high_opacity_boost * (high / lung if lung else 0.0))
+        # None: uniform, drawn as before the boost existed (same random stream, same runs).
+        self.case_probs = np.asarray(case_weights) / sum(case_weights) if high_opacity_boost else None
 
     def sample(self, n: int, rng: np.random.Generator) -> list[tuple[int, int]]:
-        picks = rng.integers(0, len(self.cases), size=n)
+        if self.case_probs is None:
+            picks = rng.integers(0, len(self.cases), size=n)
+        else:
+            picks = rng.choice(len(self.cases), size=n, p=self.case_probs)
         return [(int(i), int(rng.choice(len(self.probs[i]), p=self.probs[i]))) for i in picks]
 
     def evenly(self, per_case: int) -> list[tuple[int, int]]:
