@@ -102,6 +102,12 @@ def resolve_precision(precision: str | None = None) -> str:
     return requested
 
 
+def network_autocast(precision: str, device_type: str = "cpu") -> AbstractContextManager[Any]:
+    """The network's convolutions autocast to bfloat16 when ``precision`` is ``bfloat16`` (a no-op
+    for float32). Thread-local; callers cast the logits back to float32 for the loss / argmax."""
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """An eval-mode copy of ``model`` with every Conv → BatchNorm pair of a ``Sequential`` folded
     into one convolution (same outputs up to rounding, one memory pass less per layer)."""
@@ -217,7 +223,7 @@ class ConvLSTMSegmenter:
     def _network_precision(self) -> AbstractContextManager[Any]:
         """Autocast of the network calls (convolutions) to bfloat16 when that is the precision.
         Thread-local: the label writer's argmax stays float32."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bfloat16")
+        return network_autocast(self.precision)
 
     def _fast(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
         """Per-slice encoding once, windows advanced together (module docstring)."""

@@ -40,6 +40,8 @@ import torch
 
 from lungburden import __version__
 from lungburden import labels as L
+from lungburden.inference.predict import network_autocast, resolve_precision
+from lungburden.inference.segmenter import requested_precision
 from lungburden.inference.training.data import (
     Augmentation,
     CaseCache,
@@ -239,20 +241,10 @@ def training_precision(requested: str, device: torch.device) -> str:
     """``float32`` or ``bfloat16`` for ``requested`` on ``device``: ``auto`` = bfloat16 on a CPU
     that computes it natively (AMX / AVX512-BF16, where it halves a training step's time) or a
     CUDA GPU that supports it, else float32."""
-    from lungburden.inference.predict import native_bfloat16
-    from lungburden.inference.segmenter import requested_precision
-
-    precision = requested_precision(requested or "auto")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
+    requested = requested or "auto"  # never the inference default $LUNGBURDEN_PRECISION
+    if device.type == "cuda" and requested_precision(requested) == "auto":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if native_bfloat16() else "float32"
-
-
-def _autocast(device: torch.device, precision: str):
-    """The network's forward pass in bfloat16 when that is the precision (losses in float32)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16")
+    return resolve_precision(requested)
 
 
 def initial_model(config: TrainConfig, hparams: dict[str, Any]) -> torch.nn.Module:
@@ -283,7 +275,7 @@ def _validate(model, loss_fn, batches, device: torch.device | None = None,
     with torch.no_grad():
         for x, y, slab in batches:
             x, y = x.to(device), y.to(device)
-            with _autocast(device, precision):
+            with network_autocast(precision, device.type):
                 logits = model.forward_sequence(x) if slab else model(x)
             logits = logits.float()
             total += float(loss_fn(logits, y)) * len(y)
@@ -477,7 +469,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             for part_x, part_y, weight in _batch_parts(train_cases, sampler, rng, gen, model, config, aug):
                 part_x = part_x.to(device, non_blocking=True)
                 part_y = part_y.to(device, non_blocking=True)
-                with _autocast(device, precision):
+                with network_autocast(precision, device.type):
                     logits = model.forward_sequence(part_x[0]) if slab else model(part_x)
                 loss = loss_fn(logits.float(), part_y[0] if slab else part_y)
                 (loss * weight).backward()
