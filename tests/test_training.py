@@ -474,3 +474,34 @@ def test_training_precision_autocasts_the_network_only(tmp_path, monkeypatch):
             assert np.isfinite(ckpt["metadata"]["history"][0]["train_loss"])
     finally:
         handle.remove()
+
+
+def test_ema_decay_validates_and_saves_the_weight_average(tmp_path):
+    from lungburden.cli import main
+    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.training.trainer import weight_average
+
+    common = ["train", "--out", str(tmp_path / "run"), "--phantoms", "2", "--phantom-matrix", "64",
+              "--phantom-max-slices", "12", "--final", "--windows-per-epoch", "8", "--batch", "2",
+              "--micro-batch", "2", "--val-windows-per-case", "2", "--cache", str(tmp_path / "cache"),
+              "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"), "--lr", "1e-2",
+              "--optimizer", "adam", "--ema-decay", "0.999999", *TINY]
+    assert main([*common, "--max-epochs", "1"]) == 0
+    state = torch.load(tmp_path / "run" / "final" / "state.pt", weights_only=False)
+    raw, average = state["model_state"], state["average_state"]
+    saved, ckpt = load_checkpoint(tmp_path / "run" / "final" / "last.pt")
+    assert ckpt["metadata"]["config"]["ema_decay"] == 0.999999
+    first = "encoder.stem.0.weight"
+    # A decay next to 1 keeps the average at the initial weights while the raw ones moved (4 Adam
+    # steps at lr 1e-2); the checkpoint holds the average, BatchNorm statistics included.
+    torch.testing.assert_close(saved.state_dict()[first], average[f"module.{first}"])
+    assert (raw[first] - average[f"module.{first}"]).abs().max() > 1e-3
+    bn = next(k for k in raw if k.endswith("running_mean"))
+    torch.testing.assert_close(saved.state_dict()[bn], average[f"module.{bn}"])
+    # resume carries the average on
+    assert main([*common, "--max-epochs", "2", "--resume"]) == 0
+    _, ckpt = load_checkpoint(tmp_path / "run" / "final" / "last.pt")
+    assert ckpt["metadata"]["epochs"] == 2
+    with pytest.raises(ValueError, match="decay"):
+        weight_average(torch.nn.Linear(2, 2), 1.5)
+    assert weight_average(torch.nn.Linear(2, 2), 0) is None

@@ -119,7 +119,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
         final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
         augment=not args.no_augment, slab=args.slab, high_opacity_boost=args.high_opacity_boost,
-        precision=args.precision, threads=args.threads, device=args.device, workers=args.workers,
+        precision=args.precision, ema_decay=args.ema_decay, threads=args.threads, device=args.device, workers=args.workers,
         init=args.init, resume=args.resume, progress=not args.quiet,
     )
     if config.threads:
@@ -331,6 +331,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--precision", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="bfloat16 autocast of the network while training (weights and loss stay float32); auto "
                         "(default) = bfloat16 where the CPU (AMX / AVX512-BF16) or GPU computes it natively")
+    p.add_argument("--ema-decay", type=float, default=0.0, metavar="D",
+                   help="validate, select and save an exponential moving average of the weights with decay D "
+                        "per optimiser step (e.g. 0.99); default 0 = the raw weights")
     p.add_argument("--lr", type=float, default=1e-3, help="initial learning rate (default 1e-3)")
     p.add_argument("--optimizer", default="sgd", choices=["sgd", "adam"],
                    help="sgd (momentum 0.9, the paper's) or adam (faster on a CPU budget; default sgd)")

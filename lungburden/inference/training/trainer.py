@@ -8,6 +8,8 @@
   time budget.
 - An *epoch* is a fixed number of sampled windows (``windows_per_epoch``), so that epochs are
   short on a CPU and the plateau scheduler's patience has a meaning independent of data size.
+- Optional weight averaging (``ema_decay``): an exponential moving average of the weights is what
+  is validated, scheduled on, selected and saved (:func:`weight_average`).
 - Initialisation: Kaiming (done by the models); the paper's ImageNet weights for the dense block
   cannot be downloaded here and do not fit the one-channel input.
 - k-fold cross-validation as in Fig. 3 (section 2.7): the cases are split into ``folds`` disjoint
@@ -37,6 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from lungburden import __version__
 from lungburden import labels as L
@@ -98,6 +101,10 @@ class TrainConfig:
     #: loss stay float32); auto = bfloat16 where the device computes it natively
     #: (:func:`training_precision`).
     precision: str = "auto"
+    #: Exponential moving average of the weights (and BatchNorm statistics) with this decay per
+    #: optimiser step; validation, the plateau scheduler, best.pt and last.pt use the average
+    #: (Polyak averaging). 0 = off: the raw weights.
+    ema_decay: float = 0.0
     threads: int | None = None
     #: "cpu", "cuda" (or "cuda:N") or "auto" (cuda when available). The data pipeline and the
     #: augmentation stay on the CPU; model, loss and validation run on this device.
@@ -247,6 +254,17 @@ def training_precision(requested: str, device: torch.device) -> str:
     return resolve_precision(requested)
 
 
+def weight_average(model: torch.nn.Module, decay: float) -> AveragedModel | None:
+    """EMA copy of ``model`` (parameters and buffers, i.e. BatchNorm statistics too), updated after
+    each optimiser step: θ_avg ← decay·θ_avg + (1 − decay)·θ. ``None`` for ``decay`` 0.
+    ``torch.optim.swa_utils``; Polyak & Juditsky 1992."""
+    if decay == 0:
+        return None
+    if not 0 < decay < 1:
+        raise ValueError(f"ema decay must be in (0, 1) or 0 (off), got {decay:g}")
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
 def initial_model(config: TrainConfig, hparams: dict[str, Any]) -> torch.nn.Module:
     """The model of ``config.init`` (fine-tuning); its hyperparameters must agree with ``hparams``."""
     from lungburden.inference.models import load_checkpoint
@@ -394,6 +412,8 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
                                                            patience=config.plateau_patience)
     sampler = WindowSampler(train_cases, high_opacity_boost=config.high_opacity_boost)
     precision = training_precision(config.precision, device)
+    averaged = weight_average(model, config.ema_decay)
+    evaluated = averaged.module if averaged is not None else model  # what is validated and saved
     history: list[EpochRecord] = []
     best_loss, best_epoch, epoch = math.inf, 0, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -403,6 +423,10 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         if state.get("model") != config.model or state.get("split_train") != split.train:
             raise ValueError(f"{state_path}: the saved run has another model or split; not resuming")
         model.load_state_dict(state["model_state"])
+        if averaged is not None:
+            if "average_state" not in state:
+                raise ValueError(f"{state_path}: the saved run has no weight average (--ema-decay); not resuming")
+            averaged.load_state_dict(state["average_state"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -476,8 +500,10 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
                 running += loss.item() * weight * config.batch
                 seen += weight * config.batch
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
             bar.set_postfix(loss=f"{running / max(seen, 1):.4f}", lr=f"{lr_now():.0e}")
-        val_loss, val_dice = _validate(model, loss_fn, _val_batches(model, val_cases, config.val_windows_per_case,
+        val_loss, val_dice = _validate(evaluated, loss_fn, _val_batches(evaluated, val_cases, config.val_windows_per_case,
                                                                     config.micro_batch), device, precision)
         scheduler.step(val_loss)
         epoch += 1
@@ -487,24 +513,25 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
         improved = val_loss < best_loss
         if improved:
             best_loss, best_epoch = val_loss, epoch
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
         dice_text = " ".join(f"{k}={'-' if v is None else f'{v:.3f}'}" for k, v in val_dice.items())
         msg = (f"{split.name} epoch {epoch}: train {record.train_loss:.4f} val {val_loss:.4f} "
                f"[{dice_text}] lr {lr_now():.0e} {record.seconds:.0f}s{' *' if improved else ''}")
         _say(msg, config.progress)
-        save_checkpoint(out_dir / "last.pt", model, metadata("last"))
+        save_checkpoint(out_dir / "last.pt", evaluated, metadata("last"))
         if improved:
-            save_checkpoint(out_dir / "best.pt", model, metadata("best"))
+            save_checkpoint(out_dir / "best.pt", evaluated, metadata("best"))
         tmp = state_path.with_name("state.pt.tmp")
         torch.save({"model": config.model, "split_train": split.train, "model_state": model.state_dict(),
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
                     "history": [dataclasses.asdict(h) for h in history], "best_loss": best_loss,
-                    "best_epoch": best_epoch, "best_state": best_state, "epoch": epoch}, tmp)
+                    "best_epoch": best_epoch, "best_state": best_state, "epoch": epoch,
+                    **({"average_state": averaged.state_dict()} if averaged is not None else {})}, tmp)
         os.replace(tmp, state_path)
         (out_dir / "history.json").write_text(json.dumps([dataclasses.asdict(h) for h in history], indent=1))
     # Record the stop reason in both checkpoints (weights unchanged).
-    save_checkpoint(out_dir / "last.pt", model, metadata("last"))
-    best_model = model
+    save_checkpoint(out_dir / "last.pt", evaluated, metadata("last"))
+    best_model = evaluated
     if best_state is not None:
         best_model = build_model(config.model, **hparams)
         best_model.load_state_dict(best_state)
