@@ -119,8 +119,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         max_epochs=args.max_epochs, time_budget_min=args.time_budget, folds=args.folds, fold=args.fold,
         final=args.final, val_fraction=args.val_fraction, split_seed=args.split_seed, seed=args.seed,
         augment=not args.no_augment, slab=args.slab, high_opacity_boost=args.high_opacity_boost,
-        precision=args.precision, ema_decay=args.ema_decay, threads=args.threads, device=args.device, workers=args.workers,
-        init=args.init, resume=args.resume, progress=not args.quiet,
+        precision=args.precision, ema_decay=args.ema_decay, threads=args.threads, device=args.device,
+        workers=args.workers, init=args.init, resume=args.resume, progress=not args.quiet,
     )
     if config.threads:
         torch.set_num_threads(config.threads)

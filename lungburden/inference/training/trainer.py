@@ -503,8 +503,8 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             if averaged is not None:
                 averaged.update_parameters(model)
             bar.set_postfix(loss=f"{running / max(seen, 1):.4f}", lr=f"{lr_now():.0e}")
-        val_loss, val_dice = _validate(evaluated, loss_fn, _val_batches(evaluated, val_cases, config.val_windows_per_case,
-                                                                    config.micro_batch), device, precision)
+        val_batches = _val_batches(evaluated, val_cases, config.val_windows_per_case, config.micro_batch)
+        val_loss, val_dice = _validate(evaluated, loss_fn, val_batches, device, precision)
         scheduler.step(val_loss)
         epoch += 1
         record = EpochRecord(epoch, round(running / max(seen, 1), 6), round(val_loss, 6), val_dice, lr_now(),
