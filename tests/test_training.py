@@ -505,3 +505,17 @@ def test_ema_decay_validates_and_saves_the_weight_average(tmp_path):
     with pytest.raises(ValueError, match="decay"):
         weight_average(torch.nn.Linear(2, 2), 1.5)
     assert weight_average(torch.nn.Linear(2, 2), 0) is None
+
+
+def test_refresh_batchnorm_recomputes_the_statistics_of_the_average():
+    from lungburden.inference.training.trainer import refresh_batchnorm
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.1))
+    model[1].running_mean.fill_(5.0)
+    inputs = [torch.randn(4, 1, 6, 6) + k for k in range(3)]
+    refresh_batchnorm(model, iter(inputs), slab=False, device=torch.device("cpu"))
+    with torch.no_grad():
+        means = torch.stack([model[0](x).mean(dim=(0, 2, 3)) for x in inputs])
+    # the plain mean of the three batches' means, not a momentum blend with the old 5.0
+    torch.testing.assert_close(model[1].running_mean, means.mean(0))
+    assert model[1].momentum == 0.1 and model.training
