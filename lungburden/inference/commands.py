@@ -1,4 +1,4 @@
-"""``lungburden train``, ``lungburden evaluate`` and ``lungburden compare`` (see docs/training.md).
+"""``lungburden train``, ``evaluate``, ``calibrate`` and ``compare`` (see docs/training.md).
 
 Added to the main CLI by :func:`add_subcommands` (lungburden/cli.py loads this module).
 """
@@ -20,6 +20,8 @@ EXIT_BAD_INPUT = 2
 #: Held-out evaluation phantoms use seeds 1..100; training phantoms start at 1000 (disjoint).
 EVAL_PHANTOM_SEED_START = 1
 TRAIN_PHANTOM_SEED_START = 1000
+#: Calibration phantoms (decision offsets) use seeds 500..; disjoint from both.
+CALIBRATION_PHANTOM_SEED_START = 500
 
 
 def _default_real_ct() -> str | None:
@@ -28,12 +30,15 @@ def _default_real_ct() -> str | None:
     return str(DEFAULT_REAL_CT) if DEFAULT_REAL_CT.is_dir() else None
 
 
-def _add_data_arguments(p: argparse.ArgumentParser, *, training: bool) -> None:
+def _add_data_arguments(p: argparse.ArgumentParser, *, training: bool, seed_start: int | None = None,
+                        phantoms: int = 0) -> None:
     g = p.add_argument_group("data")
-    seed0 = TRAIN_PHANTOM_SEED_START if training else EVAL_PHANTOM_SEED_START
-    g.add_argument("--phantoms", type=int, default=0, metavar="N", help="number of synthetic phantoms")
+    seed0 = seed_start if seed_start is not None else TRAIN_PHANTOM_SEED_START if training else EVAL_PHANTOM_SEED_START
+    g.add_argument("--phantoms", type=int, default=phantoms, metavar="N",
+                   help=f"number of synthetic phantoms (default {phantoms})")
     g.add_argument("--phantom-seed-start", type=int, default=seed0, metavar="S",
-                   help=f"first phantom seed (default {seed0}; training uses 1000+, evaluation 1..100)")
+                   help=f"first phantom seed (default {seed0}; training uses 1000+, calibration 500+, "
+                        "evaluation 1..100)")
     g.add_argument("--phantom-matrix", type=int, default=256, help="phantom in-plane matrix (default 256)")
     g.add_argument("--phantom-max-slices", type=int, default=96, help="most slices per phantom (default 96)")
     g.add_argument("--real-ct", default=_default_real_ct(), metavar="DIR",
@@ -229,6 +234,65 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# calibrate
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Fit per-class logit offsets on validation cases and write a calibrated checkpoint
+    (lungburden.inference.calibration)."""
+    import torch
+
+    from lungburden.inference.calibration import (
+        collect_cases,
+        fit_offsets,
+        overlapping_ids,
+        write_calibrated_checkpoint,
+    )
+    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.predict import DEFAULT_WEIGHTS, ConvLSTMSegmenter
+    from lungburden.inference.training.data import CaseIndex
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    started = time.perf_counter()
+    try:
+        grid = [float(v) for v in args.grid.split(",") if v.strip()]
+        if not grid:
+            raise ValueError("--grid needs at least one offset")
+        _, checkpoint = load_checkpoint(weights)
+        spec = _data_spec(args)
+        if spec.phantoms and spec.phantom_seed_start < EVAL_PHANTOM_SEED_START + 100 and \
+                spec.phantom_seed_start + spec.phantoms > EVAL_PHANTOM_SEED_START:
+            raise ValueError("phantom seeds 1..100 are the held-out evaluation set: calibrating on them would make "
+                             f"its figures optimistic (use --phantom-seed-start {CALIBRATION_PHANTOM_SEED_START})")
+        index = CaseIndex(spec.build_sources())
+        ids = index.ids()
+        if not ids:
+            raise ValueError("no calibration cases: give --phantoms, --real-ct-variants, --nifti or --dicom-seg")
+        used = overlapping_ids(ids, checkpoint)
+        if used:
+            raise ValueError(f"{len(used)} calibration cases were used to train {weights} (e.g. {used[0]}); "
+                             "calibrate on cases the training never saw")
+        segmenter = ConvLSTMSegmenter(weights, threads=args.threads)
+        segmenter.logit_offsets = None  # fit from the raw network, whatever the file holds
+        cases = collect_cases(segmenter, index.iter_raw(ids))
+        calibration = fit_offsets(segmenter, cases, grid=grid, tolerance=args.tolerance,
+                                  progress=None if args.quiet else (lambda s: print(s.summary(), flush=True)))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    info = {"command": " ".join(sys.argv), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "source_weights": str(weights), "wall_seconds": round(time.perf_counter() - started, 1)}
+    write_calibrated_checkpoint(weights, args.out, calibration, info)
+    print(f"before: {calibration.before.summary()}")
+    print(f"after:  {calibration.after.summary()}")
+    print(f"wrote {args.out} ({len(cases)} cases, {len(calibration.tried)} offset sets tried, "
+          f"{info['wall_seconds']:.0f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # compare
 
 
@@ -312,7 +376,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``evaluate`` and ``compare`` to the ``lungburden`` parser."""
+    """Add ``train``, ``evaluate``, ``calibrate`` and ``compare`` to the ``lungburden`` parser."""
     p = sub.add_parser("train", help="train a segmentation network (k-fold CV or the final model)",
                        description=cmd_train.__doc__)
     p.add_argument("--out", required=True, help="run folder (fold-K/ or final/ with best.pt, last.pt, state.pt)")
@@ -378,6 +442,18 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     _add_data_arguments(p, training=False)
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit per-class decision offsets of a network on validation cases",
+                       description=cmd_calibrate.__doc__)
+    p.add_argument("--weights", default=None, metavar="PATH", help="checkpoint to calibrate (default: the shipped)")
+    p.add_argument("--out", required=True, metavar="PATH", help="calibrated checkpoint to write (may be --weights)")
+    p.add_argument("--grid", default="-0.5,0,0.5,1,1.5", help="offsets tried per class (default -0.5,0,0.5,1,1.5)")
+    p.add_argument("--tolerance", type=float, default=0.002,
+                   help="largest allowed drop of the GGO / high-opacity volume Spearman r (default 0.002)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_arguments(p, training=False, seed_start=CALIBRATION_PHANTOM_SEED_START, phantoms=60)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("compare", help="compare models side by side: Dice and CPU time / memory (Table 4)",
                        description=cmd_compare.__doc__)

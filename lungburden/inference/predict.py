@@ -27,7 +27,7 @@ import copy
 import hashlib
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -140,6 +140,9 @@ class ConvLSTMSegmenter:
     threads (default all cores). ``encode_chunk`` / ``target_chunk``: slices encoded per batch and
     windows advanced together (memory/speed trade-off; defaults measured in docs/model.md).
     ``fold_bn``: run a copy with BatchNorm folded into the convolutions (:func:`fold_batchnorm`).
+    ``logit_offsets``: one number per class added to the logits before the argmax (decision
+    calibration, :mod:`lungburden.inference.calibration`); default: the checkpoint's
+    ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
     ``precision``: ``float32``, ``bfloat16`` (convolutions autocast to bfloat16, logits back to
     float32 before the argmax) or ``auto`` (:func:`resolve_precision`; default from
     ``$LUNGBURDEN_PRECISION``). On the shipped model bfloat16 changes ~0.01 % of the labels and
@@ -152,7 +155,8 @@ class ConvLSTMSegmenter:
     def __init__(self, weights_path: str | os.PathLike[str] | None = None, model: nn.Module | None = None, *,
                  naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
                  target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True,
-                 min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None):
+                 min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None,
+                 logit_offsets: Sequence[float] | None = None):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -175,6 +179,9 @@ class ConvLSTMSegmenter:
         self.target_chunk = max(1, target_chunk)
         self.window_batch = max(1, window_batch)
         self.min_opacity_ml = float(min_opacity_ml)
+        if logit_offsets is None:
+            logit_offsets = (checkpoint.get("calibration") or {}).get("logit_offsets")
+        self.logit_offsets = _offsets_tensor(logit_offsets, int(getattr(model, "num_classes", 0)))
         model_name = str(getattr(model, "name", type(model).__name__))
         self.info = AlgorithmInfo(
             name=f"lungburden {model_name}",
@@ -182,7 +189,9 @@ class ConvLSTMSegmenter:
             family="Artificial Intelligence",
             parameters={"model": model_name, "weights": weights_id,
                         "input_size": str(self.input_size), "context": str(self.context),
-                        "min_opacity_ml": str(self.min_opacity_ml), "precision": self.precision},
+                        "min_opacity_ml": str(self.min_opacity_ml), "precision": self.precision,
+                        **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
+                           if self.logit_offsets is not None else {})},
         )
 
     @classmethod
@@ -210,13 +219,40 @@ class ConvLSTMSegmenter:
         labels = np.zeros(hu.shape, np.uint8)
         with torch_threads(self.threads), torch.inference_mode():
             pre = preprocess(hu, size=self.input_size)
-            with _LabelWriter(pre, hu, labels, background=torch.get_num_threads() > 1) as writer:
-                if not self.naive and isinstance(self.model, ConvLSTMSegNet):
-                    self._fast(pre, writer)
-                else:
-                    self._windows(pre, writer)
+            with _LabelWriter(pre, hu, labels, background=torch.get_num_threads() > 1,
+                              offsets=self.logit_offsets) as writer:
+                self._network(pre, writer)
         if isinstance(volume, CTVolume):
             remove_small_opacities(labels, volume.voxel_volume_ml, self.min_opacity_ml)
+        return labels
+
+    def model_grid_logits(self, hu: np.ndarray) -> tuple[PreprocessedSeries, torch.Tensor]:
+        """The network's raw logits ``(slices, classes, S, S)`` (float16, before any offsets) and
+        the preprocessing they belong to; :meth:`labels_from_logits` finishes them as
+        :meth:`segment` does (calibration fits offsets on these without rerunning the network)."""
+        chunks: list[tuple[int, torch.Tensor]] = []
+
+        class Collector:
+            def submit(self, logits: torch.Tensor, start: int) -> None:
+                chunks.append((start, logits.to(torch.float16)))
+
+        with torch_threads(self.threads), torch.inference_mode():
+            pre = preprocess(np.asarray(hu), size=self.input_size)
+            self._network(pre, Collector())  # type: ignore[arg-type]
+        return pre, torch.cat([c for _, c in sorted(chunks, key=lambda item: item[0])])
+
+    def labels_from_logits(self, pre: PreprocessedSeries, hu: np.ndarray, logits: torch.Tensor,
+                           voxel_ml: float | None, offsets: torch.Tensor | None = None) -> np.ndarray:
+        """Labels from :meth:`model_grid_logits` output: the label writer's steps (offsets,
+        argmax on the source grid, body clearing) and the speck filter, as in :meth:`segment`.
+        ``offsets``: ``(1, classes, 1, 1)``, default this segmenter's ``logit_offsets``."""
+        labels = np.zeros(np.shape(hu), np.uint8)
+        offsets = self.logit_offsets if offsets is None else offsets
+        with _LabelWriter(pre, np.asarray(hu), labels, background=False, offsets=offsets) as writer:
+            for a in range(0, logits.shape[0], self.target_chunk):
+                writer.submit(logits[a:a + self.target_chunk].float(), a)
+        if voxel_ml:
+            remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
         return labels
 
     # -- paths -----------------------------------------------------------------------------------
@@ -224,6 +260,12 @@ class ConvLSTMSegmenter:
         """Autocast of the network calls (convolutions) to bfloat16 when that is the precision.
         Thread-local: the label writer's argmax stays float32."""
         return network_autocast(self.precision)
+
+    def _network(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
+        if not self.naive and isinstance(self.model, ConvLSTMSegNet):
+            self._fast(pre, writer)
+        else:
+            self._windows(pre, writer)
 
     def _fast(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
         """Per-slice encoding once, windows advanced together (module docstring)."""
@@ -264,7 +306,8 @@ class _LabelWriter:
     """Turns the logits of consecutive target slices into labels on a helper thread, while the
     caller computes the next ones (both paths; step 3 of the module docstring).
 
-    Per chunk: :func:`logits_to_labels` into ``labels[start:stop]``, then
+    Per chunk: the ``offsets`` (calibration) added to the logits, :func:`logits_to_labels` into
+    ``labels[start:stop]``, then
     :func:`clear_outside_body` on those slices (its outside test is per slice, so chunks give
     the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
     the next :meth:`submit` or on leaving the ``with`` block (unless the block itself raised:
@@ -273,8 +316,8 @@ class _LabelWriter:
     """
 
     def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2,
-                 background: bool = True):
-        self.pre, self.hu, self.labels, self.depth = pre, hu, labels, depth
+                 background: bool = True, offsets: torch.Tensor | None = None):
+        self.pre, self.hu, self.labels, self.depth, self.offsets = pre, hu, labels, depth, offsets
         self.body = pre.body if pre.body is not None else coarse_body(hu)
         self.any_body = bool(self.body.any())
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") if background else None
@@ -292,6 +335,8 @@ class _LabelWriter:
         stop = start + logits.shape[0]
         rows, cols = self.labels.shape[1:]
         out = self.labels[start:stop]
+        if self.offsets is not None:
+            logits = logits + self.offsets
         logits_to_labels(logits, self.pre.box, rows, cols, out=out)
         clear_outside_body(out, self.hu[start:stop], self.body[start:stop], series_has_body=self.any_body)
 
@@ -311,6 +356,20 @@ class _LabelWriter:
                 future.cancel()
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
+
+
+def _offsets_tensor(offsets: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
+    """``(1, classes, 1, 1)`` float32 offsets, or None for none / all zeros."""
+    if offsets is None:
+        return None
+    values = [float(v) for v in offsets]
+    if num_classes and len(values) != num_classes:
+        raise ValueError(f"logit offsets {values} do not match the model's {num_classes} classes")
+    if not all(np.isfinite(values)):
+        raise ValueError(f"logit offsets must be finite numbers, got {values}")
+    if not any(values):
+        return None
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
 
 
 def _default_factory() -> ConvLSTMSegmenter:

@@ -1,0 +1,199 @@
+"""Decision calibration of a network segmenter: per-class logit offsets fitted on validation cases.
+
+A network trained with cross-entropy on imbalanced classes under-calls the minority classes where
+it is unsure: the session-7 model takes the faint margins of GGO for aerated lung and reads the
+pneumonia burden 3 points low on held-out phantoms. Adding a constant ``b_k`` to the logit of
+class ``k`` before the argmax moves every decision boundary between two classes by a fixed amount
+without touching the network (post-hoc logit adjustment: Menon et al., "Long-tail learning via
+logit adjustment", ICLR 2021). Since the argmax is taken after bilinear upsampling, whose weights
+sum to one, an offset on the model grid is the same offset on the source grid.
+
+:func:`fit_offsets` searches the offsets of the lesion classes (GGO, high opacity; background
+and lung stay 0: only differences matter) on a grid, by coordinate ascent, maximising the pooled
+lesion Dice of the validation cases, with the constraint that the volume Spearman r of GGO and of
+high opacity stays within ``tolerance`` of the uncalibrated model's (a calibration must not buy
+Dice with a worse ranking of patients). The network runs once per case
+(:meth:`~lungburden.inference.predict.ConvLSTMSegmenter.model_grid_logits`); every candidate
+finishes the stored logits with the segmenter's own label steps
+(:meth:`~lungburden.inference.predict.ConvLSTMSegmenter.labels_from_logits`). The result is
+stored in the checkpoint (``calibration``), which the segmenter applies by default.
+``lungburden calibrate`` is the command (docs/training.md).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from lungburden import labels as L
+from lungburden.inference.preprocess import PreprocessedSeries
+
+
+@dataclass
+class CalibrationCase:
+    """One validation case with the network's stored model-grid logits."""
+
+    case_id: str
+    pre: PreprocessedSeries
+    logits: torch.Tensor  #: float16 ``(slices, classes, S, S)``, no offsets
+    hu: np.ndarray
+    truth: np.ndarray  #: uint8 labels on the source grid
+    voxel_ml: float
+
+
+@dataclass
+class CalibrationScore:
+    """Pooled lesion Dice, volume Spearman r and mean burden error of one set of offsets."""
+
+    offsets: list[float]
+    lesion_dice: float
+    ggo_dice: float
+    high_opacity_dice: float
+    spearman_ggo: float
+    spearman_high_opacity: float
+    burden_bias: float  #: mean (model - truth), percentage points of the lung
+
+    def summary(self) -> str:
+        return (f"offsets {self.offsets}: lesion DSC {self.lesion_dice:.4f} (GGO {self.ggo_dice:.4f}, high "
+                f"{self.high_opacity_dice:.4f}); Spearman GGO {self.spearman_ggo:.4f}, high "
+                f"{self.spearman_high_opacity:.4f}; burden bias {self.burden_bias:+.2f} %")
+
+
+@dataclass
+class Calibration:
+    """What :func:`fit_offsets` found and how it was found (stored in the checkpoint)."""
+
+    logit_offsets: list[float]
+    before: CalibrationScore
+    after: CalibrationScore
+    cases: list[str]
+    grid: list[float]
+    tolerance: float
+    objective: str = ("max pooled lesion Dice, Spearman r of GGO and high-opacity volume each at least "
+                      "the uncalibrated value minus the tolerance")
+    tried: list[CalibrationScore] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("tried")
+        return d
+
+
+def collect_cases(segmenter, cases: Iterable) -> list[CalibrationCase]:
+    """Run the network once on each :class:`~lungburden.inference.training.data.RawCase`."""
+    out = []
+    for case in cases:
+        volume = case.to_volume()
+        pre, logits = segmenter.model_grid_logits(volume.hu)
+        out.append(CalibrationCase(case.case_id, pre, logits, volume.hu, np.asarray(case.labels, np.uint8),
+                                   float(volume.voxel_volume_ml)))
+    return out
+
+
+def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence[float]) -> CalibrationScore:
+    """Label every case with ``offsets`` (the segmenter's own steps) and score against the truth."""
+    tensor = torch.tensor([float(v) for v in offsets], dtype=torch.float32).view(1, -1, 1, 1)
+    counts = {name: np.zeros(3) for name in ("lesion", "ggo", "high")}  # tp, fp, fn
+    truth_vol, model_vol = [], []
+    for case in cases:
+        pred = segmenter.labels_from_logits(case.pre, case.hu, case.logits, case.voxel_ml, offsets=tensor)
+        for name, classes in (("lesion", (L.GGO, L.HIGH_OPACITY)), ("ggo", (L.GGO,)), ("high", (L.HIGH_OPACITY,))):
+            t, p = np.isin(case.truth, classes), np.isin(pred, classes)
+            counts[name] += [np.count_nonzero(t & p), np.count_nonzero(~t & p), np.count_nonzero(t & ~p)]
+        truth_vol.append(_volumes(case.truth))
+        model_vol.append(_volumes(pred))
+    t_vol, m_vol = np.asarray(truth_vol, float), np.asarray(model_vol, float)
+
+    def dice(tp: float, fp: float, fn: float) -> float:
+        return float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else 1.0
+
+    def spearman(i: int) -> float:
+        r = stats.spearmanr(t_vol[:, i], m_vol[:, i]).statistic
+        return float(r) if np.isfinite(r) else 0.0
+
+    return CalibrationScore(
+        offsets=[round(float(v), 4) for v in offsets],
+        lesion_dice=dice(*counts["lesion"]), ggo_dice=dice(*counts["ggo"]), high_opacity_dice=dice(*counts["high"]),
+        spearman_ggo=spearman(0), spearman_high_opacity=spearman(1),
+        burden_bias=float(np.mean(m_vol[:, 2] - t_vol[:, 2])),
+    )
+
+
+def _volumes(labels: np.ndarray) -> tuple[int, int, float]:
+    """GGO voxels, high-opacity voxels, burden % (opacity / (lung + opacity)), as quantify counts."""
+    counts = np.bincount(labels.ravel(), minlength=L.NUM_CLASSES)
+    ggo, high, lung = int(counts[L.GGO]), int(counts[L.HIGH_OPACITY]), int(counts[L.LUNG])
+    total = ggo + high + lung
+    return ggo, high, 100.0 * (ggo + high) / total if total else 0.0
+
+
+def fit_offsets(segmenter, cases: Sequence[CalibrationCase], grid: Sequence[float] = (-0.5, 0.0, 0.5, 1.0, 1.5),
+                tolerance: float = 0.002, rounds: int = 3, progress=None) -> Calibration:
+    """Coordinate ascent over the GGO and high-opacity offsets on ``grid`` (module docstring).
+
+    ``progress``: called with each new :class:`CalibrationScore`. Returns the best feasible
+    offsets (zeros when nothing beats the uncalibrated model).
+    """
+    if not cases:
+        raise ValueError("calibration needs validation cases")
+    num_classes = int(cases[0].logits.shape[1])
+    tunable = [k for k in (L.GGO, L.HIGH_OPACITY) if k < num_classes]
+    scores: dict[tuple[float, ...], CalibrationScore] = {}
+
+    def score(offsets: tuple[float, ...]) -> CalibrationScore:
+        if offsets not in scores:
+            scores[offsets] = score_offsets(segmenter, cases, offsets)
+            if progress is not None:
+                progress(scores[offsets])
+        return scores[offsets]
+
+    zero = tuple(0.0 for _ in range(num_classes))
+    before = score(zero)
+
+    def feasible(s: CalibrationScore) -> bool:
+        return (s.spearman_ggo >= before.spearman_ggo - tolerance
+                and s.spearman_high_opacity >= before.spearman_high_opacity - tolerance)
+
+    best = zero
+    for _ in range(rounds):
+        changed = False
+        for k in tunable:
+            for value in grid:
+                candidate = tuple(float(value) if i == k else best[i] for i in range(num_classes))
+                s = score(candidate)
+                if feasible(s) and s.lesion_dice > score(best).lesion_dice + 1e-6:
+                    best, changed = candidate, True
+        if not changed:
+            break
+    return Calibration(logit_offsets=list(best), before=before, after=score(best),
+                       cases=[c.case_id for c in cases], grid=[float(v) for v in grid], tolerance=tolerance,
+                       tried=list(scores.values()))
+
+
+def write_calibrated_checkpoint(src: str | Path, dst: str | Path, calibration: Calibration,
+                                info: dict[str, Any] | None = None) -> None:
+    """Copy checkpoint ``src`` to ``dst`` with ``calibration`` (weights unchanged; atomic write)."""
+    from lungburden.inference.models import load_checkpoint
+
+    load_checkpoint(src)  # validates the file
+    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    checkpoint["calibration"] = {**calibration.to_dict(), **(info or {})}
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(dst)
+
+
+def overlapping_ids(case_ids: Iterable[str], checkpoint: dict[str, Any]) -> list[str]:
+    """Calibration case ids the checkpoint's training run used (its split's train/val/test)."""
+    split = (checkpoint.get("metadata") or {}).get("split") or {}
+    used = set(itertools.chain(split.get("train", []), split.get("val", [])))
+    return sorted(set(case_ids) & used)
