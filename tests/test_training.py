@@ -498,6 +498,8 @@ def test_ema_decay_validates_and_saves_the_weight_average(tmp_path):
     assert (raw[first] - average[f"module.{first}"]).abs().max() > 1e-3
     bn = next(k for k in raw if k.endswith("running_mean"))
     torch.testing.assert_close(saved.state_dict()[bn], average[f"module.{bn}"])
+    # ... recomputed for the averaged weights (a copy made at the start would still hold 0 / 1)
+    assert saved.state_dict()[bn].abs().max() > 0 and not torch.equal(saved.state_dict()[bn], raw[bn])
     # resume carries the average on
     assert main([*common, "--max-epochs", "2", "--resume"]) == 0
     _, ckpt = load_checkpoint(tmp_path / "run" / "final" / "last.pt")
