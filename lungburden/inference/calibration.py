@@ -33,6 +33,7 @@ import torch
 from scipy import stats
 
 from lungburden import labels as L
+from lungburden.inference.evaluation import DICE_CLASSES, Overlap, overlap
 from lungburden.inference.preprocess import PreprocessedSeries
 
 
@@ -100,19 +101,19 @@ def collect_cases(segmenter, cases: Iterable) -> list[CalibrationCase]:
 def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence[float]) -> CalibrationScore:
     """Label every case with ``offsets`` (the segmenter's own steps) and score against the truth."""
     tensor = torch.tensor([float(v) for v in offsets], dtype=torch.float32).view(1, -1, 1, 1)
-    counts = {name: np.zeros(3) for name in ("lesion", "ggo", "high")}  # tp, fp, fn
+    pooled = {name: Overlap() for name in _SCORED}
     truth_vol, model_vol = [], []
     for case in cases:
         pred = segmenter.labels_from_logits(case.pre, case.hu, case.logits, case.voxel_ml, offsets=tensor)
-        for name, classes in (("lesion", (L.GGO, L.HIGH_OPACITY)), ("ggo", (L.GGO,)), ("high", (L.HIGH_OPACITY,))):
-            t, p = np.isin(case.truth, classes), np.isin(pred, classes)
-            counts[name] += [np.count_nonzero(t & p), np.count_nonzero(~t & p), np.count_nonzero(t & ~p)]
+        for name in _SCORED:
+            pooled[name] += overlap(case.truth, pred, DICE_CLASSES[name])
         truth_vol.append(_volumes(case.truth))
         model_vol.append(_volumes(pred))
     t_vol, m_vol = np.asarray(truth_vol, float), np.asarray(model_vol, float)
 
-    def dice(tp: float, fp: float, fn: float) -> float:
-        return float(2 * tp / (2 * tp + fp + fn)) if (2 * tp + fp + fn) else 1.0
+    def dice(name: str) -> float:
+        value = pooled[name].dice
+        return 1.0 if value is None else float(value)  # both empty: nothing to miss
 
     def spearman(i: int) -> float:
         r = stats.spearmanr(t_vol[:, i], m_vol[:, i]).statistic
@@ -120,10 +121,14 @@ def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence
 
     return CalibrationScore(
         offsets=[round(float(v), 4) for v in offsets],
-        lesion_dice=dice(*counts["lesion"]), ggo_dice=dice(*counts["ggo"]), high_opacity_dice=dice(*counts["high"]),
+        lesion_dice=dice("lesion"), ggo_dice=dice("ggo"), high_opacity_dice=dice("high_opacity"),
         spearman_ggo=spearman(0), spearman_high_opacity=spearman(1),
         burden_bias=float(np.mean(m_vol[:, 2] - t_vol[:, 2])),
     )
+
+
+#: The pooled Dice classes a calibration is scored on (keys of evaluation.DICE_CLASSES).
+_SCORED = ("lesion", "ggo", "high_opacity")
 
 
 def _volumes(labels: np.ndarray) -> tuple[int, int, float]:
@@ -180,16 +185,11 @@ def fit_offsets(segmenter, cases: Sequence[CalibrationCase], grid: Sequence[floa
 def write_calibrated_checkpoint(src: str | Path, dst: str | Path, calibration: Calibration,
                                 info: dict[str, Any] | None = None) -> None:
     """Copy checkpoint ``src`` to ``dst`` with ``calibration`` (weights unchanged; atomic write)."""
-    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.models import load_checkpoint, write_checkpoint
 
-    load_checkpoint(src)  # validates the file
-    checkpoint = torch.load(src, map_location="cpu", weights_only=True)
+    _, checkpoint = load_checkpoint(src)  # validates the file; the dict is the file's content
     checkpoint["calibration"] = {**calibration.to_dict(), **(info or {})}
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(checkpoint, tmp)
-    tmp.replace(dst)
+    write_checkpoint(dst, checkpoint)
 
 
 def overlapping_ids(case_ids: Iterable[str], checkpoint: dict[str, Any]) -> list[str]:

@@ -50,7 +50,7 @@ CHECKPOINT_VERSION = 1
 _CLASSES: dict[str, type[nn.Module]] = {"convlstm": ConvLSTMSegNet, "unet2d": UNet2D, "unet3d": UNet3D}
 
 __all__ = ["MODEL_NAMES", "ConvLSTMSegNet", "UNet2D", "UNet3D", "build_model", "count_parameters",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "save_checkpoint", "write_checkpoint"]
 
 
 def build_model(name: str, **hparams: Any) -> nn.Module:
@@ -91,6 +91,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module,
         "lungburden_version": __version__,
         "torch_version": str(torch.__version__),
     }
+    write_checkpoint(path, checkpoint)
+
+
+def write_checkpoint(path: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint dict atomically (temporary file + rename), creating the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

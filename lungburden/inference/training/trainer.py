@@ -101,9 +101,9 @@ class TrainConfig:
     #: loss stay float32); auto = bfloat16 where the device computes it natively
     #: (:func:`training_precision`).
     precision: str = "auto"
-    #: Exponential moving average of the weights (and BatchNorm statistics) with this decay per
-    #: optimiser step; validation, the plateau scheduler, best.pt and last.pt use the average
-    #: (Polyak averaging). 0 = off: the raw weights.
+    #: Exponential moving average of the weights with this decay per optimiser step (its BatchNorm
+    #: statistics recomputed before each validation); validation, the plateau scheduler, best.pt and
+    #: last.pt use the average (Polyak averaging). 0 = off: the raw weights.
     ema_decay: float = 0.0
     threads: int | None = None
     #: "cpu", "cuda" (or "cuda:N") or "auto" (cuda when available). The data pipeline and the
