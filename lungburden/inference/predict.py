@@ -41,6 +41,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from lungburden import __version__
 from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
+from lungburden.inference.postprocess import (
+    GGO_MARGIN_HU,
+    GGO_MARGIN_STEPS,
+    MAX_DETACHED_ML,
+    MIN_LUNG_CONTACT,
+    refine_ggo_margins,
+    remove_detached_opacities,
+)
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
     clear_outside_body,
@@ -140,6 +148,11 @@ class ConvLSTMSegmenter:
     threads (default all cores). ``encode_chunk`` / ``target_chunk``: slices encoded per batch and
     windows advanced together (memory/speed trade-off; defaults measured in docs/model.md).
     ``fold_bn``: run a copy with BatchNorm folded into the convolutions (:func:`fold_batchnorm`).
+    ``ggo_margin_steps`` / ``ggo_margin_hu``: the attenuation refinement of the GGO margin
+    (:func:`~lungburden.inference.postprocess.refine_ggo_margins`; 0 steps turns it off).
+    ``max_detached_ml`` / ``min_lung_contact``: small opacity components with under that share of
+    their surface on aerated lung are removed
+    (:func:`~lungburden.inference.postprocess.remove_detached_opacities`; 0 mL turns it off).
     ``logit_offsets``: one number per class added to the logits before the argmax (decision
     calibration, :mod:`lungburden.inference.calibration`); default: the checkpoint's
     ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
@@ -156,7 +169,9 @@ class ConvLSTMSegmenter:
                  naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
                  target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True,
                  min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None,
-                 logit_offsets: Sequence[float] | None = None):
+                 logit_offsets: Sequence[float] | None = None, ggo_margin_steps: int = GGO_MARGIN_STEPS,
+                 ggo_margin_hu: tuple[float, float] = GGO_MARGIN_HU, max_detached_ml: float = MAX_DETACHED_ML,
+                 min_lung_contact: float = MIN_LUNG_CONTACT):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -179,6 +194,10 @@ class ConvLSTMSegmenter:
         self.target_chunk = max(1, target_chunk)
         self.window_batch = max(1, window_batch)
         self.min_opacity_ml = float(min_opacity_ml)
+        self.ggo_margin_steps = int(ggo_margin_steps)
+        self.ggo_margin_hu = (float(ggo_margin_hu[0]), float(ggo_margin_hu[1]))
+        self.max_detached_ml = float(max_detached_ml)
+        self.min_lung_contact = float(min_lung_contact)
         if logit_offsets is None:
             logit_offsets = (checkpoint.get("calibration") or {}).get("logit_offsets")
         self.logit_offsets = _offsets_tensor(logit_offsets, int(getattr(model, "num_classes", 0)))
@@ -190,6 +209,10 @@ class ConvLSTMSegmenter:
             parameters={"model": model_name, "weights": weights_id,
                         "input_size": str(self.input_size), "context": str(self.context),
                         "min_opacity_ml": str(self.min_opacity_ml), "precision": self.precision,
+                        "ggo_margin": (f"{self.ggo_margin_steps} steps, {self.ggo_margin_hu[0]:g} < HU <= "
+                                       f"{self.ggo_margin_hu[1]:g}"),
+                        "detached_opacity": (f"< {self.max_detached_ml:g} mL with < "
+                                             f"{self.min_lung_contact:g} of the surface on lung"),
                         **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
                            if self.logit_offsets is not None else {})},
         )
@@ -210,8 +233,11 @@ class ConvLSTMSegmenter:
     def segment(self, volume: CTVolume | np.ndarray) -> np.ndarray:
         """``uint8`` label map with the shape of ``volume.hu`` (see :mod:`lungburden.labels`).
 
-        Labels outside the body are cleared; opacity specks under ``min_opacity_ml`` are dropped
-        when ``volume`` is a :class:`CTVolume` (a bare array has no voxel size: not applied).
+        Labels outside the body are cleared and the GGO margin refined
+        (:func:`~lungburden.inference.postprocess.refine_ggo_margins`); opacity specks under
+        ``min_opacity_ml`` and detached opacity components
+        (:func:`~lungburden.inference.postprocess.remove_detached_opacities`) are dropped when
+        ``volume`` is a :class:`CTVolume` (a bare array has no voxel size: not applied).
         """
         hu = volume.hu if isinstance(volume, CTVolume) else np.asarray(volume)
         if hu.ndim != 3:
@@ -219,11 +245,10 @@ class ConvLSTMSegmenter:
         labels = np.zeros(hu.shape, np.uint8)
         with torch_threads(self.threads), torch.inference_mode():
             pre = preprocess(hu, size=self.input_size)
-            with _LabelWriter(pre, hu, labels, background=torch.get_num_threads() > 1,
-                              offsets=self.logit_offsets) as writer:
+            with self._label_writer(pre, hu, labels, background=torch.get_num_threads() > 1) as writer:
                 self._network(pre, writer)
         if isinstance(volume, CTVolume):
-            remove_small_opacities(labels, volume.voxel_volume_ml, self.min_opacity_ml)
+            self._remove_components(labels, volume.voxel_volume_ml)
         return labels
 
     def model_grid_logits(self, hu: np.ndarray) -> tuple[PreprocessedSeries, torch.Tensor]:
@@ -244,16 +269,28 @@ class ConvLSTMSegmenter:
     def labels_from_logits(self, pre: PreprocessedSeries, hu: np.ndarray, logits: torch.Tensor,
                            voxel_ml: float | None, offsets: torch.Tensor | None = None) -> np.ndarray:
         """Labels from :meth:`model_grid_logits` output: the label writer's steps (offsets,
-        argmax on the source grid, body clearing) and the speck filter, as in :meth:`segment`.
+        argmax on the source grid, body clearing, GGO margin) and the component filters, as in
+        :meth:`segment`.
         ``offsets``: ``(1, classes, 1, 1)``, default this segmenter's ``logit_offsets``."""
         labels = np.zeros(np.shape(hu), np.uint8)
-        offsets = self.logit_offsets if offsets is None else offsets
-        with _LabelWriter(pre, np.asarray(hu), labels, background=False, offsets=offsets) as writer:
+        with self._label_writer(pre, np.asarray(hu), labels, background=False, offsets=offsets) as writer:
             for a in range(0, logits.shape[0], self.target_chunk):
                 writer.submit(logits[a:a + self.target_chunk].float(), a)
         if voxel_ml:
-            remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
+            self._remove_components(labels, voxel_ml)
         return labels
+
+    def _label_writer(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, background: bool,
+                      offsets: torch.Tensor | None = None) -> _LabelWriter:
+        """The label writer with this segmenter's offsets (unless given) and GGO margin step."""
+        return _LabelWriter(pre, hu, labels, background=background,
+                            offsets=self.logit_offsets if offsets is None else offsets,
+                            ggo_margin=(self.ggo_margin_hu, self.ggo_margin_steps))
+
+    def _remove_components(self, labels: np.ndarray, voxel_ml: float) -> None:
+        """The whole-series component filters: specks, then detached opacities."""
+        remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
+        remove_detached_opacities(labels, voxel_ml, self.max_detached_ml, self.min_lung_contact)
 
     # -- paths -----------------------------------------------------------------------------------
     def _network_precision(self) -> AbstractContextManager[Any]:
@@ -308,16 +345,19 @@ class _LabelWriter:
 
     Per chunk: the ``offsets`` (calibration) added to the logits, :func:`logits_to_labels` into
     ``labels[start:stop]``, then
-    :func:`clear_outside_body` on those slices (its outside test is per slice, so chunks give
-    the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
+    :func:`clear_outside_body` and, with ``ggo_margin`` (HU range, steps),
+    :func:`~lungburden.inference.postprocess.refine_ggo_margins` on those slices (both work per
+    slice, so chunks give the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
     the next :meth:`submit` or on leaving the ``with`` block (unless the block itself raised:
     that error is kept), and nothing is left running. ``background=False`` (a segmenter limited
     to one thread) writes in the caller's thread.
     """
 
     def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2,
-                 background: bool = True, offsets: torch.Tensor | None = None):
+                 background: bool = True, offsets: torch.Tensor | None = None,
+                 ggo_margin: tuple[tuple[float, float], int] | None = None):
         self.pre, self.hu, self.labels, self.depth, self.offsets = pre, hu, labels, depth, offsets
+        self.ggo_margin = ggo_margin
         self.body = pre.body if pre.body is not None else coarse_body(hu)
         self.any_body = bool(self.body.any())
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") if background else None
@@ -339,6 +379,9 @@ class _LabelWriter:
             logits = logits + self.offsets
         logits_to_labels(logits, self.pre.box, rows, cols, out=out)
         clear_outside_body(out, self.hu[start:stop], self.body[start:stop], series_has_body=self.any_body)
+        if self.ggo_margin is not None:
+            hu_range, steps = self.ggo_margin
+            refine_ggo_margins(out, self.hu[start:stop], hu_range, steps)
 
     def __enter__(self) -> _LabelWriter:
         return self

@@ -1,0 +1,107 @@
+"""Label-map finishing steps of the network segmenter, on the source grid (after the argmax).
+
+Two steps, each measured on validation phantoms 500-599 before it was adopted (docs/model.md,
+"Label finishing (session 9)"):
+
+* :func:`refine_ggo_margins`: the network decides on an 80 × 80 feature grid, upsampled into
+  the crop box, so its GGO boundary is smooth at a scale of 2-4 source pixels, while 84 % of its
+  missed lesion voxels lie within 2 voxels of a lesion edge (session-8 analysis). GGO is an
+  attenuation finding (paper section 2.2: hazy increased attenuation with vessels preserved), so
+  at the margin of the network's GGO the attenuation decides: a voxel the network called aerated
+  lung next to its GGO, with HU in the faint-GGO range, becomes GGO; a GGO voxel next to lung at
+  aerated-lung HU becomes lung. In-plane 4-neighbour steps, at most ``steps`` voxels from the
+  network's boundary, so the network still decides *where* there is GGO; this step only moves
+  its edge. Only GGO grows: the partial-volume rim of a consolidation (intermediate HU on thick
+  slices) is not GGO, and growing from it added false GGO to consolidation-only cases.
+* :func:`remove_detached_opacities`: pneumonia lies in the lung, so an opacity component (GGO
+  and high opacity together, 26-connected) is surrounded by aerated lung on part of its surface;
+  a small component with (almost) no aerated lung around it is soft tissue the network took for
+  consolidation (the neck and shoulder girdle at the lung apices, session-8 analysis). Large
+  components are always kept: a lung that is opaque throughout (a white lung) has no aerated
+  lung left to touch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from lungburden import labels as L
+
+#: GGO margin HU range (lower bound exclusive): aerated lung is about -850 HU, the faintest GGO
+#: -720..-650; above -500 a voxel next to GGO is a vessel or a consolidation edge, not faint GGO.
+GGO_MARGIN_HU = (-760.0, -500.0)
+#: In-plane steps the GGO margin may move.
+GGO_MARGIN_STEPS = 2
+#: Opacity components from this size (mL) up are never removed as detached.
+MAX_DETACHED_ML = 100.0
+#: Smaller components need at least this share of their surface on aerated lung.
+MIN_LUNG_CONTACT = 0.1
+
+#: In-plane 4-neighbourhood as a 3-D structure (one slice thick).
+_PLANE = np.zeros((3, 3, 3), bool)
+_PLANE[1] = ndimage.generate_binary_structure(2, 1)
+#: 26-connectivity in 3-D.
+_CUBE = np.ones((3, 3, 3), bool)
+
+
+def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, hu_range: tuple[float, float] = GGO_MARGIN_HU,
+                       steps: int = GGO_MARGIN_STEPS) -> np.ndarray:
+    """Move the GGO / aerated-lung boundary of ``labels`` by attenuation, in place (module
+    docstring); returns ``labels``.
+
+    Each of ``steps`` rounds: lung voxels 4-neighbour (in-plane) to GGO with
+    ``hu_range[0] < HU <= hu_range[1]`` become GGO, then GGO voxels 4-neighbour to lung with
+    ``HU <= hu_range[0]`` become lung. Works per slice, so a run of slices (with the matching
+    HU) gets its share of the whole-series result. ``steps <= 0`` disables the step.
+    """
+    if steps <= 0:
+        return labels
+    low, high = hu_range
+    ggo = labels == L.GGO
+    axes = [np.flatnonzero(ggo.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not axes[0].size:
+        return labels
+    # The GGO's bounding box grown by the steps it may move: nothing outside it can change.
+    box = (slice(int(axes[0][0]), int(axes[0][-1]) + 1),
+           *(slice(max(int(a[0]) - steps, 0), int(a[-1]) + steps + 1) for a in axes[1:]))
+    sub, sub_hu = labels[box], hu[box]
+    faint = (sub_hu > low) & (sub_hu <= high)
+    aerated = sub_hu <= low
+    for _ in range(steps):
+        grow = (sub == L.LUNG) & faint & ndimage.binary_dilation(sub == L.GGO, structure=_PLANE)
+        sub[grow] = L.GGO
+        shrink = (sub == L.GGO) & aerated & ndimage.binary_dilation(sub == L.LUNG, structure=_PLANE)
+        sub[shrink] = L.LUNG
+    return labels
+
+
+def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float = MAX_DETACHED_ML,
+                              min_contact: float = MIN_LUNG_CONTACT) -> np.ndarray:
+    """Set opacity components under ``max_ml`` whose surface is less than ``min_contact``
+    aerated lung (or that touch no lung at all) to background, in place; returns ``labels``.
+
+    The surface is the component's 26-neighbour shell; since the component holds all opacity
+    it touches, the shell is lung or background. ``max_ml <= 0`` disables the step.
+    """
+    if max_ml <= 0 or voxel_ml <= 0:
+        return labels
+    opacity = labels >= L.GGO
+    axes = [np.flatnonzero(opacity.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
+    if not axes[0].size:
+        return labels
+    # Work inside the opacity's bounding box, grown by one voxel for the shells.
+    crop = tuple(slice(max(int(a[0]) - 1, 0), int(a[-1]) + 2) for a in axes)
+    sub = labels[crop]
+    components, _ = ndimage.label(opacity[crop], structure=_CUBE)
+    sizes = np.bincount(components.ravel())
+    for index, box in enumerate(ndimage.find_objects(components), start=1):
+        if box is None or sizes[index] * voxel_ml >= max_ml:
+            continue
+        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+        component = components[grown] == index
+        shell = ndimage.binary_dilation(component, structure=_CUBE) & ~component
+        on_lung = np.count_nonzero(sub[grown][shell] == L.LUNG)
+        if on_lung == 0 or on_lung < min_contact * np.count_nonzero(shell):
+            sub[grown][component] = L.BACKGROUND
+    return labels

@@ -1,0 +1,92 @@
+"""Label finishing steps of the network segmenter (lungburden.inference.postprocess)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from lungburden import labels as L
+from lungburden.inference.postprocess import refine_ggo_margins, remove_detached_opacities
+
+
+def _disk(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
+    rr, cc = np.ogrid[:shape[0], :shape[1]]
+    return (rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2
+
+
+def _margin_case() -> tuple[np.ndarray, np.ndarray]:
+    """Three slices of aerated lung (-850 HU) with a faint GGO patch (-700 HU, radius 9) that
+    the 'network' labelled only out to radius 6, a vessel (-300 HU) and a consolidation with a
+    partial-volume rim (-650 HU) labelled high opacity."""
+    hu = np.full((3, 60, 60), -850.0, np.float32)
+    labels = np.full(hu.shape, L.LUNG, np.uint8)
+    labels[:, :, :2] = L.BACKGROUND
+    hu[:, :, :2] = 40.0
+    hu[:, _disk((60, 60), (20, 20), 9)] = -700.0
+    labels[:, _disk((60, 60), (20, 20), 6)] = L.GGO
+    hu[:, 20, 29:33] = -300.0  # a vessel leaving the patch
+    hu[:, _disk((60, 60), (45, 45), 8)] = -650.0  # consolidation rim ...
+    hu[:, _disk((60, 60), (45, 45), 6)] = 20.0  # ... and core
+    labels[:, _disk((60, 60), (45, 45), 6)] = L.HIGH_OPACITY
+    return hu, labels
+
+
+def test_ggo_margin_grows_into_faint_ggo_by_at_most_the_steps() -> None:
+    hu, labels = _margin_case()
+    before = labels.copy()
+    out = refine_ggo_margins(labels, hu, (-760.0, -500.0), steps=2)
+    assert out is labels
+    ggo = out[1] == L.GGO
+    grown = ggo & (before[1] != L.GGO)
+    assert grown.any()
+    # Only lung voxels at faint-GGO HU changed, each within 2 in-plane steps of the old edge.
+    assert (before[1][grown] == L.LUNG).all() and (hu[1][grown] == -700.0).all()
+    assert ggo[_disk((60, 60), (20, 20), 6.0)].all() and ggo[20, 14 - 2] and not ggo[20, 14 - 3]
+    # The vessel (-300 HU) is too dense for faint GGO; the consolidation's rim is not grown.
+    assert not ggo[20, 29:33].any()
+    assert (out[1][_disk((60, 60), (45, 45), 8) & ~_disk((60, 60), (45, 45), 6)] == L.LUNG).all()
+    # Everything outside the GGO range is untouched.
+    changed = out != before
+    assert (hu[changed] == -700.0).all()
+    # Per slice: each slice alone gives the same result (the label writer works in chunks).
+    hu2, per_slice = _margin_case()
+    for k in range(3):
+        refine_ggo_margins(per_slice[k:k + 1], hu2[k:k + 1], (-760.0, -500.0), steps=2)
+    np.testing.assert_array_equal(per_slice, out)
+
+
+def test_ggo_margin_shrinks_over_aerated_lung_and_can_be_disabled() -> None:
+    hu = np.full((1, 30, 30), -850.0, np.float32)
+    labels = np.full(hu.shape, L.LUNG, np.uint8)
+    labels[0, _disk((30, 30), (15, 15), 8)] = L.GGO  # the network's GGO ...
+    hu[0, _disk((30, 30), (15, 15), 5)] = -600.0  # ... is faint GGO only out to radius 5
+    before = labels.copy()
+    assert (refine_ggo_margins(labels.copy(), hu, steps=0) == before).all()
+    out = refine_ggo_margins(labels, hu, (-760.0, -500.0), steps=2)
+    ggo = out[0] == L.GGO
+    assert ggo[_disk((30, 30), (15, 15), 5)].all()
+    # Two steps of the aerated rim went back to lung; what lies deeper stays GGO.
+    assert out[0, 15, 15 + 8] == L.LUNG and out[0, 15, 15 + 7] == L.LUNG and out[0, 15, 15 + 6] == L.GGO
+    no_ggo = np.full((2, 5, 5), L.LUNG, np.uint8)
+    assert (refine_ggo_margins(no_ggo, np.zeros((2, 5, 5))) == L.LUNG).all()
+
+
+def test_detached_opacities_are_removed_unless_large() -> None:
+    labels = np.zeros((12, 60, 60), np.uint8)
+    labels[:, 10:50, 5:28] = L.LUNG  # right lung
+    labels[:, 10:50, 32:55] = L.LUNG  # left lung
+    labels[3:6, 20:25, 10:15] = L.HIGH_OPACITY  # 75 voxels inside the right lung: kept
+    labels[3:6, 0:4, 0:4] = L.HIGH_OPACITY  # 48 voxels in soft tissue, no lung around: removed
+    # 8 x 8 x 3 voxels in the chest wall touching the lung along a 4-voxel edge: contact < 10 %.
+    labels[0:3, 50:58, 0:8] = L.HIGH_OPACITY
+    labels[:, 10:50, 32:55] = L.GGO  # the whole left lung opaque: no lung to touch, but large
+    before = labels.copy()
+    out = remove_detached_opacities(labels, voxel_ml=0.01, max_ml=5.0, min_contact=0.1)  # 500 voxels
+    assert out is labels
+    assert (out[3:6, 20:25, 10:15] == L.HIGH_OPACITY).all()
+    assert not out[3:6, 0:4, 0:4].any()
+    assert not out[0:3, 50:58, 0:8].any()
+    assert (out[:, 10:50, 32:55] == L.GGO).all()
+    # The same chest-wall block counts as attached at a 1 % contact floor; 0 mL disables.
+    again = remove_detached_opacities(before.copy(), voxel_ml=0.01, max_ml=5.0, min_contact=0.01)
+    assert (again[0:3, 50:58, 0:8] == L.HIGH_OPACITY).all() and not again[3:6, 0:4, 0:4].any()
+    assert (remove_detached_opacities(before.copy(), 0.01, max_ml=0.0) == before).all()
