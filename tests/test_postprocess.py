@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 from lungburden import labels as L
-from lungburden.inference.postprocess import refine_ggo_margins, remove_detached_opacities
+from lungburden.inference.postprocess import (
+    refine_ggo_margins,
+    relabel_high_opacity_specks,
+    remove_detached_opacities,
+    remove_high_opacity_above_apex,
+)
 
 
 def _disk(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -90,3 +95,49 @@ def test_detached_opacities_are_removed_unless_large() -> None:
     again = remove_detached_opacities(before.copy(), voxel_ml=0.01, max_ml=5.0, min_contact=0.01)
     assert (again[0:3, 50:58, 0:8] == L.HIGH_OPACITY).all() and not again[3:6, 0:4, 0:4].any()
     assert (remove_detached_opacities(before.copy(), 0.01, max_ml=0.0) == before).all()
+
+
+def _axial_affine(cranial_first: bool) -> np.ndarray:
+    """5 mm slices of 1 mm pixels; slice index runs feet-ward (the loader's order) or head-ward."""
+    affine = np.diag([-5.0 if cranial_first else 5.0, 1.0, 1.0, 1.0])
+    affine[:3, :3] = affine[[2, 1, 0]][:3, :3]  # slice axis -> z, rows -> y, columns -> x
+    return affine
+
+
+def test_high_opacity_above_the_apex_is_dropped() -> None:
+    labels = np.zeros((8, 40, 40), np.uint8)
+    labels[3:, 10:30, 10:30] = L.LUNG  # the apex is slice 3 (4 cm² of lung)
+    labels[2, 8:10, 8:10] = L.LUNG  # 0.04 cm² of 'lung' (trachea) above it does not count
+    labels[0:3, 12:18, 12:18] = L.HIGH_OPACITY  # thoracic inlet soft tissue called consolidation
+    labels[1, 20:22, 20:22] = L.GGO
+    labels[5, 15:20, 15:20] = L.HIGH_OPACITY  # a real consolidation below the apex
+    before = labels.copy()
+    out = remove_high_opacity_above_apex(labels, _axial_affine(cranial_first=True), min_lung_cm2=1.0)
+    assert out is labels
+    assert not (out[0:3] == L.HIGH_OPACITY).any() and (out[1, 20:22, 20:22] == L.GGO).all()
+    assert (out[3:] == before[3:]).all()
+    # Slices stored feet first: the same anatomy reversed gives the same result reversed.
+    flipped = remove_high_opacity_above_apex(before[::-1].copy(), _axial_affine(cranial_first=False), 1.0)
+    np.testing.assert_array_equal(flipped[::-1], out)
+    # Disabled, without any apex, or for a non-axial stack: unchanged.
+    assert (remove_high_opacity_above_apex(before.copy(), _axial_affine(True), 0.0) == before).all()
+    assert (remove_high_opacity_above_apex(before.copy(), _axial_affine(True), 1000.0) == before).all()
+    sagittal = np.diag([1.0, 1.0, 1.0, 1.0])  # slice axis along x
+    assert (remove_high_opacity_above_apex(before.copy(), sagittal, 1.0) == before).all()
+
+
+def test_high_opacity_specks_take_their_surroundings_label() -> None:
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[:, 5:35, 5:35] = L.LUNG
+    labels[1:5, 8:18, 8:18] = L.GGO
+    labels[2:3, 12:14, 12:14] = L.HIGH_OPACITY  # 4 voxels in a GGO patch: GGO
+    labels[2:3, 25:27, 25:27] = L.HIGH_OPACITY  # 4 voxels in aerated lung: lung
+    labels[0:1, 0:2, 0:2] = L.HIGH_OPACITY  # 4 voxels outside: background
+    labels[1:5, 26:33, 8:15] = L.HIGH_OPACITY  # 196 voxels: a consolidation, kept
+    before = labels.copy()
+    out = relabel_high_opacity_specks(labels, voxel_ml=0.01, min_ml=0.5)  # floor: 50 voxels
+    assert out is labels
+    assert (out[2, 12:14, 12:14] == L.GGO).all() and (out[2, 25:27, 25:27] == L.LUNG).all()
+    assert not out[0, 0:2, 0:2].any() and (out[1:5, 26:33, 8:15] == L.HIGH_OPACITY).all()
+    assert np.count_nonzero(out != before) == 12
+    assert (relabel_high_opacity_specks(before.copy(), 0.01, 0.0) == before).all()

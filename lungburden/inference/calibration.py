@@ -47,6 +47,7 @@ class CalibrationCase:
     hu: np.ndarray
     truth: np.ndarray  #: uint8 labels on the source grid
     voxel_ml: float
+    affine: np.ndarray | None = None  #: index → LPS mm (the segmenter's apex step needs it)
 
 
 @dataclass
@@ -94,7 +95,7 @@ def collect_cases(segmenter, cases: Iterable) -> list[CalibrationCase]:
         volume = case.to_volume()
         pre, logits = segmenter.model_grid_logits(volume.hu)
         out.append(CalibrationCase(case.case_id, pre, logits, volume.hu, np.asarray(case.labels, np.uint8),
-                                   float(volume.voxel_volume_ml)))
+                                   float(volume.voxel_volume_ml), np.asarray(volume.affine)))
     return out
 
 
@@ -104,7 +105,8 @@ def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence
     pooled = {name: Overlap() for name in _SCORED}
     truth_vol, model_vol = [], []
     for case in cases:
-        pred = segmenter.labels_from_logits(case.pre, case.hu, case.logits, case.voxel_ml, offsets=tensor)
+        pred = segmenter.labels_from_logits(case.pre, case.hu, case.logits, case.voxel_ml, offsets=tensor,
+                                            affine=case.affine)
         for name in _SCORED:
             pooled[name] += overlap(case.truth, pred, DICE_CLASSES[name])
         truth_vol.append(_volumes(case.truth))

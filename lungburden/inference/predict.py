@@ -42,12 +42,16 @@ from lungburden import __version__
 from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.postprocess import (
+    APEX_MIN_LUNG_CM2,
     GGO_MARGIN_HU,
     GGO_MARGIN_STEPS,
     MAX_DETACHED_ML,
+    MIN_HIGH_OPACITY_ML,
     MIN_LUNG_CONTACT,
     refine_ggo_margins,
+    relabel_high_opacity_specks,
     remove_detached_opacities,
+    remove_high_opacity_above_apex,
 )
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
@@ -153,6 +157,10 @@ class ConvLSTMSegmenter:
     ``max_detached_ml`` / ``min_lung_contact``: small opacity components with under that share of
     their surface on aerated lung are removed
     (:func:`~lungburden.inference.postprocess.remove_detached_opacities`; 0 mL turns it off).
+    ``apex_min_lung_cm2``: high opacity cranial to the first slice with that much aerated lung is
+    dropped (:func:`~lungburden.inference.postprocess.remove_high_opacity_above_apex`; 0 turns
+    it off). ``min_high_opacity_ml``: smaller high-opacity components take their surroundings'
+    label (:func:`~lungburden.inference.postprocess.relabel_high_opacity_specks`; 0 turns it off).
     ``logit_offsets``: one number per class added to the logits before the argmax (decision
     calibration, :mod:`lungburden.inference.calibration`); default: the checkpoint's
     ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
@@ -171,7 +179,8 @@ class ConvLSTMSegmenter:
                  min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None,
                  logit_offsets: Sequence[float] | None = None, ggo_margin_steps: int = GGO_MARGIN_STEPS,
                  ggo_margin_hu: tuple[float, float] = GGO_MARGIN_HU, max_detached_ml: float = MAX_DETACHED_ML,
-                 min_lung_contact: float = MIN_LUNG_CONTACT):
+                 min_lung_contact: float = MIN_LUNG_CONTACT, apex_min_lung_cm2: float = APEX_MIN_LUNG_CM2,
+                 min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -198,6 +207,8 @@ class ConvLSTMSegmenter:
         self.ggo_margin_hu = (float(ggo_margin_hu[0]), float(ggo_margin_hu[1]))
         self.max_detached_ml = float(max_detached_ml)
         self.min_lung_contact = float(min_lung_contact)
+        self.apex_min_lung_cm2 = float(apex_min_lung_cm2)
+        self.min_high_opacity_ml = float(min_high_opacity_ml)
         if logit_offsets is None:
             logit_offsets = (checkpoint.get("calibration") or {}).get("logit_offsets")
         self.logit_offsets = _offsets_tensor(logit_offsets, int(getattr(model, "num_classes", 0)))
@@ -213,6 +224,8 @@ class ConvLSTMSegmenter:
                                        f"{self.ggo_margin_hu[1]:g}"),
                         "detached_opacity": (f"< {self.max_detached_ml:g} mL with < "
                                              f"{self.min_lung_contact:g} of the surface on lung"),
+                        "apex_min_lung_cm2": f"{self.apex_min_lung_cm2:g}",
+                        "min_high_opacity_ml": f"{self.min_high_opacity_ml:g}",
                         **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
                            if self.logit_offsets is not None else {})},
         )
@@ -234,10 +247,9 @@ class ConvLSTMSegmenter:
         """``uint8`` label map with the shape of ``volume.hu`` (see :mod:`lungburden.labels`).
 
         Labels outside the body are cleared and the GGO margin refined
-        (:func:`~lungburden.inference.postprocess.refine_ggo_margins`); opacity specks under
-        ``min_opacity_ml`` and detached opacity components
-        (:func:`~lungburden.inference.postprocess.remove_detached_opacities`) are dropped when
-        ``volume`` is a :class:`CTVolume` (a bare array has no voxel size: not applied).
+        (:func:`~lungburden.inference.postprocess.refine_ggo_margins`); when ``volume`` is a
+        :class:`CTVolume` the component steps follow (:meth:`_finish_components`; a bare array
+        has no voxel size: not applied).
         """
         hu = volume.hu if isinstance(volume, CTVolume) else np.asarray(volume)
         if hu.ndim != 3:
@@ -248,7 +260,7 @@ class ConvLSTMSegmenter:
             with self._label_writer(pre, hu, labels, background=torch.get_num_threads() > 1) as writer:
                 self._network(pre, writer)
         if isinstance(volume, CTVolume):
-            self._remove_components(labels, volume.voxel_volume_ml)
+            self._finish_components(labels, volume.voxel_volume_ml, volume.affine)
         return labels
 
     def model_grid_logits(self, hu: np.ndarray) -> tuple[PreprocessedSeries, torch.Tensor]:
@@ -267,17 +279,19 @@ class ConvLSTMSegmenter:
         return pre, torch.cat([c for _, c in sorted(chunks, key=lambda item: item[0])])
 
     def labels_from_logits(self, pre: PreprocessedSeries, hu: np.ndarray, logits: torch.Tensor,
-                           voxel_ml: float | None, offsets: torch.Tensor | None = None) -> np.ndarray:
+                           voxel_ml: float | None, offsets: torch.Tensor | None = None,
+                           affine: np.ndarray | None = None) -> np.ndarray:
         """Labels from :meth:`model_grid_logits` output: the label writer's steps (offsets,
         argmax on the source grid, body clearing, GGO margin) and the component filters, as in
         :meth:`segment`.
-        ``offsets``: ``(1, classes, 1, 1)``, default this segmenter's ``logit_offsets``."""
+        ``offsets``: ``(1, classes, 1, 1)``, default this segmenter's ``logit_offsets``;
+        ``affine``: the volume's (for the apex step; without it that step is skipped)."""
         labels = np.zeros(np.shape(hu), np.uint8)
         with self._label_writer(pre, np.asarray(hu), labels, background=False, offsets=offsets) as writer:
             for a in range(0, logits.shape[0], self.target_chunk):
                 writer.submit(logits[a:a + self.target_chunk].float(), a)
         if voxel_ml:
-            self._remove_components(labels, voxel_ml)
+            self._finish_components(labels, voxel_ml, affine)
         return labels
 
     def _label_writer(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, background: bool,
@@ -287,10 +301,14 @@ class ConvLSTMSegmenter:
                             offsets=self.logit_offsets if offsets is None else offsets,
                             ggo_margin=(self.ggo_margin_hu, self.ggo_margin_steps))
 
-    def _remove_components(self, labels: np.ndarray, voxel_ml: float) -> None:
-        """The whole-series component filters: specks, then detached opacities."""
+    def _finish_components(self, labels: np.ndarray, voxel_ml: float, affine: np.ndarray | None) -> None:
+        """The whole-series steps, in place: opacity specks, detached opacities, high opacity
+        above the apex (with an ``affine``), high-opacity specks (:mod:`.postprocess`)."""
         remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
         remove_detached_opacities(labels, voxel_ml, self.max_detached_ml, self.min_lung_contact)
+        if affine is not None:
+            remove_high_opacity_above_apex(labels, affine, self.apex_min_lung_cm2)
+        relabel_high_opacity_specks(labels, voxel_ml, self.min_high_opacity_ml)
 
     # -- paths -----------------------------------------------------------------------------------
     def _network_precision(self) -> AbstractContextManager[Any]:
