@@ -6,11 +6,15 @@ import numpy as np
 
 from lungburden import labels as L
 from lungburden.inference.postprocess import (
+    GGOMargins,
     refine_ggo_margins,
     relabel_high_opacity_specks,
     remove_detached_opacities,
     remove_high_opacity_above_apex,
 )
+
+#: The GGO / aerated-lung rule alone (the GGO / high-opacity rule has its own test).
+LUNG_ONLY = GGOMargins(lung_hu=(-760.0, -500.0), high_hu=None, steps=2)
 
 
 def _disk(shape: tuple[int, int], centre: tuple[int, int], radius: float) -> np.ndarray:
@@ -38,7 +42,7 @@ def _margin_case() -> tuple[np.ndarray, np.ndarray]:
 def test_ggo_margin_grows_into_faint_ggo_by_at_most_the_steps() -> None:
     hu, labels = _margin_case()
     before = labels.copy()
-    out = refine_ggo_margins(labels, hu, (-760.0, -500.0), steps=2)
+    out = refine_ggo_margins(labels, hu, LUNG_ONLY)
     assert out is labels
     ggo = out[1] == L.GGO
     grown = ggo & (before[1] != L.GGO)
@@ -55,7 +59,7 @@ def test_ggo_margin_grows_into_faint_ggo_by_at_most_the_steps() -> None:
     # Per slice: each slice alone gives the same result (the label writer works in chunks).
     hu2, per_slice = _margin_case()
     for k in range(3):
-        refine_ggo_margins(per_slice[k:k + 1], hu2[k:k + 1], (-760.0, -500.0), steps=2)
+        refine_ggo_margins(per_slice[k:k + 1], hu2[k:k + 1], LUNG_ONLY)
     np.testing.assert_array_equal(per_slice, out)
 
 
@@ -65,8 +69,8 @@ def test_ggo_margin_shrinks_over_aerated_lung_and_can_be_disabled() -> None:
     labels[0, _disk((30, 30), (15, 15), 8)] = L.GGO  # the network's GGO ...
     hu[0, _disk((30, 30), (15, 15), 5)] = -600.0  # ... is faint GGO only out to radius 5
     before = labels.copy()
-    assert (refine_ggo_margins(labels.copy(), hu, steps=0) == before).all()
-    out = refine_ggo_margins(labels, hu, (-760.0, -500.0), steps=2)
+    assert (refine_ggo_margins(labels.copy(), hu, GGOMargins(steps=0)) == before).all()
+    out = refine_ggo_margins(labels, hu, LUNG_ONLY)
     ggo = out[0] == L.GGO
     assert ggo[_disk((30, 30), (15, 15), 5)].all()
     # Two steps of the aerated rim went back to lung; what lies deeper stays GGO.
@@ -141,3 +145,28 @@ def test_high_opacity_specks_take_their_surroundings_label() -> None:
     assert not out[0, 0:2, 0:2].any() and (out[1:5, 26:33, 8:15] == L.HIGH_OPACITY).all()
     assert np.count_nonzero(out != before) == 12
     assert (relabel_high_opacity_specks(before.copy(), 0.01, 0.0) == before).all()
+
+
+def test_ggo_high_opacity_boundary_follows_attenuation() -> None:
+    """A consolidation (20 HU) with a hazy rim (-400 HU) inside a GGO patch (-600 HU): the
+    network's high opacity covers the rim and misses a dense rim outside it."""
+    hu = np.full((1, 40, 40), -850.0, np.float32)
+    labels = np.full(hu.shape, L.LUNG, np.uint8)
+    hu[0, _disk((40, 40), (20, 20), 15)] = -600.0
+    labels[0, _disk((40, 40), (20, 20), 15)] = L.GGO
+    hu[0, _disk((40, 40), (20, 20), 8)] = -400.0  # hazy: GGO
+    hu[0, _disk((40, 40), (20, 20), 6)] = 20.0  # consolidated ...
+    hu[0, 20, 26:31] = 20.0  # ... with a tongue reaching 2 voxels past the network's high opacity
+    labels[0, _disk((40, 40), (20, 20), 8)] = L.HIGH_OPACITY
+    assert (labels[0, 20, 29:31] == L.GGO).all()
+    before = labels.copy()
+    out = refine_ggo_margins(labels, hu, GGOMargins(lung_hu=(-760.0, -500.0), high_hu=(-300.0, -100.0), steps=2))
+    high = out[0] == L.HIGH_OPACITY
+    assert high[_disk((40, 40), (20, 20), 6)].all()
+    assert not high[_disk((40, 40), (20, 20), 8) & ~_disk((40, 40), (20, 20), 6) & (hu[0] == -400.0)].any()
+    assert high[20, 26:31].all() and not high[20, 31]
+    # The GGO / lung boundary is untouched (the patch's own HU is faint GGO, the lung aerated).
+    assert ((out == L.LUNG) == (before == L.LUNG)).all()
+    # Without the high-opacity rule, only the lung rule acts (here: nothing to do).
+    again = refine_ggo_margins(before.copy(), hu, LUNG_ONLY)
+    np.testing.assert_array_equal(again, before)

@@ -109,8 +109,8 @@ def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence
                                             affine=case.affine)
         for name in _SCORED:
             pooled[name] += overlap(case.truth, pred, DICE_CLASSES[name])
-        truth_vol.append(_volumes(case.truth))
-        model_vol.append(_volumes(pred))
+        truth_vol.append(_volumes(case.truth, case.voxel_ml))
+        model_vol.append(_volumes(pred, case.voxel_ml))
     t_vol, m_vol = np.asarray(truth_vol, float), np.asarray(model_vol, float)
 
     def dice(name: str) -> float:
@@ -133,12 +133,14 @@ def score_offsets(segmenter, cases: Sequence[CalibrationCase], offsets: Sequence
 _SCORED = ("lesion", "ggo", "high_opacity")
 
 
-def _volumes(labels: np.ndarray) -> tuple[int, int, float]:
-    """GGO voxels, high-opacity voxels, burden % (opacity / (lung + opacity)), as quantify counts."""
+def _volumes(labels: np.ndarray, voxel_ml: float) -> tuple[float, float, float]:
+    """GGO mL, high-opacity mL, burden % (opacity / (lung + opacity)), as quantify counts them.
+    Millilitres, not voxel counts: the cases' voxel sizes differ (0.625-5 mm slices), and the
+    Spearman r of ``lungburden evaluate`` ranks volumes."""
     counts = np.bincount(labels.ravel(), minlength=L.NUM_CLASSES)
     ggo, high, lung = int(counts[L.GGO]), int(counts[L.HIGH_OPACITY]), int(counts[L.LUNG])
     total = ggo + high + lung
-    return ggo, high, 100.0 * (ggo + high) / total if total else 0.0
+    return ggo * voxel_ml, high * voxel_ml, 100.0 * (ggo + high) / total if total else 0.0
 
 
 def fit_offsets(segmenter, cases: Sequence[CalibrationCase], grid: Sequence[float] = (-0.5, 0.0, 0.5, 1.0, 1.5),

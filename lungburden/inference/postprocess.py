@@ -34,16 +34,28 @@ Four steps, each measured on validation phantoms 500-599 before it was adopted (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
 
-#: GGO margin HU range (lower bound exclusive): aerated lung is about -850 HU, the faintest GGO
-#: -720..-650; above -500 a voxel next to GGO is a vessel or a consolidation edge, not faint GGO.
-GGO_MARGIN_HU = (-760.0, -500.0)
-#: In-plane steps the GGO margin may move.
-GGO_MARGIN_STEPS = 2
+
+@dataclass(frozen=True)
+class GGOMargins:
+    """The attenuation rules of :func:`refine_ggo_margins` (HU ranges, lower bound exclusive)."""
+
+    #: Faint GGO against aerated lung: aerated lung is about -850 HU, the faintest GGO -720..-650;
+    #: above -500 a voxel next to GGO is a vessel or a consolidation edge, not faint GGO.
+    lung_hu: tuple[float, float] = (-760.0, -500.0)
+    #: GGO against high opacity: at or below -300 HU a voxel is not consolidated (hazy); above
+    #: -100 HU (soft-tissue attenuation) it is. None leaves that boundary to the network.
+    high_hu: tuple[float, float] | None = (-300.0, -100.0)
+    #: In-plane steps a boundary may move (0 turns the refinement off).
+    steps: int = 2
+
+
 #: Opacity components from this size (mL) up are never removed as detached.
 MAX_DETACHED_ML = 100.0
 #: Smaller components need at least this share of their surface on aerated lung.
@@ -69,31 +81,39 @@ def _bounding_crop(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slic
     return tuple(slice(max(int(a[0]) - m, 0), int(a[-1]) + m + 1) for a, m in zip(axes, margin, strict=True))
 
 
-def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, hu_range: tuple[float, float] = GGO_MARGIN_HU,
-                       steps: int = GGO_MARGIN_STEPS) -> np.ndarray:
-    """Move the GGO / aerated-lung boundary of ``labels`` by attenuation, in place (module
-    docstring); returns ``labels``.
+def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins = GGOMargins()) -> np.ndarray:
+    """Move the boundaries of GGO against aerated lung and against high opacity by attenuation,
+    in place (module docstring); returns ``labels``.
 
-    Each of ``steps`` rounds: lung voxels 4-neighbour (in-plane) to GGO with
-    ``hu_range[0] < HU <= hu_range[1]`` become GGO, then GGO voxels 4-neighbour to lung with
-    ``HU <= hu_range[0]`` become lung. Works per slice, so a run of slices (with the matching
-    HU) gets its share of the whole-series result. ``steps <= 0`` disables the step.
+    Each of ``margins.steps`` rounds, between voxels 4-neighbour in-plane: lung next to GGO with
+    ``lung_hu[0] < HU <= lung_hu[1]`` becomes GGO, GGO next to lung with ``HU <= lung_hu[0]``
+    becomes lung; with ``high_hu``, high opacity next to GGO with ``HU <= high_hu[0]`` becomes
+    GGO and GGO next to high opacity with ``HU > high_hu[1]`` becomes high opacity. Works per
+    slice, so a run of slices (with the matching HU) gets its share of the whole-series result.
     """
+    steps = margins.steps
     if steps <= 0:
         return labels
-    low, high = hu_range
     # The GGO's bounding box grown in-plane by the steps it may move: nothing outside it changes.
     box = _bounding_crop(labels == L.GGO, (0, steps, steps))
     if box is None:
         return labels
     sub, sub_hu = labels[box], hu[box]
+    low, high = margins.lung_hu
     faint = (sub_hu > low) & (sub_hu <= high)
     aerated = sub_hu <= low
+    if margins.high_hu is not None:
+        hazy, dense = sub_hu <= margins.high_hu[0], sub_hu > margins.high_hu[1]
+
+    def next_to(label: int) -> np.ndarray:
+        return ndimage.binary_dilation(sub == label, structure=_PLANE)
+
     for _ in range(steps):
-        grow = (sub == L.LUNG) & faint & ndimage.binary_dilation(sub == L.GGO, structure=_PLANE)
-        sub[grow] = L.GGO
-        shrink = (sub == L.GGO) & aerated & ndimage.binary_dilation(sub == L.LUNG, structure=_PLANE)
-        sub[shrink] = L.LUNG
+        sub[(sub == L.LUNG) & faint & next_to(L.GGO)] = L.GGO
+        sub[(sub == L.GGO) & aerated & next_to(L.LUNG)] = L.LUNG
+        if margins.high_hu is not None:
+            sub[(sub == L.HIGH_OPACITY) & hazy & next_to(L.GGO)] = L.GGO
+            sub[(sub == L.GGO) & dense & next_to(L.HIGH_OPACITY)] = L.HIGH_OPACITY
     return labels
 
 

@@ -43,11 +43,10 @@ from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.postprocess import (
     APEX_MIN_LUNG_CM2,
-    GGO_MARGIN_HU,
-    GGO_MARGIN_STEPS,
     MAX_DETACHED_ML,
     MIN_HIGH_OPACITY_ML,
     MIN_LUNG_CONTACT,
+    GGOMargins,
     refine_ggo_margins,
     relabel_high_opacity_specks,
     remove_detached_opacities,
@@ -152,8 +151,8 @@ class ConvLSTMSegmenter:
     threads (default all cores). ``encode_chunk`` / ``target_chunk``: slices encoded per batch and
     windows advanced together (memory/speed trade-off; defaults measured in docs/model.md).
     ``fold_bn``: run a copy with BatchNorm folded into the convolutions (:func:`fold_batchnorm`).
-    ``ggo_margin_steps`` / ``ggo_margin_hu``: the attenuation refinement of the GGO margin
-    (:func:`~lungburden.inference.postprocess.refine_ggo_margins`; 0 steps turns it off).
+    ``ggo_margins``: the attenuation rules of the GGO margin
+    (:func:`~lungburden.inference.postprocess.refine_ggo_margins`; None turns it off).
     ``max_detached_ml`` / ``min_lung_contact``: small opacity components with under that share of
     their surface on aerated lung are removed
     (:func:`~lungburden.inference.postprocess.remove_detached_opacities`; 0 mL turns it off).
@@ -177,8 +176,8 @@ class ConvLSTMSegmenter:
                  naive: bool = False, threads: int | None = None, encode_chunk: int = 16,
                  target_chunk: int = 16, window_batch: int = 8, fold_bn: bool = True,
                  min_opacity_ml: float = MIN_OPACITY_ML, precision: str | None = None,
-                 logit_offsets: Sequence[float] | None = None, ggo_margin_steps: int = GGO_MARGIN_STEPS,
-                 ggo_margin_hu: tuple[float, float] = GGO_MARGIN_HU, max_detached_ml: float = MAX_DETACHED_ML,
+                 logit_offsets: Sequence[float] | None = None, ggo_margins: GGOMargins | None = GGOMargins(),
+                 max_detached_ml: float = MAX_DETACHED_ML,
                  min_lung_contact: float = MIN_LUNG_CONTACT, apex_min_lung_cm2: float = APEX_MIN_LUNG_CM2,
                  min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
@@ -203,8 +202,7 @@ class ConvLSTMSegmenter:
         self.target_chunk = max(1, target_chunk)
         self.window_batch = max(1, window_batch)
         self.min_opacity_ml = float(min_opacity_ml)
-        self.ggo_margin_steps = int(ggo_margin_steps)
-        self.ggo_margin_hu = (float(ggo_margin_hu[0]), float(ggo_margin_hu[1]))
+        self.ggo_margins = ggo_margins if ggo_margins is not None and ggo_margins.steps > 0 else None
         self.max_detached_ml = float(max_detached_ml)
         self.min_lung_contact = float(min_lung_contact)
         self.apex_min_lung_cm2 = float(apex_min_lung_cm2)
@@ -220,8 +218,7 @@ class ConvLSTMSegmenter:
             parameters={"model": model_name, "weights": weights_id,
                         "input_size": str(self.input_size), "context": str(self.context),
                         "min_opacity_ml": str(self.min_opacity_ml), "precision": self.precision,
-                        "ggo_margin": (f"{self.ggo_margin_steps} steps, {self.ggo_margin_hu[0]:g} < HU <= "
-                                       f"{self.ggo_margin_hu[1]:g}"),
+                        "ggo_margins": _describe_margins(self.ggo_margins),
                         "detached_opacity": (f"< {self.max_detached_ml:g} mL with < "
                                              f"{self.min_lung_contact:g} of the surface on lung"),
                         "apex_min_lung_cm2": f"{self.apex_min_lung_cm2:g}",
@@ -299,7 +296,7 @@ class ConvLSTMSegmenter:
         """The label writer with this segmenter's offsets (unless given) and GGO margin step."""
         return _LabelWriter(pre, hu, labels, background=background,
                             offsets=self.logit_offsets if offsets is None else offsets,
-                            ggo_margin=(self.ggo_margin_hu, self.ggo_margin_steps))
+                            ggo_margins=self.ggo_margins)
 
     def _finish_components(self, labels: np.ndarray, voxel_ml: float, affine: np.ndarray | None) -> None:
         """The whole-series steps, in place: opacity specks, detached opacities, high opacity
@@ -363,7 +360,7 @@ class _LabelWriter:
 
     Per chunk: the ``offsets`` (calibration) added to the logits, :func:`logits_to_labels` into
     ``labels[start:stop]``, then
-    :func:`clear_outside_body` and, with ``ggo_margin`` (HU range, steps),
+    :func:`clear_outside_body` and, with ``ggo_margins``,
     :func:`~lungburden.inference.postprocess.refine_ggo_margins` on those slices (both work per
     slice, so chunks give the whole-series result). At most ``depth`` chunks wait; an error of the helper is raised by
     the next :meth:`submit` or on leaving the ``with`` block (unless the block itself raised:
@@ -373,9 +370,9 @@ class _LabelWriter:
 
     def __init__(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, depth: int = 2,
                  background: bool = True, offsets: torch.Tensor | None = None,
-                 ggo_margin: tuple[tuple[float, float], int] | None = None):
+                 ggo_margins: GGOMargins | None = None):
         self.pre, self.hu, self.labels, self.depth, self.offsets = pre, hu, labels, depth, offsets
-        self.ggo_margin = ggo_margin
+        self.ggo_margins = ggo_margins
         self.body = pre.body if pre.body is not None else coarse_body(hu)
         self.any_body = bool(self.body.any())
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels") if background else None
@@ -397,9 +394,8 @@ class _LabelWriter:
             logits = logits + self.offsets
         logits_to_labels(logits, self.pre.box, rows, cols, out=out)
         clear_outside_body(out, self.hu[start:stop], self.body[start:stop], series_has_body=self.any_body)
-        if self.ggo_margin is not None:
-            hu_range, steps = self.ggo_margin
-            refine_ggo_margins(out, self.hu[start:stop], hu_range, steps)
+        if self.ggo_margins is not None:
+            refine_ggo_margins(out, self.hu[start:stop], self.ggo_margins)
 
     def __enter__(self) -> _LabelWriter:
         return self
@@ -417,6 +413,16 @@ class _LabelWriter:
                 future.cancel()
             if self.pool is not None:
                 self.pool.shutdown(wait=True)
+
+
+def _describe_margins(margins: GGOMargins | None) -> str:
+    """The GGO margin rules for the algorithm parameters."""
+    if margins is None:
+        return "off"
+    text = f"{margins.steps} steps; lung->GGO {margins.lung_hu[0]:g} < HU <= {margins.lung_hu[1]:g}"
+    if margins.high_hu is not None:
+        text += f"; GGO <= {margins.high_hu[0]:g} < unchanged <= {margins.high_hu[1]:g} < high opacity"
+    return text
 
 
 def _offsets_tensor(offsets: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
