@@ -170,3 +170,12 @@ def test_ggo_high_opacity_boundary_follows_attenuation() -> None:
     # Without the high-opacity rule, only the lung rule acts (here: nothing to do).
     again = refine_ggo_margins(before.copy(), hu, LUNG_ONLY)
     np.testing.assert_array_equal(again, before)
+
+
+def test_in_plane_dilation_matches_scipy() -> None:
+    from scipy import ndimage
+
+    from lungburden.inference.postprocess import _PLANE, _dilate_in_plane
+
+    mask = np.random.default_rng(0).random((4, 30, 20)) < 0.05
+    np.testing.assert_array_equal(_dilate_in_plane(mask), ndimage.binary_dilation(mask, structure=_PLANE))

@@ -106,7 +106,7 @@ def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins =
         hazy, dense = sub_hu <= margins.high_hu[0], sub_hu > margins.high_hu[1]
 
     def next_to(label: int) -> np.ndarray:
-        return ndimage.binary_dilation(sub == label, structure=_PLANE)
+        return _dilate_in_plane(sub == label)
 
     for _ in range(steps):
         sub[(sub == L.LUNG) & faint & next_to(L.GGO)] = L.GGO
@@ -115,6 +115,17 @@ def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins =
             sub[(sub == L.HIGH_OPACITY) & hazy & next_to(L.GGO)] = L.GGO
             sub[(sub == L.GGO) & dense & next_to(L.HIGH_OPACITY)] = L.HIGH_OPACITY
     return labels
+
+
+def _dilate_in_plane(mask: np.ndarray) -> np.ndarray:
+    """``mask`` grown by one in-plane 4-neighbour step (the binary dilation with
+    :data:`_PLANE`, by four shifted ORs: several times faster on a thorax-sized box)."""
+    out = mask.copy()
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    out[:, :, 1:] |= mask[:, :, :-1]
+    out[:, :, :-1] |= mask[:, :, 1:]
+    return out
 
 
 def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float = MAX_DETACHED_ML,
