@@ -294,9 +294,7 @@ def _validate(model, loss_fn, batches, device: torch.device | None = None,
     with torch.no_grad():
         for x, y, slab in batches:
             x, y = x.to(device), y.to(device)
-            with network_autocast(precision, device.type):
-                logits = model.forward_sequence(x) if slab else model(x)
-            logits = logits.float()
+            logits = _network_forward(model, x, bool(slab), precision, device.type).float()
             total += float(loss_fn(logits, y)) * len(y)
             n += len(y)
             pred = logits.argmax(1)
@@ -332,6 +330,14 @@ def _bn_inputs(cases, sampler: WindowSampler, config: TrainConfig, aug: Augmenta
             yield x
 
 
+def _network_forward(model: torch.nn.Module, x: torch.Tensor, slab: bool, precision: str,
+                     device_type: str) -> torch.Tensor:
+    """The network's logits under the run's autocast: ``forward_sequence`` of one slab
+    (``(n + 2·context, S, S)`` in, ``(n, C, S, S)`` out) when ``slab``, else the window forward."""
+    with network_autocast(precision, device_type):
+        return model.forward_sequence(x) if slab else model(x)
+
+
 def refresh_batchnorm(model: torch.nn.Module, inputs, slab: bool, device: torch.device,
                       precision: str = "float32") -> None:
     """Recompute the BatchNorm running statistics of ``model`` as the plain mean over ``inputs``.
@@ -354,8 +360,7 @@ def refresh_batchnorm(model: torch.nn.Module, inputs, slab: bool, device: torch.
     with torch.no_grad():
         for x in inputs:
             x = x.to(device)
-            with network_autocast(precision, device.type):
-                model.forward_sequence(x[0]) if slab else model(x)
+            _network_forward(model, x[0] if slab else x, slab, precision, device.type)
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     model.train(was_training)
@@ -538,8 +543,7 @@ def train_split(split: Split, index: CaseIndex, config: TrainConfig, data: DataS
             for part_x, part_y, weight in _batch_parts(train_cases, sampler, rng, gen, model, config, aug):
                 part_x = part_x.to(device, non_blocking=True)
                 part_y = part_y.to(device, non_blocking=True)
-                with network_autocast(precision, device.type):
-                    logits = model.forward_sequence(part_x[0]) if slab else model(part_x)
+                logits = _network_forward(model, part_x[0] if slab else part_x, bool(slab), precision, device.type)
                 loss = loss_fn(logits.float(), part_y[0] if slab else part_y)
                 (loss * weight).backward()
                 running += loss.item() * weight * config.batch
