@@ -1,7 +1,8 @@
 """The network segmenter (``convlstm``): CT volume → label map on the source grid, fast on CPU.
 
 ``ConvLSTMSegmenter.segment(volume)``: preprocessing (section 2.4, :mod:`.preprocess`) → network →
-logits upsampled into the crop box → argmax → ``uint8`` labels (:mod:`lungburden.labels`).
+logits upsampled into the crop box → argmax → ``uint8`` labels (:mod:`lungburden.labels`) →
+label finishing (:mod:`.postprocess`: GGO margins by attenuation, component rules).
 
 Fast path (default) for the ConvLSTM network, exploiting that windows of neighbouring targets
 overlap in 10 of their 11 slices:
@@ -11,8 +12,8 @@ overlap in 10 of their 11 slices:
    ``2·context`` encoded slices between chunks (so memory does not grow with the series);
 2. the recurrence runs for ``target_chunk`` windows at once: step ``t`` of every window is a view
    of the per-slice gates (no copy) plus one batched ``W_h * h`` convolution;
-3. heads, fusion and upsampling run once per target; logits are turned into labels (and cleared
-   outside the body) a chunk at a time on a helper thread while the network computes the next
+3. heads, fusion and upsampling run once per target; logits are turned into labels (cleared
+   outside the body, GGO margins refined) a chunk at a time on a helper thread while the network computes the next
    chunk, so the only full-size arrays are the input HU volume and the output labels.
 
 ``naive=True`` runs the plain per-window forward (every window re-encodes its 11 slices), for
