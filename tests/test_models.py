@@ -23,6 +23,7 @@ from lungburden.inference.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from lungburden.inference.postprocess import remove_small_opacities
 from lungburden.inference.predict import (
     ConvLSTMSegmenter,
     WeightsNotFound,
@@ -42,7 +43,6 @@ from lungburden.inference.preprocess import (
     normalise_slices,
     pad_context,
     preprocess,
-    remove_small_opacities,
     to_source_grid,
     window_indices,
 )
@@ -335,11 +335,11 @@ def test_many_specks_are_removed_in_whole_array_passes(monkeypatch: pytest.Monke
     labels[noise < 0.02] = L.GGO  # sparse (3 %): specks of a few voxels, far below percolation
     labels[noise > 0.99] = L.HIGH_OPACITY
     labels[5:12, 20:30, 20:30] = L.HIGH_OPACITY  # 700 voxels: stays
-    import lungburden.inference.preprocess as pre_module
+    import lungburden.inference.postprocess as post_module
 
     results = []
     for limit in (10**9, 0):  # loop, then whole-array passes
-        monkeypatch.setattr(pre_module, "_SPECK_LOOP_LIMIT", limit)
+        monkeypatch.setattr(post_module, "_SPECK_LOOP_LIMIT", limit)
         results.append(remove_small_opacities(labels.copy(), voxel_ml=0.01, min_ml=0.5))
     np.testing.assert_array_equal(results[0], results[1])
     out = results[1]

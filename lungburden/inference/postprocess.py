@@ -1,7 +1,8 @@
 """Label-map finishing steps of the network segmenter, on the source grid (after the argmax).
 
-Four steps, each measured on validation phantoms 500-599 before it was adopted (docs/model.md,
-"Label finishing (session 9)"):
+:func:`remove_small_opacities` (session 4) drops opacity specks under 0.5 mL. The session-9
+steps below were each measured on validation phantoms 500-599 before they were adopted
+(docs/model.md, "Label finishing (session 9)"):
 
 * :func:`refine_ggo_margins`: the network decides on an 80 × 80 feature grid, upsampled into
   the crop box, so its GGO boundary is smooth at a scale of 2-4 source pixels, while 84 % of its
@@ -81,6 +82,15 @@ def _bounding_crop(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slic
     return tuple(slice(max(int(a[0]) - m, 0), int(a[-1]) + m + 1) for a, m in zip(axes, margin, strict=True))
 
 
+def _component_shell(components: np.ndarray, index: int,
+                     box: tuple[slice, ...]) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
+    """Component ``index`` of a labelled array (``box`` from ``ndimage.find_objects``): its box
+    grown by one voxel, its mask in that box and its 26-neighbour shell there."""
+    grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+    member = components[grown] == index
+    return grown, member, ndimage.binary_dilation(member, structure=_CUBE) & ~member
+
+
 def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins = GGOMargins()) -> np.ndarray:
     """Move the boundaries of GGO against aerated lung and against high opacity by attenuation,
     in place (module docstring); returns ``labels``.
@@ -128,6 +138,63 @@ def _dilate_in_plane(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """Relabel opacity components (GGO and high opacity together, 26-connected in 3-D) smaller
+    than ``min_ml`` millilitres, in place; returns ``labels``.
+
+    A speck of a few voxels is network noise, not a reportable finding (a pneumonia focus is
+    centimetres across), and a burden report should read exactly 0 in a patient without
+    pneumonia. A removed speck that touches aerated lung becomes lung, any other background.
+    ``min_ml <= 0`` disables the step. Cost: one 3-D labelling of the opacity's bounding box
+    plus ~0.1 ms per speck, or, above ``_SPECK_LOOP_LIMIT`` specks (a map full of noise), a few
+    whole-box passes instead (one lung dilation).
+    The phantoms' own truth has such pieces too (lesion fragments: a few mL per case, up to
+    ~15 % of the opacity at 2 % burden), so evaluated against it the step reads slightly low.
+    """
+    if min_ml <= 0 or voxel_ml <= 0:
+        return labels
+    opacity = labels >= L.GGO  # GGO or high opacity
+    # Work inside the opacity's bounding box, grown by one voxel for the lung-contact test.
+    crop = _bounding_crop(opacity, (1, 1, 1))
+    if crop is None:
+        return labels
+    sub_labels = labels[crop]
+    sub_opacity = opacity[crop]
+    comps = np.empty(sub_labels.shape, np.uint16)  # half the memory of int32 ...
+    try:
+        ndimage.label(sub_opacity, structure=_CUBE, output=comps)
+    except RuntimeError:  # ... unless there are over 65535 components
+        comps, _ = ndimage.label(sub_opacity, structure=_CUBE)
+    sizes = np.bincount(comps[sub_opacity])  # over the opacity voxels only: 3x faster than all
+    specks = np.flatnonzero(sizes < min_ml / voxel_ml)
+    specks = specks[specks > 0]
+    if specks.size > _SPECK_LOOP_LIMIT:
+        _relabel_specks_at_once(sub_labels, comps, specks, sizes.size)
+        return labels
+    boxes = ndimage.find_objects(comps)
+    for index in specks:
+        grown, speck, shell = _component_shell(comps, index, boxes[index - 1])
+        touches_lung = bool((sub_labels[grown][shell] == L.LUNG).any())
+        sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
+    return labels
+
+
+#: Above this many specks, :func:`remove_small_opacities` relabels them in whole-array passes.
+_SPECK_LOOP_LIMIT = 256
+
+
+def _relabel_specks_at_once(sub_labels: np.ndarray, comps: np.ndarray, specks: np.ndarray, count: int) -> None:
+    """The per-speck step of :func:`remove_small_opacities` for many specks: one dilation of the
+    lung, one lookup per voxel (constant cost, where the loop costs ~0.1 ms per speck)."""
+    is_speck = np.zeros(count, bool)
+    is_speck[specks] = True
+    voxels = is_speck[comps]
+    near_lung = ndimage.binary_dilation(sub_labels == L.LUNG, structure=_CUBE)
+    touching = np.zeros(count, bool)
+    touching[comps[voxels & near_lung]] = True
+    sub_labels[voxels] = np.where(touching[comps[voxels]], L.LUNG, L.BACKGROUND).astype(sub_labels.dtype)
+
+
 def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float = MAX_DETACHED_ML,
                               min_contact: float = MIN_LUNG_CONTACT) -> np.ndarray:
     """Set opacity components under ``max_ml`` whose surface is less than ``min_contact``
@@ -144,13 +211,11 @@ def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float
         return labels
     sub = labels[crop]
     components, _ = ndimage.label(opacity[crop], structure=_CUBE)
-    sizes = np.bincount(components.ravel())
+    sizes = np.bincount(components[opacity[crop]])  # over the opacity voxels only, as above
     for index, box in enumerate(ndimage.find_objects(components), start=1):
         if box is None or sizes[index] * voxel_ml >= max_ml:
             continue
-        grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-        component = components[grown] == index
-        shell = ndimage.binary_dilation(component, structure=_CUBE) & ~component
+        grown, component, shell = _component_shell(components, index, box)
         on_lung = np.count_nonzero(sub[grown][shell] == L.LUNG)
         if on_lung == 0 or on_lung < min_contact * np.count_nonzero(shell):
             sub[grown][component] = L.BACKGROUND
@@ -195,16 +260,15 @@ def relabel_high_opacity_specks(labels: np.ndarray, voxel_ml: float,
         return labels
     sub = labels[crop]
     components, _ = ndimage.label(high[crop], structure=_CUBE)
-    sizes = np.bincount(components.ravel())
+    sizes = np.bincount(components[high[crop]])
     specks = np.flatnonzero(sizes * voxel_ml < min_ml)
     specks = specks[specks > 0]
     if not specks.size:
         return labels
     boxes = ndimage.find_objects(components)
     for index in specks:
-        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[index - 1])
-        speck = components[grown] == index
-        around = sub[grown][ndimage.binary_dilation(speck, structure=_CUBE) & ~speck]
+        grown, speck, shell = _component_shell(components, index, boxes[index - 1])
+        around = sub[grown][shell]
         sub[grown][speck] = (L.GGO if (around == L.GGO).any() else
                              L.LUNG if (around == L.LUNG).any() else L.BACKGROUND)
     return labels

@@ -52,6 +52,7 @@ from lungburden.inference.postprocess import (
     relabel_high_opacity_specks,
     remove_detached_opacities,
     remove_high_opacity_above_apex,
+    remove_small_opacities,
 )
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
@@ -60,7 +61,6 @@ from lungburden.inference.preprocess import (
     logits_to_labels,
     pad_context,
     preprocess,
-    remove_small_opacities,
     window_indices,
 )
 from lungburden.inference.segmenter import AlgorithmInfo, register_segmenter, requested_precision

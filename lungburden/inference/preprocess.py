@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from lungburden import labels as L
 from lungburden.inference.masks import largest_component
 
 HU_MIN = -1024.0
@@ -141,69 +140,6 @@ def clear_outside_body(labels: np.ndarray, hu: np.ndarray, body: np.ndarray | No
     for k in range(n):
         labels[k] *= np.repeat(np.repeat(inside[k], step, axis=0), step, axis=1)[:rows, :cols]
     return labels
-
-
-#: 26-connectivity in 3-D.
-_CUBE = np.ones((3, 3, 3), bool)
-
-
-def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
-    """Relabel opacity components (GGO and high opacity together, 26-connected in 3-D) smaller
-    than ``min_ml`` millilitres, in place; returns ``labels``.
-
-    A speck of a few voxels is network noise, not a reportable finding (a pneumonia focus is
-    centimetres across), and a burden report should read exactly 0 in a patient without
-    pneumonia. A removed speck that touches aerated lung becomes lung, any other background.
-    ``min_ml <= 0`` disables the step. Cost: one 3-D labelling of the opacity's bounding box
-    plus ~0.1 ms per speck, or, above ``_SPECK_LOOP_LIMIT`` specks (a map full of noise), a few
-    whole-box passes instead (one lung dilation).
-    The phantoms' own truth has such pieces too (lesion fragments: a few mL per case, up to
-    ~15 % of the opacity at 2 % burden), so evaluated against it the step reads slightly low.
-    """
-    if min_ml <= 0 or voxel_ml <= 0:
-        return labels
-    opacity = labels >= L.GGO  # GGO or high opacity
-    axes = [np.flatnonzero(opacity.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if not axes[0].size:
-        return labels
-    # Work inside the opacity's bounding box, grown by one voxel for the lung-contact test.
-    crop = tuple(slice(max(int(a[0]) - 1, 0), int(a[-1]) + 2) for a in axes)
-    sub_labels = labels[crop]
-    sub_opacity = opacity[crop]
-    comps = np.empty(sub_labels.shape, np.uint16)  # half the memory of int32 ...
-    try:
-        ndimage.label(sub_opacity, structure=_CUBE, output=comps)
-    except RuntimeError:  # ... unless there are over 65535 components
-        comps, _ = ndimage.label(sub_opacity, structure=_CUBE)
-    sizes = np.bincount(comps[sub_opacity])  # over the opacity voxels only: 3x faster than all
-    specks = np.flatnonzero(sizes < min_ml / voxel_ml)
-    specks = specks[specks > 0]
-    if specks.size > _SPECK_LOOP_LIMIT:
-        _relabel_specks_at_once(sub_labels, comps, specks, sizes.size)
-        return labels
-    boxes = ndimage.find_objects(comps)
-    for index in specks:
-        grown = tuple(slice(max(b.start - 1, 0), b.stop + 1) for b in boxes[index - 1])
-        speck = comps[grown] == index
-        touches_lung = bool((ndimage.binary_dilation(speck, structure=_CUBE) & (sub_labels[grown] == L.LUNG)).any())
-        sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
-    return labels
-
-
-#: Above this many specks, :func:`remove_small_opacities` relabels them in whole-array passes.
-_SPECK_LOOP_LIMIT = 256
-
-
-def _relabel_specks_at_once(sub_labels: np.ndarray, comps: np.ndarray, specks: np.ndarray, count: int) -> None:
-    """The per-speck step of :func:`remove_small_opacities` for many specks: one dilation of the
-    lung, one lookup per voxel (constant cost, where the loop costs ~0.1 ms per speck)."""
-    is_speck = np.zeros(count, bool)
-    is_speck[specks] = True
-    voxels = is_speck[comps]
-    near_lung = ndimage.binary_dilation(sub_labels == L.LUNG, structure=_CUBE)
-    touching = np.zeros(count, bool)
-    touching[comps[voxels & near_lung]] = True
-    sub_labels[voxels] = np.where(touching[comps[voxels]], L.LUNG, L.BACKGROUND).astype(sub_labels.dtype)
 
 
 def body_box(hu: np.ndarray, threshold: float = BODY_THRESHOLD_HU, step: int = BODY_STEP,
