@@ -23,20 +23,27 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lungburden.inference.calibration import collect_cases, score_offsets  # noqa: E402
-from lungburden.inference.postprocess import GGOMargins  # noqa: E402
+from lungburden.inference.postprocess import (  # noqa: E402
+    APEX_MIN_LUNG_CM2,
+    FAT_MEDIAN_HU,
+    MAX_DETACHED_ML,
+    MIN_HIGH_OPACITY_ML,
+    GGOMargins,
+)
 from lungburden.inference.predict import ConvLSTMSegmenter  # noqa: E402
 from lungburden.inference.training.data import CaseIndex, DataSpec  # noqa: E402
 
-#: Cumulative configurations: (name, segmenter keyword arguments that turn later steps off).
+#: The segmenter with every finishing step off (the 0.5 mL opacity-speck filter stays).
+ALL_OFF = dict(ggo_margins=None, max_detached_ml=0, apex_min_lung_cm2=0, min_high_opacity_ml=0, fat_median_hu=None)
+#: Steps switched on one after another (name, segmenter keyword arguments); the last is the default.
 STEPS = [
-    ("network only (argmax, body, 0.5 mL opacity specks)",
-     dict(ggo_margins=None, max_detached_ml=0, apex_min_lung_cm2=0, min_high_opacity_ml=0)),
-    ("+ GGO / lung margin by attenuation",
-     dict(ggo_margins=GGOMargins(high_hu=None), max_detached_ml=0, apex_min_lung_cm2=0, min_high_opacity_ml=0)),
-    ("+ GGO / high-opacity margin by attenuation", dict(max_detached_ml=0, apex_min_lung_cm2=0, min_high_opacity_ml=0)),
-    ("+ detached opacity removed", dict(apex_min_lung_cm2=0, min_high_opacity_ml=0)),
-    ("+ high opacity above the apex removed", dict(min_high_opacity_ml=0)),
-    ("+ high-opacity specks relabelled (= default)", {}),
+    ("network only (argmax, body, 0.5 mL opacity specks)", {}),
+    ("+ GGO / lung margin by attenuation", dict(ggo_margins=GGOMargins(high_hu=None))),
+    ("+ GGO / high-opacity margin by attenuation", dict(ggo_margins=GGOMargins())),
+    ("+ detached opacity removed", dict(max_detached_ml=MAX_DETACHED_ML)),
+    ("+ high opacity above the apex removed", dict(apex_min_lung_cm2=APEX_MIN_LUNG_CM2)),
+    ("+ high-opacity specks relabelled", dict(min_high_opacity_ml=MIN_HIGH_OPACITY_ML)),
+    ("+ fat-attenuation high opacity relabelled (= default)", dict(fat_median_hu=FAT_MEDIAN_HU)),
 ]
 
 
@@ -60,8 +67,11 @@ def main() -> None:
              f"({len(cases)} cases), weights {base.info.parameters['weights']}, precision {base.precision}",
              "| configuration | lesion DSC | GGO DSC | high DSC | Spearman GGO | Spearman high | burden bias % |",
              "|---|---|---|---|---|---|---|"]
-    for name, off in STEPS:
-        variant = ConvLSTMSegmenter(model=base.source_model, threads=args.threads, precision=base.precision, **off)
+    settings = dict(ALL_OFF)
+    for name, enabled in STEPS:
+        settings.update(enabled)
+        variant = ConvLSTMSegmenter(model=base.source_model, threads=args.threads, precision=base.precision,
+                                    **settings)
         s = score_offsets(variant, cases, offsets)
         lines.append(f"| {name} | {s.lesion_dice:.4f} | {s.ggo_dice:.4f} | {s.high_opacity_dice:.4f} | "
                      f"{s.spearman_ggo:.4f} | {s.spearman_high_opacity:.4f} | {s.burden_bias:+.2f} |")

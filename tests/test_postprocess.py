@@ -8,7 +8,7 @@ from lungburden import labels as L
 from lungburden.inference.postprocess import (
     GGOMargins,
     refine_ggo_margins,
-    relabel_high_opacity_specks,
+    relabel_unlikely_high_opacity,
     remove_detached_opacities,
     remove_high_opacity_above_apex,
 )
@@ -130,7 +130,7 @@ def test_high_opacity_above_the_apex_is_dropped() -> None:
     assert (remove_high_opacity_above_apex(before.copy(), sagittal, 1.0) == before).all()
 
 
-def test_high_opacity_specks_take_their_surroundings_label() -> None:
+def test_high_opacity_specks_and_fat_take_their_surroundings_label() -> None:
     labels = np.zeros((6, 40, 40), np.uint8)
     labels[:, 5:35, 5:35] = L.LUNG
     labels[1:5, 8:18, 8:18] = L.GGO
@@ -138,13 +138,28 @@ def test_high_opacity_specks_take_their_surroundings_label() -> None:
     labels[2:3, 25:27, 25:27] = L.HIGH_OPACITY  # 4 voxels in aerated lung: lung
     labels[0:1, 0:2, 0:2] = L.HIGH_OPACITY  # 4 voxels outside: background
     labels[1:5, 26:33, 8:15] = L.HIGH_OPACITY  # 196 voxels: a consolidation, kept
+    fat = (slice(1, 5), slice(18, 22), slice(18, 25))  # 112 voxels at -100 HU, in lung, touching GGO
+    labels[fat] = L.HIGH_OPACITY
+    hu = np.full(labels.shape, 20.0, np.float32)
+    hu[fat] = -100.0
+    hu[1:5, 18:22, 18] = 30.0  # a soft-tissue rim does not change its median
     before = labels.copy()
-    out = relabel_high_opacity_specks(labels, voxel_ml=0.01, min_ml=0.5)  # floor: 50 voxels
+    out = relabel_unlikely_high_opacity(labels, hu, voxel_ml=0.01, min_ml=0.5, fat_median_hu=-60.0)  # 50 voxels
     assert out is labels
     assert (out[2, 12:14, 12:14] == L.GGO).all() and (out[2, 25:27, 25:27] == L.LUNG).all()
     assert not out[0, 0:2, 0:2].any() and (out[1:5, 26:33, 8:15] == L.HIGH_OPACITY).all()
-    assert np.count_nonzero(out != before) == 12
-    assert (relabel_high_opacity_specks(before.copy(), 0.01, 0.0) == before).all()
+    assert before[1, 17, 17] == L.GGO  # a corner of its surface is GGO
+    assert (out[fat] == L.LUNG).all()  # most of its surface is lung
+    assert np.count_nonzero(out != before) == 12 + 112
+    # A consolidation just above the fat median is kept; both tests can be turned off.
+    hu[fat] = -55.0
+    assert (relabel_unlikely_high_opacity(before.copy(), hu, 0.01, 0.5, -60.0)[fat] == L.HIGH_OPACITY).all()
+    hu[fat] = -100.0
+    only_fat = relabel_unlikely_high_opacity(before.copy(), hu, 0.01, 0.0, -60.0)
+    assert only_fat[2, 12, 12] == L.HIGH_OPACITY and (only_fat[fat] == L.LUNG).all()
+    only_specks = relabel_unlikely_high_opacity(before.copy(), hu, 0.01, 0.5, None)
+    assert only_specks[2, 12, 12] == L.GGO and (only_specks[fat] == L.HIGH_OPACITY).all()
+    assert (relabel_unlikely_high_opacity(before.copy(), hu, 0.01, 0.0, None) == before).all()
 
 
 def test_ggo_high_opacity_boundary_follows_attenuation() -> None:

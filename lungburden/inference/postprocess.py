@@ -26,11 +26,14 @@ steps below were each measured on validation phantoms 500-599 before they were a
   in the 4 most cranial slices of the lung field). Cranial to the lung apex there is no lung to
   be consolidated, so high opacity there is dropped; the apex is the most cranial slice with at
   least ``min_lung_cm2`` of aerated lung.
-* :func:`relabel_high_opacity_specks`: a high-opacity component under 0.5 mL (an 8 mm cube) is
+* :func:`relabel_unlikely_high_opacity`: a high-opacity component under 0.5 mL (an 8 mm cube) is
   the dense core of a GGO patch or a vessel more often than a consolidation (on validation
-  phantoms, 2:1 by volume); it takes the label of its surroundings (GGO, else lung, else
-  background). Such specks otherwise give lesion-free lungs a few mL of consolidation and spoil
-  the ranking of patients by high-opacity volume.
+  phantoms, 2:1 by volume), and one whose median attenuation is that of fat (at or below -60
+  HU; session 10: pericardial and extrapleural fat along the lung border, 1-5 mL each, most of
+  the false high opacity left in lesion-free lungs) is not consolidated lung (paper section 2.2:
+  consolidation is soft-tissue attenuation). Either takes the label that holds most of its
+  surface (background, lung or GGO). Such components otherwise give lesion-free lungs a few mL
+  of consolidation and spoil the ranking of patients by high-opacity volume.
 """
 
 from __future__ import annotations
@@ -66,6 +69,10 @@ MIN_LUNG_CONTACT = 0.1
 APEX_MIN_LUNG_CM2 = 1.0
 #: High-opacity components below this size (mL) are relabelled.
 MIN_HIGH_OPACITY_ML = 0.5
+#: High-opacity components whose median attenuation is at or below this (HU) are relabelled:
+#: fat (about -100 HU) or aerated tissue, not consolidation (soft tissue or fluid, -100..+100
+#: HU at its edges, mostly above -40; phantom generator and paper section 2.2).
+FAT_MEDIAN_HU = -60.0
 
 #: In-plane 4-neighbourhood as a 3-D structure (one slice thick).
 _PLANE = np.zeros((3, 3, 3), bool)
@@ -247,28 +254,30 @@ def remove_high_opacity_above_apex(labels: np.ndarray, affine: np.ndarray,
     return labels
 
 
-def relabel_high_opacity_specks(labels: np.ndarray, voxel_ml: float,
-                                min_ml: float = MIN_HIGH_OPACITY_ML) -> np.ndarray:
-    """Give high-opacity components (26-connected) under ``min_ml`` the label of their
-    surroundings, in place; returns ``labels``: GGO if they touch GGO, else lung if they touch
-    lung, else background. ``min_ml <= 0`` disables the step."""
-    if min_ml <= 0 or voxel_ml <= 0:
+def relabel_unlikely_high_opacity(labels: np.ndarray, hu: np.ndarray, voxel_ml: float,
+                                  min_ml: float = MIN_HIGH_OPACITY_ML,
+                                  fat_median_hu: float | None = FAT_MEDIAN_HU) -> np.ndarray:
+    """Give high-opacity components (26-connected) that are specks (under ``min_ml``) or of fat
+    attenuation (median HU at or below ``fat_median_hu``) the label that holds most of their
+    26-neighbour shell (background, lung or GGO; background on ties), in place; returns
+    ``labels``. ``min_ml <= 0`` / ``fat_median_hu=None`` disable either test.
+    """
+    if voxel_ml <= 0 or (min_ml <= 0 and fat_median_hu is None):
         return labels
     high = labels == L.HIGH_OPACITY
     crop = _bounding_crop(high, (1, 1, 1))
     if crop is None:
         return labels
     sub = labels[crop]
-    components, _ = ndimage.label(high[crop], structure=_CUBE)
-    sizes = np.bincount(components[high[crop]])
-    specks = np.flatnonzero(sizes * voxel_ml < min_ml)
-    specks = specks[specks > 0]
-    if not specks.size:
-        return labels
+    components, count = ndimage.label(high[crop], structure=_CUBE)
+    index = np.arange(1, count + 1)
+    unlikely = np.bincount(components[high[crop]], minlength=count + 1)[1:] * voxel_ml < min_ml
+    if fat_median_hu is not None:
+        medians = np.asarray(ndimage.median(np.asarray(hu)[crop], components, index), float)
+        unlikely |= medians <= fat_median_hu
     boxes = ndimage.find_objects(components)
-    for index in specks:
-        grown, speck, shell = _component_shell(components, index, boxes[index - 1])
-        around = sub[grown][shell]
-        sub[grown][speck] = (L.GGO if (around == L.GGO).any() else
-                             L.LUNG if (around == L.LUNG).any() else L.BACKGROUND)
+    for i in index[unlikely]:
+        grown, component, shell = _component_shell(components, int(i), boxes[i - 1])
+        around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
+        sub[grown][component] = int(np.argmax(around))
     return labels

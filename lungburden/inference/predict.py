@@ -44,12 +44,13 @@ from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.postprocess import (
     APEX_MIN_LUNG_CM2,
+    FAT_MEDIAN_HU,
     MAX_DETACHED_ML,
     MIN_HIGH_OPACITY_ML,
     MIN_LUNG_CONTACT,
     GGOMargins,
     refine_ggo_margins,
-    relabel_high_opacity_specks,
+    relabel_unlikely_high_opacity,
     remove_detached_opacities,
     remove_high_opacity_above_apex,
     remove_small_opacities,
@@ -159,8 +160,10 @@ class ConvLSTMSegmenter:
     (:func:`~lungburden.inference.postprocess.remove_detached_opacities`; 0 mL turns it off).
     ``apex_min_lung_cm2``: high opacity cranial to the first slice with that much aerated lung is
     dropped (:func:`~lungburden.inference.postprocess.remove_high_opacity_above_apex`; 0 turns
-    it off). ``min_high_opacity_ml``: smaller high-opacity components take their surroundings'
-    label (:func:`~lungburden.inference.postprocess.relabel_high_opacity_specks`; 0 turns it off).
+    it off). ``min_high_opacity_ml`` / ``fat_median_hu``: smaller high-opacity components, and
+    those whose median HU is at or below that of fat, take the label of their surroundings
+    (:func:`~lungburden.inference.postprocess.relabel_unlikely_high_opacity`; 0 / None turn
+    either test off).
     ``logit_offsets``: one number per class added to the logits before the argmax (decision
     calibration, :mod:`lungburden.inference.calibration`); default: the checkpoint's
     ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
@@ -180,7 +183,8 @@ class ConvLSTMSegmenter:
                  logit_offsets: Sequence[float] | None = None, ggo_margins: GGOMargins | None = GGOMargins(),
                  max_detached_ml: float = MAX_DETACHED_ML,
                  min_lung_contact: float = MIN_LUNG_CONTACT, apex_min_lung_cm2: float = APEX_MIN_LUNG_CM2,
-                 min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML):
+                 min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML,
+                 fat_median_hu: float | None = FAT_MEDIAN_HU):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -208,6 +212,7 @@ class ConvLSTMSegmenter:
         self.min_lung_contact = float(min_lung_contact)
         self.apex_min_lung_cm2 = float(apex_min_lung_cm2)
         self.min_high_opacity_ml = float(min_high_opacity_ml)
+        self.fat_median_hu = None if fat_median_hu is None else float(fat_median_hu)
         if logit_offsets is None:
             logit_offsets = (checkpoint.get("calibration") or {}).get("logit_offsets")
         self.logit_offsets = _offsets_tensor(logit_offsets, int(getattr(model, "num_classes", 0)))
@@ -224,6 +229,8 @@ class ConvLSTMSegmenter:
                                              f"{self.min_lung_contact:g} of the surface on lung"),
                         "apex_min_lung_cm2": f"{self.apex_min_lung_cm2:g}",
                         "min_high_opacity_ml": f"{self.min_high_opacity_ml:g}",
+                        "high_opacity_fat_median_hu": ("off" if self.fat_median_hu is None
+                                                       else f"{self.fat_median_hu:g}"),
                         **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
                            if self.logit_offsets is not None else {})},
         )
@@ -258,7 +265,7 @@ class ConvLSTMSegmenter:
             with self._label_writer(pre, hu, labels, background=torch.get_num_threads() > 1) as writer:
                 self._network(pre, writer)
         if isinstance(volume, CTVolume):
-            self._finish_components(labels, volume.voxel_volume_ml, volume.affine)
+            self._finish_components(labels, hu, volume.voxel_volume_ml, volume.affine)
         return labels
 
     def model_grid_logits(self, hu: np.ndarray) -> tuple[PreprocessedSeries, torch.Tensor]:
@@ -289,7 +296,7 @@ class ConvLSTMSegmenter:
             for a in range(0, logits.shape[0], self.target_chunk):
                 writer.submit(logits[a:a + self.target_chunk].float(), a)
         if voxel_ml:
-            self._finish_components(labels, voxel_ml, affine)
+            self._finish_components(labels, hu, voxel_ml, affine)
         return labels
 
     def _label_writer(self, pre: PreprocessedSeries, hu: np.ndarray, labels: np.ndarray, background: bool,
@@ -299,14 +306,15 @@ class ConvLSTMSegmenter:
                             offsets=self.logit_offsets if offsets is None else offsets,
                             ggo_margins=self.ggo_margins)
 
-    def _finish_components(self, labels: np.ndarray, voxel_ml: float, affine: np.ndarray | None) -> None:
+    def _finish_components(self, labels: np.ndarray, hu: np.ndarray, voxel_ml: float,
+                           affine: np.ndarray | None) -> None:
         """The whole-series steps, in place: opacity specks, detached opacities, high opacity
-        above the apex (with an ``affine``), high-opacity specks (:mod:`.postprocess`)."""
+        above the apex (with an ``affine``), high-opacity specks and fat (:mod:`.postprocess`)."""
         remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
         remove_detached_opacities(labels, voxel_ml, self.max_detached_ml, self.min_lung_contact)
         if affine is not None:
             remove_high_opacity_above_apex(labels, affine, self.apex_min_lung_cm2)
-        relabel_high_opacity_specks(labels, voxel_ml, self.min_high_opacity_ml)
+        relabel_unlikely_high_opacity(labels, hu, voxel_ml, self.min_high_opacity_ml, self.fat_median_hu)
 
     # -- paths -----------------------------------------------------------------------------------
     def _network_precision(self) -> AbstractContextManager[Any]:
