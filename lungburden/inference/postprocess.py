@@ -271,9 +271,10 @@ def relabel_unlikely_high_opacity(labels: np.ndarray, hu: np.ndarray, voxel_ml: 
     sub = labels[crop]
     components, count = ndimage.label(high[crop], structure=_CUBE)
     index = np.arange(1, count + 1)
-    unlikely = np.bincount(components[high[crop]], minlength=count + 1)[1:] * voxel_ml < min_ml
-    if fat_median_hu is not None:
-        medians = np.asarray(ndimage.median(np.asarray(hu)[crop], components, index), float)
+    member = components[high[crop]]  # the component of each high-opacity voxel
+    unlikely = np.bincount(member, minlength=count + 1)[1:] * voxel_ml < min_ml
+    if fat_median_hu is not None:  # over the high-opacity voxels only (the whole box: 100x slower)
+        medians = np.asarray(ndimage.median(np.asarray(hu)[crop][high[crop]], member, index), float)
         unlikely |= medians <= fat_median_hu
     boxes = ndimage.find_objects(components)
     for i in index[unlikely]:
