@@ -29,7 +29,7 @@ steps below were each measured on validation phantoms 500-599 before they were a
 * :func:`relabel_unlikely_high_opacity`: a high-opacity component under 0.5 mL (an 8 mm cube) is
   the dense core of a GGO patch or a vessel more often than a consolidation (on validation
   phantoms, 2:1 by volume), and one whose median attenuation is that of fat (at or below -60
-  HU; session 10: pericardial and extrapleural fat along the lung border, 1-5 mL each, most of
+  HU; session 10: thin rims of extrapleural fat along the chest wall, 1-5 mL each, most of
   the false high opacity left in lesion-free lungs) is not consolidated lung (paper section 2.2:
   consolidation is soft-tissue attenuation). Either takes the label that holds most of its
   surface (background, lung or GGO). Such components otherwise give lesion-free lungs a few mL
