@@ -268,13 +268,13 @@ def relabel_unlikely_high_opacity(labels: np.ndarray, hu: np.ndarray, voxel_ml: 
     crop = _bounding_crop(high, (1, 1, 1))
     if crop is None:
         return labels
-    sub = labels[crop]
-    components, count = ndimage.label(high[crop], structure=_CUBE)
+    sub, sub_high = labels[crop], high[crop]
+    components, count = ndimage.label(sub_high, structure=_CUBE)
     index = np.arange(1, count + 1)
-    member = components[high[crop]]  # the component of each high-opacity voxel
+    member = components[sub_high]  # the component of each high-opacity voxel
     unlikely = np.bincount(member, minlength=count + 1)[1:] * voxel_ml < min_ml
     if fat_median_hu is not None:  # over the high-opacity voxels only (the whole box: 100x slower)
-        medians = np.asarray(ndimage.median(np.asarray(hu)[crop][high[crop]], member, index), float)
+        medians = np.asarray(ndimage.median(np.asarray(hu)[crop][sub_high], member, index), float)
         unlikely |= medians <= fat_median_hu
     boxes = ndimage.find_objects(components)
     for i in index[unlikely]:
