@@ -102,6 +102,20 @@ def test_spearman_and_wilcoxon():
     assert constant.spearman_r is None
 
 
+def test_spearman_interval_brackets_r_and_narrows_with_agreement():
+    rng = np.random.default_rng(3)
+    truth = np.r_[np.zeros(30), rng.gamma(1.0, 200.0, 70)]
+    loose = agreement("x", truth, truth * rng.normal(1.0, 0.6, truth.size) + rng.exponential(20.0, truth.size))
+    tight = agreement("x", truth, truth * rng.normal(1.0, 0.05, truth.size))
+    for a in (loose, tight):
+        low, high = a.spearman_ci
+        assert -1.0 <= low <= a.spearman_r <= high <= 1.0
+    assert tight.spearman_ci[1] - tight.spearman_ci[0] < loose.spearman_ci[1] - loose.spearman_ci[0]
+    again = agreement("x", truth, truth * 1.1)
+    assert again.spearman_ci == agreement("x", truth, truth * 1.1).spearman_ci  # fixed seed
+    assert agreement("x", [1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]).spearman_ci is None  # too few cases
+
+
 class _Oracle:
     """A segmenter returning the truth (with one voxel wrong) for evaluate_cases."""
 

@@ -9,8 +9,9 @@ protocol), and the resulting label map is compared with the truth **on the sourc
   A case where truth and prediction are both empty for a class has no Dice for it (excluded from
   the mean, counted as ``n_empty``);
 - volumes (mL) and burden (%) from :func:`~lungburden.inference.quantify.quantify`;
-- Spearman r, Bland-Altman bias (model - truth) with 95 % limits of agreement (bias ± 1.96 SD),
-  and the paired Wilcoxon signed-rank test (scipy.stats), with Bland-Altman and scatter PNGs;
+- Spearman r with a 95 % bootstrap confidence interval over cases, Bland-Altman bias (model -
+  truth) with 95 % limits of agreement (bias ± 1.96 SD), and the paired Wilcoxon signed-rank
+  test (scipy.stats), with Bland-Altman and scatter PNGs;
 - per fold (a cross-validation run evaluates each fold's model on its own test cases, Fig. 3) and
   overall.
 
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -138,10 +140,40 @@ class Agreement:
     spearman_p: float | None
     bland_altman: BlandAltman
     wilcoxon_p: float | None
+    #: 95 % percentile-bootstrap interval of ``spearman_r`` (cases resampled in pairs), or None.
+    spearman_ci: tuple[float, float] | None = None
+
+
+#: Bootstrap resamples for the Spearman r interval (fixed seed: the same cases give the same interval).
+SPEARMAN_BOOTSTRAP_RESAMPLES = 2000
+
+
+def spearman_interval(truth: np.ndarray, pred: np.ndarray, confidence: float = 0.95,
+                      resamples: int = SPEARMAN_BOOTSTRAP_RESAMPLES) -> tuple[float, float] | None:
+    """Percentile-bootstrap confidence interval of Spearman r over cases (scipy.stats.bootstrap,
+    paired resampling), or None with fewer than 10 cases or where resamples leave it undefined
+    (a series constant in too many resamples). How far a figure measured on ~100 cases may be
+    from a bar such as r >= 0.98."""
+    from scipy import stats
+
+    if truth.size < 10:
+        return None
+
+    def statistic(t: np.ndarray, p: np.ndarray) -> float:
+        return float(stats.spearmanr(t, p).statistic)
+
+    with warnings.catch_warnings():  # a resample may hold one value only: r undefined (nan)
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        warnings.simplefilter("ignore", stats.DegenerateDataWarning)
+        res = stats.bootstrap((truth, pred), statistic, paired=True, vectorized=False, n_resamples=resamples,
+                              confidence_level=confidence, method="percentile", rng=np.random.default_rng(0))
+    low, high = float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return (low, high) if math.isfinite(low) and math.isfinite(high) else None
 
 
 def agreement(quantity: str, truth: Sequence[float], pred: Sequence[float]) -> Agreement:
-    """Spearman r, Bland-Altman and paired Wilcoxon signed-rank of paired values.
+    """Spearman r (with :func:`spearman_interval`), Bland-Altman and paired Wilcoxon signed-rank
+    of paired values.
 
     Spearman is undefined (``None``) with fewer than 3 cases or a constant series; Wilcoxon is 1.0
     when all differences are zero and ``None`` with fewer than 2 cases.
@@ -150,10 +182,11 @@ def agreement(quantity: str, truth: Sequence[float], pred: Sequence[float]) -> A
 
     t = np.asarray(truth, float)
     p = np.asarray(pred, float)
-    r = rp = None
+    r = rp = ci = None
     if t.size >= 3 and np.ptp(t) > 0 and np.ptp(p) > 0:
         res = stats.spearmanr(t, p)
         r, rp = float(res.statistic), float(res.pvalue)
+        ci = spearman_interval(t, p)
     w = None
     if t.size >= 2:
         if np.allclose(t, p):
@@ -162,7 +195,7 @@ def agreement(quantity: str, truth: Sequence[float], pred: Sequence[float]) -> A
             w = float(stats.wilcoxon(p, t).pvalue)
     tm, tq1, tq3 = _quartiles(t)
     pm, pq1, pq3 = _quartiles(p)
-    return Agreement(quantity, int(t.size), tm, tq1, tq3, pm, pq1, pq3, r, rp, bland_altman(t, p), w)
+    return Agreement(quantity, int(t.size), tm, tq1, tq3, pm, pq1, pq3, r, rp, bland_altman(t, p), w, ci)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -423,7 +456,8 @@ def _dice_table(dice: dict[str, DiceSummary]) -> list[str]:
 
 def _agreement_table(agreements: dict[str, Agreement]) -> list[str]:
     lines = [
-        "| quantity | truth median [IQR] | model median [IQR] | Spearman r (p) | bias [95 % LoA] | Wilcoxon p |",
+        "| quantity | truth median [IQR] | model median [IQR] | Spearman r [95 % CI] (p) | bias [95 % LoA] "
+        "| Wilcoxon p |",
         "|---|---|---|---|---|---|",
     ]
     for q, a in agreements.items():
@@ -431,10 +465,14 @@ def _agreement_table(agreements: dict[str, Agreement]) -> list[str]:
         lines.append(
             f"| {q} | {_fmt(a.truth_median, 1)} [{_fmt(a.truth_q1, 1)} – {_fmt(a.truth_q3, 1)}] "
             f"| {_fmt(a.model_median, 1)} [{_fmt(a.model_q1, 1)} – {_fmt(a.model_q3, 1)}] "
-            f"| {_fmt(a.spearman_r)} ({_fmt(a.spearman_p, 4)}) "
+            f"| {_fmt(a.spearman_r)}{_interval(a.spearman_ci)} ({_fmt(a.spearman_p, 4)}) "
             f"| {_fmt(ba.bias, 2)} [{_fmt(ba.loa_low, 2)}, {_fmt(ba.loa_high, 2)}] | {_fmt(a.wilcoxon_p, 4)} |"
         )
     return lines
+
+
+def _interval(ci: tuple[float, float] | None) -> str:
+    return "" if ci is None else f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
 
 
 def _group_table(groups: dict[str, GroupSummary]) -> list[str]:
