@@ -436,7 +436,8 @@ def plot_agreement(results: Sequence[CaseResult], quantity: str, out_dir: Path, 
     ax2.set_xlabel(f"truth ({quantity})")
     ax2.set_ylabel(f"model ({quantity})")
     ag = agreement(quantity, t, p)
-    ax2.set_title(f"Spearman r = {_fmt(ag.spearman_r)}", fontsize=9)
+    ax2.set_title(f"Spearman r = {_fmt(ag.spearman_r)}{_interval(ag.spearman_ci)} (95 % CI)"
+                  if ag.spearman_ci else f"Spearman r = {_fmt(ag.spearman_r)}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
