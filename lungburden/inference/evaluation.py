@@ -411,16 +411,18 @@ def _clean(obj):
     return obj
 
 
-def plot_agreement(results: Sequence[CaseResult], quantity: str, out_dir: Path, title: str = "") -> Path:
-    """Bland-Altman plot (left) and scatter with identity line (right) of one quantity; PNG path."""
+def plot_agreement(results: Sequence[CaseResult], ag: Agreement, out_dir: Path, title: str = "") -> Path:
+    """Bland-Altman plot (left) and scatter with identity line (right) of the quantity of ``ag``
+    (its :func:`agreement` over ``results``, so the bootstrap is not run again); PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    quantity = ag.quantity
     t = np.array([getattr(r.truth, quantity) for r in results], float)
     p = np.array([getattr(r.model, quantity) for r in results], float)
-    ba = bland_altman(t, p)
+    ba = ag.bland_altman
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4.2))
     mean = (t + p) / 2
     ax1.scatter(mean, p - t, s=14, alpha=0.8)
@@ -435,9 +437,8 @@ def plot_agreement(results: Sequence[CaseResult], quantity: str, out_dir: Path, 
     ax2.plot([0, hi], [0, hi], color="grey", linewidth=1)
     ax2.set_xlabel(f"truth ({quantity})")
     ax2.set_ylabel(f"model ({quantity})")
-    ag = agreement(quantity, t, p)
-    ax2.set_title(f"Spearman r = {_fmt(ag.spearman_r)}{_interval(ag.spearman_ci)} (95 % CI)"
-                  if ag.spearman_ci else f"Spearman r = {_fmt(ag.spearman_r)}", fontsize=9)
+    ci_note = " (95 % CI)" if ag.spearman_ci else ""
+    ax2.set_title(f"Spearman r = {_fmt(ag.spearman_r)}{_interval(ag.spearman_ci)}{ci_note}", fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -501,7 +502,8 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = summarize(results)
-    pngs = [plot_agreement(results, q, out_dir, title) for q in AGREEMENT_QUANTITIES] if plots and results else []
+    pngs = ([plot_agreement(results, summary.agreement[q], out_dir, title) for q in AGREEMENT_QUANTITIES]
+            if plots and results else [])
     document = {
         "title": title,
         "info": info or {},
