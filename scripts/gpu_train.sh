@@ -16,6 +16,16 @@
 #   unet3d  the UNet3D baseline of Table 4
 #   ft-l4   fine-tune of the levels=4 width-24 checkpoint $INIT (Adam lr $FT_LR, default 5e-4)
 #   ft-l4s  the same at a smaller learning rate ($FT_LR_SMALL, default 2e-4)
+# Session 12 screen (all bfloat16, --high-opacity-boost 10, Adam lr 2e-3 like the shipped recipe):
+#   s5      the shipped command itself (160 phantoms + 8 variants, 150 epochs) with --seed 5
+#   d400    the shipped network on $PHANTOMS / $VARIANTS cases for the whole budget
+#   w24     levels=3 at width 24 (stem, growth, head, ConvLSTM 24; 48 decoded features)
+#   w32     the same at width 32 (64 decoded features)
+#   h32     the shipped widths with a 32-channel ConvLSTM and 24-channel heads
+#   l4b     levels=4 width 24 (the session-3 network) with the shipped recipe
+# DEADLINE (optional, seconds after the start): the training budget becomes whatever is left of
+# it after the case preparation, less 30 s for the copies, so the whole script ends in time.
+# THREADS: torch CPU threads per run (default 4).
 set -u
 OUT=${OUT:-gpu-out}
 PHANTOMS=${PHANTOMS:-400}
@@ -29,6 +39,8 @@ RUNS=${RUNS:-/tmp/lungburden-gpu-runs}
 PY=${PY:-python3}
 EPOCH_WINDOWS=${EPOCH_WINDOWS:-512}
 EPOCHS=${EPOCHS:-}
+DEADLINE=${DEADLINE:-}
+THREADS=${THREADS:-4}
 RUNS_LIST=${RUNS_LIST:-l4 l4w unet3d}
 INIT=${INIT:-}
 FT_LR=${FT_LR:-5e-4}
@@ -37,7 +49,7 @@ FT_LR_SMALL=${FT_LR_SMALL:-2e-4}
 seen=" "
 for run in $RUNS_LIST; do
     case "$run" in
-        l4|l4w|unet3d|l3|l3b4|l3b10|l3f32) ;;
+        l4|l4w|unet3d|l3|l3b4|l3b10|l3f32|s5|d400|w24|w32|h32|l4b) ;;
         ft-l4|ft-l4s) [ -f "$INIT" ] || { echo "run $run needs INIT=<checkpoint> (got '$INIT')"; exit 2; } ;;
         *) echo "unknown run $run (l4 l4w unet3d l3 l3b4 l3b10 l3f32 ft-l4 ft-l4s)"; exit 2 ;;
     esac
@@ -53,11 +65,23 @@ DATA="--phantoms $PHANTOMS --phantom-seed-start 1000 --real-ct $REAL_CT --real-c
 $PY -m lungburden.cli train --final --model convlstm --out "$RUNS/prep" $DATA --max-epochs 0 \
     --workers "$WORKERS" --threads 1 > "$OUT/prep.log" 2>&1 || { echo "case preparation failed"; tail -30 "$OUT/prep.log"; exit 1; }
 echo "cases ready after $(( $(date +%s) - started )) s: $(ls "$CACHE" | wc -l) files"
+if [ -n "$DEADLINE" ]; then
+    BUDGET=$(python3 -c "print(round(max(0.5, ($DEADLINE - ($(date +%s) - $started) - 30) / 60), 2))")
+    echo "training budget $BUDGET min"
+fi
 # 2. The runs, side by side (each its own process and CPU threads; the GPU is shared).
-COMMON="$DATA --device $DEVICE --threads 4 --slab 16 --batch 32 --windows-per-epoch $EPOCH_WINDOWS
+COMMON="$DATA --device $DEVICE --threads $THREADS --slab 16 --batch 32 --windows-per-epoch $EPOCH_WINDOWS
         --val-windows-per-case 12 --optimizer adam --time-budget $BUDGET ${EPOCHS:+--max-epochs $EPOCHS}"
 L3="--hparam levels=3 --hparam lstm_pool=1 --lr 2e-3"
 L4="--hparam levels=4 --hparam growth=24 --hparam hidden=24 --hparam head_width=24 --hparam lstm_pool=1"
+B10="--precision bfloat16 --high-opacity-boost 10"
+W24="--hparam width=24 --hparam growth=24 --hparam features=48 --hparam hidden=24 --hparam head_width=24"
+W32="--hparam width=32 --hparam growth=32 --hparam features=64 --hparam hidden=32 --hparam head_width=32"
+# s5: the shipped command's own data and epochs (docs/training.md), whatever PHANTOMS / VARIANTS say.
+SHIPPED_DATA="--phantoms 160 --phantom-seed-start 1000 --real-ct $REAL_CT --real-ct-variants 8
+      --real-ct-seed-start 1000 --cache $CACHE --seed 5 --split-seed 0 --quiet --max-epochs 150"
+SHIPPED_COMMON="$SHIPPED_DATA --device $DEVICE --threads $THREADS --slab 16 --batch 32 --windows-per-epoch 512
+        --val-windows-per-case 12 --optimizer adam --time-budget $BUDGET"
 L4W="--hparam levels=4 --hparam growth=32 --hparam hidden=32 --hparam head_width=32 --hparam lstm_pool=1"
 run_args() {
     case "$1" in
@@ -69,6 +93,12 @@ run_args() {
         l3f32) echo "--model convlstm $COMMON $L3 --precision float32" ;;
         unet3d) echo "--model unet3d $DATA --device $DEVICE --threads 4 --batch 32 --windows-per-epoch 256
                      --val-windows-per-case 12 --optimizer adam --lr 2e-3 --time-budget $BUDGET" ;;
+        s5) echo "--model convlstm $SHIPPED_COMMON $L3 $B10" ;;
+        d400) echo "--model convlstm $COMMON $L3 $B10" ;;
+        w24) echo "--model convlstm $COMMON $L3 $B10 $W24" ;;
+        w32) echo "--model convlstm $COMMON $L3 $B10 $W32" ;;
+        h32) echo "--model convlstm $COMMON $L3 $B10 --hparam hidden=32 --hparam head_width=24" ;;
+        l4b) echo "--model convlstm $COMMON --lr 2e-3 $L4 $B10" ;;
         ft-l4) echo "--model convlstm $COMMON --lr $FT_LR --init $INIT" ;;
         ft-l4s) echo "--model convlstm $COMMON --lr $FT_LR_SMALL --init $INIT" ;;
         *) return 1 ;;
@@ -86,6 +116,7 @@ for pid in $pids; do wait "$pid" || failed=$((failed + 1)); done
 for run in $RUNS_LIST; do
     if grep -q "stopped after" "$OUT/$run.log"; then
         cp "$RUNS/$run/final/best.pt" "$OUT/$run.pt"
+        cp "$RUNS/$run/final/history.json" "$OUT/$run.history.json" 2>/dev/null
     else
         echo "$run: FAILED (no checkpoint copied)"
     fi
