@@ -535,3 +535,65 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
         ConvLSTMSegmenter(weights_path=missing)
     assert str(missing) in str(err.value)
     assert isinstance(err.value, FileNotFoundError)
+
+
+# -- ensemble -------------------------------------------------------------------------------------
+
+
+def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> None:
+    from lungburden.inference.commands import build_ensemble
+
+    a, b = small_convlstm(), small_convlstm(levels=1, width=12, hidden=6)  # members may differ in shape
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    save_checkpoint(paths[0], a, metadata={"epochs": 3})
+    save_checkpoint(paths[1], b, metadata={"epochs": 5})
+    out = build_ensemble(paths, tmp_path / "w" / "ensemble.pt")
+    ensemble, ckpt = load_checkpoint(out)
+    assert ckpt["model"] == "convlstm_ensemble" and ckpt["preprocessing"]["size"] == 32
+    assert [m["metadata"]["epochs"] for m in ckpt["metadata"]["members"]] == [3, 5]
+    assert [m["file"] for m in ckpt["metadata"]["members"]] == ["a.pt", "b.pt"]
+    x = torch.rand(2, 11, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ensemble(x), (a(x) + b(x)) / 2)
+    # The segmenter's chunked fast path (per-slice encoding shared between windows) gives the
+    # plain per-window result, and the logits are the mean of the members' own.
+    hu = phantom_hu(slices=19)
+    naive = ConvLSTMSegmenter(out, naive=True, precision="float32").segment(hu)
+    fast_seg = ConvLSTMSegmenter(out, encode_chunk=7, target_chunk=3, precision="float32")
+    assert fast_seg.info.parameters["model"] == "convlstm_ensemble"
+    assert (fast_seg.segment(hu) == naive).mean() > 0.9999
+    _, got = fast_seg.model_grid_logits(hu)
+    members = [ConvLSTMSegmenter(p, precision="float32").model_grid_logits(hu)[1].float() for p in paths]
+    torch.testing.assert_close(got.float(), (members[0] + members[1]) / 2, atol=2e-2, rtol=0)  # float16 store
+
+
+def test_ensemble_refuses_what_it_cannot_combine(tmp_path: Path) -> None:
+    from lungburden.inference.commands import build_ensemble
+    from lungburden.inference.models import ConvLSTMEnsemble
+
+    a = small_convlstm()
+    save_checkpoint(tmp_path / "a.pt", a)
+    save_checkpoint(tmp_path / "b64.pt", small_convlstm(input_size=64))
+    with pytest.raises(ValueError, match="input_size"):
+        build_ensemble([tmp_path / "a.pt", tmp_path / "b64.pt"], tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="at least two"):
+        build_ensemble([tmp_path / "a.pt"], tmp_path / "e.pt")
+    save_checkpoint(tmp_path / "u.pt", build_model("unet2d", input_size=32))
+    with pytest.raises(ValueError, match="ConvLSTM"):
+        build_ensemble([tmp_path / "a.pt", tmp_path / "u.pt"], tmp_path / "e.pt")
+    calibrated = torch.load(tmp_path / "a.pt", weights_only=True)
+    calibrated["calibration"] = {"logit_offsets": [0, 0, 1, 0]}
+    torch.save(calibrated, tmp_path / "cal.pt")
+    with pytest.raises(ValueError, match="calibration"):
+        build_ensemble([tmp_path / "a.pt", tmp_path / "cal.pt"], tmp_path / "e.pt")
+    with pytest.raises(ValueError, match="over the 0.001 MB limit"):
+        build_ensemble([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt", max_mb=0.001)
+    assert not (tmp_path / "e.pt").exists()
+    from lungburden.cli import main
+    from lungburden.inference.commands import EXIT_BAD_INPUT
+
+    assert main(["ensemble", str(tmp_path / "a.pt"), "--out", str(tmp_path / "e.pt")]) == EXIT_BAD_INPUT
+    assert main(["ensemble", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path / "e.pt")]) == 0
+    assert load_checkpoint(tmp_path / "e.pt")[1]["model"] == "convlstm_ensemble"
+    with pytest.raises(ValueError, match="ConvLSTM"):
+        ConvLSTMEnsemble.from_models([a, build_model("unet2d", input_size=32)])

@@ -158,6 +158,52 @@ def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# ensemble
+
+
+def build_ensemble(members: list[Path], out: Path, max_mb: float = 20.0) -> Path:
+    """Write a :class:`~lungburden.inference.models.ConvLSTMEnsemble` checkpoint of the trained
+    ConvLSTM checkpoints ``members`` (docs/model.md, "Ensemble"); each member's file name, SHA-256
+    and training record go into ``metadata["members"]``. Refuses files over ``max_mb``."""
+    import hashlib
+    import shlex
+
+    from lungburden.inference.models import ConvLSTMEnsemble, load_checkpoint, save_checkpoint
+    from lungburden.inference.training.trainer import git_commit
+
+    models, records = [], []
+    for path in members:
+        model, checkpoint = load_checkpoint(path)
+        if checkpoint.get("calibration"):
+            raise ValueError(f"{path} carries decision offsets (calibration); ensemble uncalibrated members "
+                             "and calibrate the ensemble instead")
+        models.append(model)
+        records.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                        "model": checkpoint["model"], "metadata": checkpoint.get("metadata", {})})
+    ensemble = ConvLSTMEnsemble.from_models(models)
+    metadata = {"command": " ".join(shlex.quote(a) for a in sys.argv),
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
+                "combination": "mean of the members' logits", "members": records}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staged = Path(tmp) / out.name
+        save_checkpoint(staged, ensemble, metadata)
+        _export(staged, out, max_mb)
+    return out
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    """Combine trained ConvLSTM checkpoints into one ensemble checkpoint (mean of their logits)."""
+    try:
+        out = build_ensemble([Path(p) for p in args.members], Path(args.out))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"ensemble of {len(args.members)} networks -> {out} ({out.stat().st_size / 2**20:.1f} MB)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
 # evaluate
 
 
@@ -376,7 +422,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``evaluate``, ``calibrate`` and ``compare`` to the ``lungburden`` parser."""
+    """Add ``train``, ``evaluate``, ``calibrate``, ``ensemble`` and ``compare`` to the ``lungburden`` parser."""
     p = sub.add_parser("train", help="train a segmentation network (k-fold CV or the final model)",
                        description=cmd_train.__doc__)
     p.add_argument("--out", required=True, help="run folder (fold-K/ or final/ with best.pt, last.pt, state.pt)")
@@ -454,6 +500,13 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     _add_data_arguments(p, training=False, seed_start=CALIBRATION_PHANTOM_SEED_START, phantoms=60)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("ensemble", help="combine trained ConvLSTM checkpoints into one ensemble checkpoint",
+                       description=cmd_ensemble.__doc__)
+    p.add_argument("members", nargs="+", metavar="CKPT", help="trained ConvLSTM checkpoints (at least two)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="ensemble checkpoint to write (e.g. lungburden/weights/convlstm.pt)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("compare", help="compare models side by side: Dice and CPU time / memory (Table 4)",
                        description=cmd_compare.__doc__)

@@ -40,8 +40,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lungburden import __version__
-from lungburden.inference.models import ConvLSTMSegNet, load_checkpoint
+from lungburden.inference.models import ConvLSTMEnsemble, ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
+from lungburden.inference.models.ensemble import EnsembleFeatures
 from lungburden.inference.postprocess import (
     APEX_MIN_LUNG_CM2,
     FAT_MEDIAN_HU,
@@ -323,7 +324,7 @@ class ConvLSTMSegmenter:
         return network_autocast(self.precision)
 
     def _network(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
-        if not self.naive and isinstance(self.model, ConvLSTMSegNet):
+        if not self.naive and isinstance(self.model, ConvLSTMSegNet | ConvLSTMEnsemble):
             self._fast(pre, writer)
         else:
             self._windows(pre, writer)
@@ -331,17 +332,17 @@ class ConvLSTMSegmenter:
     def _fast(self, pre: PreprocessedSeries, writer: _LabelWriter) -> None:
         """Per-slice encoding once, windows advanced together (module docstring)."""
         model = self.model
-        assert isinstance(model, ConvLSTMSegNet)
+        assert isinstance(model, ConvLSTMSegNet | ConvLSTMEnsemble)
         c = model.context
         n = pre.num_slices
         padded = pad_context(pre.image, c)  # padded index p = slice p - c
-        buf: SliceFeatures | None = None
+        buf: SliceFeatures | EnsembleFeatures | None = None
         buf_start = 0  # padded index of buf[0]
         done = 0  # targets 0..done-1 are labelled; target t's window is padded t .. t+2c
         for e0 in range(0, padded.shape[0], self.encode_chunk):
             with self._network_precision():
                 new = model.encode(padded[e0:e0 + self.encode_chunk, None])
-            buf = new if buf is None else SliceFeatures.cat([buf, new])
+            buf = new if buf is None else type(new).cat([buf, new])  # type: ignore[list-item]
             ready = min(e0 + len(new) - 2 * c, n)
             while done < ready:
                 count = min(self.target_chunk, ready - done)

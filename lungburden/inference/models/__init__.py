@@ -27,6 +27,10 @@ Checkpoint format (:func:`save_checkpoint` / :func:`load_checkpoint`): a ``torch
      "preprocessing": {"size": S, "hu_window": [-1024, 600], "crop": "body", "edge": "replicate"},
      "metadata": {...free-form training record: data, epochs, metrics, date, git commit...},
      "lungburden_version": "...", "torch_version": "..."}
+
+An ensemble (:class:`ConvLSTMEnsemble`, model ``"convlstm_ensemble"``) is a checkpoint of the
+same format whose ``hparams`` are ``{"members": [member hparams, ...]}`` and whose state dict holds
+``members.K.*``; its ``metadata["members"]`` keeps each member's own training record.
 """
 
 from __future__ import annotations
@@ -42,14 +46,17 @@ from lungburden import __version__
 from lungburden.labels import LABEL_NAMES, NUM_CLASSES
 
 from .convlstm import ConvLSTMSegNet
+from .ensemble import ConvLSTMEnsemble
 from .unet import UNet2D, UNet3D
 
+#: Models ``lungburden train`` can train; an ensemble is assembled from trained ones (``lungburden ensemble``).
 MODEL_NAMES = ("convlstm", "unet2d", "unet3d")
 CHECKPOINT_FORMAT = "lungburden-model"
 CHECKPOINT_VERSION = 1
-_CLASSES: dict[str, type[nn.Module]] = {"convlstm": ConvLSTMSegNet, "unet2d": UNet2D, "unet3d": UNet3D}
+_CLASSES: dict[str, type[nn.Module]] = {"convlstm": ConvLSTMSegNet, "unet2d": UNet2D, "unet3d": UNet3D,
+                                        ConvLSTMEnsemble.name: ConvLSTMEnsemble}
 
-__all__ = ["MODEL_NAMES", "ConvLSTMSegNet", "UNet2D", "UNet3D", "build_model", "count_parameters",
+__all__ = ["MODEL_NAMES", "ConvLSTMEnsemble", "ConvLSTMSegNet", "UNet2D", "UNet3D", "build_model", "count_parameters",
            "load_checkpoint", "save_checkpoint", "write_checkpoint"]
 
 
@@ -58,7 +65,7 @@ def build_model(name: str, **hparams: Any) -> nn.Module:
     try:
         cls = _CLASSES[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; available: {', '.join(MODEL_NAMES)}") from None
+        raise KeyError(f"unknown model {name!r}; available: {', '.join(_CLASSES)}") from None
     hparams.setdefault("num_classes", NUM_CLASSES)
     return cls(**hparams)
 
