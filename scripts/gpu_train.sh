@@ -23,6 +23,9 @@
 #   w32     the same at width 32 (64 decoded features)
 #   h32     the shipped widths with a 32-channel ConvLSTM and 24-channel heads
 #   l4b     levels=4 width 24 (the session-3 network) with the shipped recipe
+#   c-NAME  continue $INIT_DIR/NAME.pt (a screen run's best checkpoint; its hyperparameters) on the
+#           same cases, bfloat16, boost 10, Adam at $FT_LR (session 12: 2e-4, the lr the screen
+#           runs had just stepped down to)
 # DEADLINE (optional, seconds after the start): the training budget becomes whatever is left of
 # it after the case preparation, less 30 s for the copies, so the whole script ends in time.
 # THREADS: torch CPU threads per run (default 4).
@@ -43,6 +46,7 @@ DEADLINE=${DEADLINE:-}
 THREADS=${THREADS:-4}
 RUNS_LIST=${RUNS_LIST:-l4 l4w unet3d}
 INIT=${INIT:-}
+INIT_DIR=${INIT_DIR:-runs/s12}
 FT_LR=${FT_LR:-5e-4}
 FT_LR_SMALL=${FT_LR_SMALL:-2e-4}
 # Check the run list before the long case preparation.
@@ -50,6 +54,7 @@ seen=" "
 for run in $RUNS_LIST; do
     case "$run" in
         l4|l4w|unet3d|l3|l3b4|l3b10|l3f32|s5|d400|w24|w32|h32|l4b) ;;
+        c-*) [ -f "$INIT_DIR/${run#c-}.pt" ] || { echo "run $run needs $INIT_DIR/${run#c-}.pt"; exit 2; } ;;
         ft-l4|ft-l4s) [ -f "$INIT" ] || { echo "run $run needs INIT=<checkpoint> (got '$INIT')"; exit 2; } ;;
         *) echo "unknown run $run (l4 l4w unet3d l3 l3b4 l3b10 l3f32 ft-l4 ft-l4s)"; exit 2 ;;
     esac
@@ -99,6 +104,7 @@ run_args() {
         w32) echo "--model convlstm $COMMON $L3 $B10 $W32" ;;
         h32) echo "--model convlstm $COMMON $L3 $B10 --hparam hidden=32 --hparam head_width=24" ;;
         l4b) echo "--model convlstm $COMMON --lr 2e-3 $L4 $B10" ;;
+        c-*) echo "--model convlstm $COMMON $B10 --lr $FT_LR --init $INIT_DIR/${1#c-}.pt" ;;
         ft-l4) echo "--model convlstm $COMMON --lr $FT_LR --init $INIT" ;;
         ft-l4s) echo "--model convlstm $COMMON --lr $FT_LR_SMALL --init $INIT" ;;
         *) return 1 ;;
