@@ -11,6 +11,8 @@ from lungburden.inference.postprocess import (
     relabel_unlikely_high_opacity,
     remove_detached_opacities,
     remove_high_opacity_above_apex,
+    remove_opacity_components,
+    remove_small_opacities,
 )
 
 #: The GGO / aerated-lung rule alone (the GGO / high-opacity rule has its own test).
@@ -99,6 +101,36 @@ def test_detached_opacities_are_removed_unless_large() -> None:
     again = remove_detached_opacities(before.copy(), voxel_ml=0.01, max_ml=5.0, min_contact=0.01)
     assert (again[0:3, 50:58, 0:8] == L.HIGH_OPACITY).all() and not again[3:6, 0:4, 0:4].any()
     assert (remove_detached_opacities(before.copy(), 0.01, max_ml=0.0) == before).all()
+
+
+def _noisy_labels(seed: int, speck_rate: float) -> np.ndarray:
+    """Lungs with blob-shaped opacities of all sizes, inside and outside the lungs, plus
+    scattered one-voxel specks (``speck_rate`` of the voxels)."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros((24, 64, 64), np.uint8)
+    labels[2:22, 8:56, 4:30] = L.LUNG
+    labels[2:22, 8:56, 34:60] = L.LUNG
+    z, y, x = np.ogrid[:24, :64, :64]
+    for _ in range(40):
+        c, r = rng.integers(0, 64, 3), rng.uniform(0.8, 6.0)
+        blob = ((z - c[0] % 24) / 1.5) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= r ** 2
+        labels[blob] = rng.choice([L.GGO, L.HIGH_OPACITY])
+    specks = rng.random(labels.shape) < speck_rate
+    labels[specks] = rng.choice([L.GGO, L.HIGH_OPACITY], size=int(specks.sum()))
+    return labels
+
+
+def test_one_labelling_gives_the_two_steps_in_turn() -> None:
+    """remove_opacity_components (the segmenter's path) = specks, then detached opacities, each
+    with its own labelling; with few specks (per-speck loop) and many (whole-array passes)."""
+    for seed, speck_rate in ((0, 0.0005), (1, 0.002), (2, 0.01)):
+        labels = _noisy_labels(seed, speck_rate)
+        for min_ml, max_ml, contact in ((0.05, 1.0, 0.1), (0.2, 5.0, 0.3), (0.0, 1.0, 0.1), (0.05, 0.0, 0.1)):
+            two_steps = remove_detached_opacities(remove_small_opacities(labels.copy(), 0.001, min_ml), 0.001,
+                                                  max_ml, contact)
+            one = remove_opacity_components(labels.copy(), 0.001, min_ml, max_ml, contact)
+            assert (one == two_steps).all(), (seed, min_ml, max_ml, contact)
+            assert (one != labels).any() or (min_ml == 0 and max_ml == 0)
 
 
 def _axial_affine(cranial_first: bool) -> np.ndarray:

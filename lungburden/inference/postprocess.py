@@ -158,10 +158,34 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     The phantoms' own truth has such pieces too (lesion fragments: a few mL per case, up to
     ~15 % of the opacity at 2 % burden), so evaluated against it the step reads slightly low.
     """
-    if min_ml <= 0 or voxel_ml <= 0:
+    return remove_opacity_components(labels, voxel_ml, min_ml=min_ml, max_detached_ml=0.0)
+
+
+def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float = MAX_DETACHED_ML,
+                              min_contact: float = MIN_LUNG_CONTACT) -> np.ndarray:
+    """Set opacity components under ``max_ml`` whose surface is less than ``min_contact``
+    aerated lung (or that touch no lung at all) to background, in place; returns ``labels``.
+
+    The surface is the component's 26-neighbour shell; since the component holds all opacity
+    it touches, the shell is lung or background. ``max_ml <= 0`` disables the step.
+    """
+    return remove_opacity_components(labels, voxel_ml, min_ml=0.0, max_detached_ml=max_ml, min_contact=min_contact)
+
+
+def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float = 0.0,
+                              max_detached_ml: float = MAX_DETACHED_ML,
+                              min_contact: float = MIN_LUNG_CONTACT) -> np.ndarray:
+    """:func:`remove_small_opacities` then :func:`remove_detached_opacities` with one labelling
+    of the opacity components, in place; returns ``labels``.
+
+    The result is that of the two steps in turn: relabelling a speck changes no other
+    component, and no speck voxel lies in another component's shell (it would be 26-connected
+    to it, hence part of it), so the second step's components and shells are the first's.
+    """
+    if voxel_ml <= 0 or (min_ml <= 0 and max_detached_ml <= 0):
         return labels
     opacity = labels >= L.GGO  # GGO or high opacity
-    # Work inside the opacity's bounding box, grown by one voxel for the lung-contact test.
+    # Work inside the opacity's bounding box, grown by one voxel for the shells.
     crop = _bounding_crop(opacity, (1, 1, 1))
     if crop is None:
         return labels
@@ -173,16 +197,29 @@ def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -
     except RuntimeError:  # ... unless there are over 65535 components
         comps, _ = ndimage.label(sub_opacity, structure=_CUBE)
     sizes = np.bincount(comps[sub_opacity])  # over the opacity voxels only: 3x faster than all
-    specks = np.flatnonzero(sizes < min_ml / voxel_ml)
-    specks = specks[specks > 0]
+    is_speck = sizes < min_ml / voxel_ml if min_ml > 0 else np.zeros(sizes.size, bool)
+    is_speck[0] = False
+    specks = np.flatnonzero(is_speck)
+    boxes: list[tuple[slice, ...] | None] | None = None
     if specks.size > _SPECK_LOOP_LIMIT:
         _relabel_specks_at_once(sub_labels, comps, specks, sizes.size)
+    elif specks.size:
+        boxes = ndimage.find_objects(comps)
+        for index in specks:
+            grown, speck, shell = _component_shell(comps, index, boxes[index - 1])
+            touches_lung = bool((sub_labels[grown][shell] == L.LUNG).any())
+            sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
+    if max_detached_ml <= 0:
         return labels
-    boxes = ndimage.find_objects(comps)
-    for index in specks:
-        grown, speck, shell = _component_shell(comps, index, boxes[index - 1])
-        touches_lung = bool((sub_labels[grown][shell] == L.LUNG).any())
-        sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
+    candidates = np.flatnonzero((sizes * voxel_ml < max_detached_ml) & ~is_speck)
+    candidates = candidates[candidates > 0]
+    if candidates.size and boxes is None:
+        boxes = ndimage.find_objects(comps)
+    for index in candidates:
+        grown, component, shell = _component_shell(comps, index, boxes[index - 1])
+        on_lung = np.count_nonzero(sub_labels[grown][shell] == L.LUNG)
+        if on_lung == 0 or on_lung < min_contact * np.count_nonzero(shell):
+            sub_labels[grown][component] = L.BACKGROUND
     return labels
 
 
@@ -200,33 +237,6 @@ def _relabel_specks_at_once(sub_labels: np.ndarray, comps: np.ndarray, specks: n
     touching = np.zeros(count, bool)
     touching[comps[voxels & near_lung]] = True
     sub_labels[voxels] = np.where(touching[comps[voxels]], L.LUNG, L.BACKGROUND).astype(sub_labels.dtype)
-
-
-def remove_detached_opacities(labels: np.ndarray, voxel_ml: float, max_ml: float = MAX_DETACHED_ML,
-                              min_contact: float = MIN_LUNG_CONTACT) -> np.ndarray:
-    """Set opacity components under ``max_ml`` whose surface is less than ``min_contact``
-    aerated lung (or that touch no lung at all) to background, in place; returns ``labels``.
-
-    The surface is the component's 26-neighbour shell; since the component holds all opacity
-    it touches, the shell is lung or background. ``max_ml <= 0`` disables the step.
-    """
-    if max_ml <= 0 or voxel_ml <= 0:
-        return labels
-    opacity = labels >= L.GGO
-    crop = _bounding_crop(opacity, (1, 1, 1))  # grown by one voxel for the shells
-    if crop is None:
-        return labels
-    sub = labels[crop]
-    components, _ = ndimage.label(opacity[crop], structure=_CUBE)
-    sizes = np.bincount(components[opacity[crop]])  # over the opacity voxels only, as above
-    for index, box in enumerate(ndimage.find_objects(components), start=1):
-        if box is None or sizes[index] * voxel_ml >= max_ml:
-            continue
-        grown, component, shell = _component_shell(components, index, box)
-        on_lung = np.count_nonzero(sub[grown][shell] == L.LUNG)
-        if on_lung == 0 or on_lung < min_contact * np.count_nonzero(shell):
-            sub[grown][component] = L.BACKGROUND
-    return labels
 
 
 def remove_high_opacity_above_apex(labels: np.ndarray, affine: np.ndarray,

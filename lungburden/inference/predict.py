@@ -52,9 +52,8 @@ from lungburden.inference.postprocess import (
     GGOMargins,
     refine_ggo_margins,
     relabel_unlikely_high_opacity,
-    remove_detached_opacities,
     remove_high_opacity_above_apex,
-    remove_small_opacities,
+    remove_opacity_components,
 )
 from lungburden.inference.preprocess import (
     PreprocessedSeries,
@@ -311,8 +310,7 @@ class ConvLSTMSegmenter:
                            affine: np.ndarray | None) -> None:
         """The whole-series steps, in place: opacity specks, detached opacities, high opacity
         above the apex (with an ``affine``), high-opacity specks and fat (:mod:`.postprocess`)."""
-        remove_small_opacities(labels, voxel_ml, self.min_opacity_ml)
-        remove_detached_opacities(labels, voxel_ml, self.max_detached_ml, self.min_lung_contact)
+        remove_opacity_components(labels, voxel_ml, self.min_opacity_ml, self.max_detached_ml, self.min_lung_contact)
         if affine is not None:
             remove_high_opacity_above_apex(labels, affine, self.apex_min_lung_cm2)
         relabel_unlikely_high_opacity(labels, hu, voxel_ml, self.min_high_opacity_ml, self.fat_median_hu)
