@@ -545,13 +545,16 @@ def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> 
 
     a, b = small_convlstm(), small_convlstm(levels=1, width=12, hidden=6)  # members may differ in shape
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
-    save_checkpoint(paths[0], a, metadata={"epochs": 3})
-    save_checkpoint(paths[1], b, metadata={"epochs": 5})
+    save_checkpoint(paths[0], a, metadata={"epochs": 3, "split": {"train": ["p1", "p2"], "val": ["p3"]}})
+    save_checkpoint(paths[1], b, metadata={"epochs": 5, "split": {"train": ["p2", "p4"], "val": ["p5"]}})
     out = build_ensemble(paths, tmp_path / "w" / "ensemble.pt")
     ensemble, ckpt = load_checkpoint(out)
     assert ckpt["model"] == "convlstm_ensemble" and ckpt["preprocessing"]["size"] == 32
     assert [m["metadata"]["epochs"] for m in ckpt["metadata"]["members"]] == [3, 5]
     assert [m["file"] for m in ckpt["metadata"]["members"]] == ["a.pt", "b.pt"]
+    # The members' training cases stay off-limits to `lungburden calibrate` for the ensemble.
+    from lungburden.inference.calibration import overlapping_ids
+    assert overlapping_ids(["p1", "p4", "p5", "p9"], ckpt) == ["p1", "p4", "p5"]
     x = torch.rand(2, 11, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(ensemble(x), (a(x) + b(x)) / 2)
@@ -561,6 +564,7 @@ def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> 
     naive = ConvLSTMSegmenter(out, naive=True, precision="float32").segment(hu)
     fast_seg = ConvLSTMSegmenter(out, encode_chunk=7, target_chunk=3, precision="float32")
     assert fast_seg.info.parameters["model"] == "convlstm_ensemble"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast_seg.model.modules())  # folded
     assert (fast_seg.segment(hu) == naive).mean() > 0.9999
     _, got = fast_seg.model_grid_logits(hu)
     members = [ConvLSTMSegmenter(p, precision="float32").model_grid_logits(hu)[1].float() for p in paths]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -163,32 +164,47 @@ def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
 
 def build_ensemble(members: list[Path], out: Path, max_mb: float = 20.0) -> Path:
     """Write a :class:`~lungburden.inference.models.ConvLSTMEnsemble` checkpoint of the trained
-    ConvLSTM checkpoints ``members`` (docs/model.md, "Ensemble"); each member's file name, SHA-256
-    and training record go into ``metadata["members"]``. Refuses files over ``max_mb``."""
-    import hashlib
+    ConvLSTM checkpoints ``members`` (docs/model.md, "Ensembles", session 12).
+
+    Each member's file name, SHA-256 and training record go into ``metadata["members"]``, and the
+    union of their training and validation cases into ``metadata["split"]`` (so that
+    ``lungburden calibrate`` refuses those cases for the ensemble as for one network). Staged
+    next to ``out`` and moved into place (atomic); refuses files over ``max_mb``.
+    """
     import shlex
 
     from lungburden.inference.models import ConvLSTMEnsemble, load_checkpoint, save_checkpoint
+    from lungburden.inference.predict import file_sha256
     from lungburden.inference.training.trainer import git_commit
 
     models, records = [], []
+    train: set[str] = set()
+    val: set[str] = set()
     for path in members:
         model, checkpoint = load_checkpoint(path)
         if checkpoint.get("calibration"):
             raise ValueError(f"{path} carries decision offsets (calibration); ensemble uncalibrated members "
                              "and calibrate the ensemble instead")
         models.append(model)
-        records.append({"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                        "model": checkpoint["model"], "metadata": checkpoint.get("metadata", {})})
+        meta = checkpoint.get("metadata") or {}
+        split = meta.get("split") or {}
+        train.update(split.get("train", []))
+        val.update(split.get("val", []))
+        records.append({"file": path.name, "sha256": file_sha256(path), "model": checkpoint["model"],
+                        "metadata": meta})
     ensemble = ConvLSTMEnsemble.from_models(models)
     metadata = {"command": " ".join(shlex.quote(a) for a in sys.argv),
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
-                "combination": "mean of the members' logits", "members": records}
+                "combination": "mean of the members' logits", "members": records,
+                "split": {"name": "union of the members' splits", "train": sorted(train), "val": sorted(val)}}
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         save_checkpoint(staged, ensemble, metadata)
-        _export(staged, out, max_mb)
+        size_mb = staged.stat().st_size / 2**20
+        if size_mb > max_mb:
+            raise ValueError(f"the ensemble is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
+        os.replace(staged, out)
     return out
 
 
@@ -196,7 +212,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     """Combine trained ConvLSTM checkpoints into one ensemble checkpoint (mean of their logits)."""
     try:
         out = build_ensemble([Path(p) for p in args.members], Path(args.out))
-    except (ValueError, FileNotFoundError, KeyError) as exc:
+    except (ValueError, KeyError, RuntimeError, TypeError, OSError) as exc:  # bad or unreadable checkpoints
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(f"ensemble of {len(args.members)} networks -> {out} ({out.stat().st_size / 2**20:.1f} MB)")

@@ -39,6 +39,7 @@ steps below were each measured on validation phantoms 500-599 before they were a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -200,7 +201,7 @@ def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float
     is_speck = sizes < min_ml / voxel_ml if min_ml > 0 else np.zeros(sizes.size, bool)
     is_speck[0] = False
     specks = np.flatnonzero(is_speck)
-    boxes: list[tuple[slice, ...] | None] | None = None
+    boxes: list[Any] | None = None  # ndimage.find_objects of comps, once needed
     if specks.size > _SPECK_LOOP_LIMIT:
         _relabel_specks_at_once(sub_labels, comps, specks, sizes.size)
     elif specks.size:
@@ -213,7 +214,9 @@ def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float
         return labels
     candidates = np.flatnonzero((sizes * voxel_ml < max_detached_ml) & ~is_speck)
     candidates = candidates[candidates > 0]
-    if candidates.size and boxes is None:
+    if not candidates.size:
+        return labels
+    if boxes is None:
         boxes = ndimage.find_objects(comps)
     for index in candidates:
         grown, component, shell = _component_shell(comps, index, boxes[index - 1])

@@ -136,7 +136,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -197,7 +197,7 @@ class ConvLSTMSegmenter:
                     f"{DEFAULT_WEIGHTS}`, or pass a checkpoint path); it never runs untrained"
                 )
             model, checkpoint = load_checkpoint(path)
-            weights_id = f"{path.name} sha256:{_sha256(path)[:16]}"
+            weights_id = f"{path.name} sha256:{file_sha256(path)[:16]}"
         self.source_model = model
         self.model = fold_batchnorm(model) if fold_bn else model.eval()
         self.checkpoint_meta = {k: v for k, v in checkpoint.items() if k != "state_dict"}

@@ -29,8 +29,9 @@ Checkpoint format (:func:`save_checkpoint` / :func:`load_checkpoint`): a ``torch
      "lungburden_version": "...", "torch_version": "..."}
 
 An ensemble (:class:`ConvLSTMEnsemble`, model ``"convlstm_ensemble"``) is a checkpoint of the
-same format whose ``hparams`` are ``{"members": [member hparams, ...]}`` and whose state dict holds
-``members.K.*``; its ``metadata["members"]`` keeps each member's own training record.
+same format whose ``hparams`` are ``{"members": [member hparams, ...], "num_classes": C}`` and whose
+state dict holds ``members.K.*``; its ``metadata["members"]`` keeps each member's own training
+record.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ __all__ = ["MODEL_NAMES", "ConvLSTMEnsemble", "ConvLSTMSegNet", "UNet2D", "UNet3
 
 
 def build_model(name: str, **hparams: Any) -> nn.Module:
-    """Instantiate model ``name`` ("convlstm", "unet2d", "unet3d") with constructor ``hparams``."""
+    """Instantiate model ``name`` ("convlstm", "unet2d", "unet3d", or "convlstm_ensemble" from a
+    checkpoint) with constructor ``hparams``."""
     try:
         cls = _CLASSES[name]
     except KeyError:

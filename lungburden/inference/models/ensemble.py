@@ -75,7 +75,8 @@ class ConvLSTMEnsemble(nn.Module):
         return ensemble.eval()
 
     def _mean(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        return torch.stack(outputs).mean(0)
+        """Mean in float32 (under bfloat16 autocast the members' logits are bfloat16)."""
+        return torch.stack([o.float() for o in outputs]).mean(0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Windows ``(B, 2·context+1, S, S)`` → mean target logits ``(B, C, S, S)``."""
