@@ -149,13 +149,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
-    """Copy a checkpoint to the shipped weights location, refusing files over ``max_mb``."""
-    size_mb = src.stat().st_size / 2**20
+def _refuse_oversized(path: Path, max_mb: float, name: str) -> None:
+    """ValueError naming ``name`` when the checkpoint at ``path`` is over ``max_mb`` (shipped weights)."""
+    size_mb = path.stat().st_size / 2**20
     if size_mb > max_mb:
-        raise ValueError(f"{src} is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
+        raise ValueError(f"{name} is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
+
+
+def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
+    """Copy a checkpoint to the shipped weights location, refusing files over ``max_mb``; the copy
+    is staged beside ``dst`` and moved into place, so an interrupted export leaves no partial file."""
+    _refuse_oversized(src, max_mb, str(src))
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
+        staged = Path(tmp) / dst.name
+        shutil.copyfile(src, staged)
+        os.replace(staged, dst)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -201,9 +210,7 @@ def build_ensemble(members: list[Path], out: Path, max_mb: float = 20.0) -> Path
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         staged = Path(tmp) / out.name
         save_checkpoint(staged, ensemble, metadata)
-        size_mb = staged.stat().st_size / 2**20
-        if size_mb > max_mb:
-            raise ValueError(f"the ensemble is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
+        _refuse_oversized(staged, max_mb, "the ensemble")
         os.replace(staged, out)
     return out
 

@@ -90,7 +90,3 @@ class ConvLSTMEnsemble(nn.Module):
         """Mean logits ``(n, C, S, S)`` of the interior slices (see
         :meth:`ConvLSTMSegNet.forward_features`)."""
         return self._mean([m.forward_features(f) for m, f in zip(self.members, enc.members, strict=True)])
-
-    def forward_sequence(self, stack: torch.Tensor) -> torch.Tensor:
-        """Consecutive slices ``(n + 2·context, S, S)`` → mean logits ``(n, C, S, S)``."""
-        return self._mean([m.forward_sequence(stack) for m in self.members])
