@@ -188,11 +188,15 @@ def fit_offsets(segmenter, cases: Sequence[CalibrationCase], grid: Sequence[floa
 
 def write_calibrated_checkpoint(src: str | Path, dst: str | Path, calibration: Calibration,
                                 info: dict[str, Any] | None = None) -> None:
-    """Copy checkpoint ``src`` to ``dst`` with ``calibration`` (weights unchanged; atomic write)."""
+    """Copy checkpoint ``src`` to ``dst`` with ``calibration`` (weights unchanged; atomic write).
+    A stored high-opacity component filter is dropped (it was fitted on other labels)."""
+    from lungburden.inference.component_filter import CHECKPOINT_KEY as FILTER_KEY
     from lungburden.inference.models import load_checkpoint, write_checkpoint
 
     _, checkpoint = load_checkpoint(src)  # validates the file; the dict is the file's content
     checkpoint["calibration"] = {**calibration.to_dict(), **(info or {})}
+    # A high-opacity component filter learnt the uncalibrated labels' errors: refit it after this.
+    checkpoint.pop(FILTER_KEY, None)
     write_checkpoint(dst, checkpoint)
 
 

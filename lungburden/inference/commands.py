@@ -1,4 +1,5 @@
-"""``lungburden train``, ``evaluate``, ``calibrate`` and ``compare`` (see docs/training.md).
+"""``lungburden train``, ``evaluate``, ``calibrate``, ``fit-filter``, ``ensemble`` and ``compare``
+(see docs/training.md).
 
 Added to the main CLI by :func:`add_subcommands` (lungburden/cli.py loads this module).
 """
@@ -23,6 +24,8 @@ EVAL_PHANTOM_SEED_START = 1
 TRAIN_PHANTOM_SEED_START = 1000
 #: Calibration phantoms (decision offsets) use seeds 500..; disjoint from both.
 CALIBRATION_PHANTOM_SEED_START = 500
+#: The high-opacity component filter is fitted on phantoms 600..999 (disjoint from all three).
+FILTER_PHANTOM_SEED_START = 600
 
 
 def _default_real_ct() -> str | None:
@@ -39,7 +42,7 @@ def _add_data_arguments(p: argparse.ArgumentParser, *, training: bool, seed_star
                    help=f"number of synthetic phantoms (default {phantoms})")
     g.add_argument("--phantom-seed-start", type=int, default=seed0, metavar="S",
                    help=f"first phantom seed (default {seed0}; training uses 1000+, calibration 500+, "
-                        "evaluation 1..100)")
+                        "the component filter 600+, evaluation 1..100)")
     g.add_argument("--phantom-matrix", type=int, default=256, help="phantom in-plane matrix (default 256)")
     g.add_argument("--phantom-max-slices", type=int, default=96, help="most slices per phantom (default 96)")
     g.add_argument("--real-ct", default=_default_real_ct(), metavar="DIR",
@@ -306,6 +309,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # calibrate
 
 
+def _unseen_cases(args: argparse.Namespace, weights: Path, what: str, seed_start: int):
+    """The data arguments' case index and ids for ``what`` (calibrating, fitting the filter) on
+    ``weights``; refuses the held-out evaluation phantoms (seeds 1..100), the cases the network's
+    training used (its split) and an empty selection."""
+    from lungburden.inference.calibration import overlapping_ids
+    from lungburden.inference.models import load_checkpoint
+    from lungburden.inference.training.data import CaseIndex
+
+    spec = _data_spec(args)
+    if spec.phantoms and spec.phantom_seed_start < EVAL_PHANTOM_SEED_START + 100 and \
+            spec.phantom_seed_start + spec.phantoms > EVAL_PHANTOM_SEED_START:
+        raise ValueError(f"phantom seeds 1..100 are the held-out evaluation set: {what} on them would make "
+                         f"its figures optimistic (use --phantom-seed-start {seed_start})")
+    _, checkpoint = load_checkpoint(weights)
+    index = CaseIndex(spec.build_sources())
+    ids = index.ids()
+    if not ids:
+        raise ValueError(f"no cases for {what}: give --phantoms, --real-ct-variants, --nifti or --dicom-seg")
+    used = overlapping_ids(ids, checkpoint)
+    if used:
+        raise ValueError(f"{len(used)} of the cases were used to train {weights} (e.g. {used[0]}); use cases "
+                         f"the training never saw for {what}")
+    return index, ids
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Fit per-class logit offsets on validation cases and write a calibrated checkpoint
     (lungburden.inference.calibration)."""
@@ -314,12 +342,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from lungburden.inference.calibration import (
         collect_cases,
         fit_offsets,
-        overlapping_ids,
         write_calibrated_checkpoint,
     )
-    from lungburden.inference.models import load_checkpoint
     from lungburden.inference.predict import DEFAULT_WEIGHTS, ConvLSTMSegmenter
-    from lungburden.inference.training.data import CaseIndex
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -329,20 +354,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         grid = [float(v) for v in args.grid.split(",") if v.strip()]
         if not grid:
             raise ValueError("--grid needs at least one offset")
-        _, checkpoint = load_checkpoint(weights)
-        spec = _data_spec(args)
-        if spec.phantoms and spec.phantom_seed_start < EVAL_PHANTOM_SEED_START + 100 and \
-                spec.phantom_seed_start + spec.phantoms > EVAL_PHANTOM_SEED_START:
-            raise ValueError("phantom seeds 1..100 are the held-out evaluation set: calibrating on them would make "
-                             f"its figures optimistic (use --phantom-seed-start {CALIBRATION_PHANTOM_SEED_START})")
-        index = CaseIndex(spec.build_sources())
-        ids = index.ids()
-        if not ids:
-            raise ValueError("no calibration cases: give --phantoms, --real-ct-variants, --nifti or --dicom-seg")
-        used = overlapping_ids(ids, checkpoint)
-        if used:
-            raise ValueError(f"{len(used)} calibration cases were used to train {weights} (e.g. {used[0]}); "
-                             "calibrate on cases the training never saw")
+        index, ids = _unseen_cases(args, weights, "calibrating", CALIBRATION_PHANTOM_SEED_START)
         segmenter = ConvLSTMSegmenter(weights, threads=args.threads)
         segmenter.logit_offsets = None  # fit from the raw network, whatever the file holds
         cases = collect_cases(segmenter, index.iter_raw(ids))
@@ -358,6 +370,49 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     print(f"after:  {calibration.after.summary()}")
     print(f"wrote {args.out} ({len(cases)} cases, {len(calibration.tried)} offset sets tried, "
           f"{info['wall_seconds']:.0f} s)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# fit-filter
+
+
+
+
+def cmd_fit_filter(args: argparse.Namespace) -> int:
+    """Fit the learned high-opacity component filter of a network on cases it never trained on and
+    write a checkpoint that carries it (lungburden.inference.component_filter)."""
+    import torch
+
+    from lungburden.inference.component_filter import CHECKPOINT_KEY, fit_from_cases
+    from lungburden.inference.models import load_checkpoint, write_checkpoint
+    from lungburden.inference.predict import DEFAULT_WEIGHTS, ConvLSTMSegmenter
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
+    started = time.perf_counter()
+    try:
+        _, checkpoint = load_checkpoint(weights)
+        index, ids = _unseen_cases(args, weights, "fitting the filter", FILTER_PHANTOM_SEED_START)
+        segmenter = ConvLSTMSegmenter(weights, threads=args.threads, high_opacity_filter=False)
+        fit = fit_from_cases(segmenter, index.iter_raw(ids), folds=args.folds,
+                             progress=None if args.quiet else (lambda line: print(line, flush=True)))
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    stored = fit.filter.to_dict()
+    stored["provenance"].update({"command": " ".join(sys.argv),
+                                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 "source_weights": str(weights),
+                                 "wall_seconds": round(time.perf_counter() - started, 1)})
+    checkpoint[CHECKPOINT_KEY] = stored
+    write_checkpoint(args.out, checkpoint)
+    print(f"high-opacity volume Spearman r over the {len(fit.cases)} cases: {fit.spearman_before:.4f} without the "
+          f"filter, {fit.spearman_cv:.4f} with it ({args.folds}-fold cross-validation by case; it relabelled "
+          f"{fit.removed_false_ml:.0f} mL that is mostly not high opacity and {fit.removed_true_ml:.0f} mL that is)")
+    print(f"wrote {args.out} ({stored['provenance']['components']} components, "
+          f"{stored['provenance']['wall_seconds']:.0f} s)")
     return 0
 
 
@@ -445,7 +500,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``evaluate``, ``calibrate``, ``ensemble`` and ``compare`` to the ``lungburden`` parser."""
+    """Add ``train``, ``evaluate``, ``calibrate``, ``fit-filter``, ``ensemble`` and ``compare`` to the
+    ``lungburden`` parser."""
     p = sub.add_parser("train", help="train a segmentation network (k-fold CV or the final model)",
                        description=cmd_train.__doc__)
     p.add_argument("--out", required=True, help="run folder (fold-K/ or final/ with best.pt, last.pt, state.pt)")
@@ -523,6 +579,16 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     _add_data_arguments(p, training=False, seed_start=CALIBRATION_PHANTOM_SEED_START, phantoms=60)
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("fit-filter", help="fit a network's learned high-opacity component filter on unseen cases",
+                       description=cmd_fit_filter.__doc__)
+    p.add_argument("--weights", default=None, metavar="PATH", help="checkpoint (default: the shipped)")
+    p.add_argument("--out", required=True, metavar="PATH", help="checkpoint to write (may be --weights)")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds for the printed figures (default 5)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true")
+    _add_data_arguments(p, training=False, seed_start=FILTER_PHANTOM_SEED_START, phantoms=400)
+    p.set_defaults(func=cmd_fit_filter)
 
     p = sub.add_parser("ensemble", help="combine trained ConvLSTM checkpoints into one ensemble checkpoint",
                        description=cmd_ensemble.__doc__)

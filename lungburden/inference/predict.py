@@ -2,7 +2,8 @@
 
 ``ConvLSTMSegmenter.segment(volume)``: preprocessing (section 2.4, :mod:`.preprocess`) → network →
 logits upsampled into the crop box → argmax → ``uint8`` labels (:mod:`lungburden.labels`) →
-label finishing (:mod:`.postprocess`: GGO margins by attenuation, component rules).
+label finishing (:mod:`.postprocess`: GGO margins by attenuation, component rules; then the
+checkpoint's learned high-opacity component filter, :mod:`.component_filter`).
 
 Fast path (default) for the ConvLSTM network, exploiting that windows of neighbouring targets
 overlap in 10 of their 11 slices:
@@ -40,6 +41,8 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from lungburden import __version__
+from lungburden.inference.component_filter import CHECKPOINT_KEY as FILTER_KEY
+from lungburden.inference.component_filter import HighOpacityFilter
 from lungburden.inference.models import ConvLSTMEnsemble, ConvLSTMSegNet, load_checkpoint
 from lungburden.inference.models.convlstm import SliceFeatures
 from lungburden.inference.models.ensemble import EnsembleFeatures
@@ -163,7 +166,9 @@ class ConvLSTMSegmenter:
     it off). ``min_high_opacity_ml`` / ``fat_median_hu``: smaller high-opacity components, and
     those whose median HU is at or below that of fat, take the label of their surroundings
     (:func:`~lungburden.inference.postprocess.relabel_unlikely_high_opacity`; 0 / None turn
-    either test off).
+    either test off). ``high_opacity_filter``: apply the checkpoint's learned high-opacity
+    component filter, if it has one (:mod:`~lungburden.inference.component_filter`; False turns
+    it off).
     ``logit_offsets``: one number per class added to the logits before the argmax (decision
     calibration, :mod:`lungburden.inference.calibration`); default: the checkpoint's
     ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
@@ -184,7 +189,7 @@ class ConvLSTMSegmenter:
                  max_detached_ml: float = MAX_DETACHED_ML,
                  min_lung_contact: float = MIN_LUNG_CONTACT, apex_min_lung_cm2: float = APEX_MIN_LUNG_CM2,
                  min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML,
-                 fat_median_hu: float | None = FAT_MEDIAN_HU):
+                 fat_median_hu: float | None = FAT_MEDIAN_HU, high_opacity_filter: bool = True):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -213,6 +218,9 @@ class ConvLSTMSegmenter:
         self.apex_min_lung_cm2 = float(apex_min_lung_cm2)
         self.min_high_opacity_ml = float(min_high_opacity_ml)
         self.fat_median_hu = None if fat_median_hu is None else float(fat_median_hu)
+        stored_filter = checkpoint.get(FILTER_KEY)
+        self.high_opacity_filter = (HighOpacityFilter.from_dict(stored_filter)
+                                    if high_opacity_filter and stored_filter else None)
         if logit_offsets is None:
             logit_offsets = (checkpoint.get("calibration") or {}).get("logit_offsets")
         self.logit_offsets = _offsets_tensor(logit_offsets, int(getattr(model, "num_classes", 0)))
@@ -231,6 +239,7 @@ class ConvLSTMSegmenter:
                         "min_high_opacity_ml": f"{self.min_high_opacity_ml:g}",
                         "high_opacity_fat_median_hu": ("off" if self.fat_median_hu is None
                                                        else f"{self.fat_median_hu:g}"),
+                        "high_opacity_filter": _describe_filter(self.high_opacity_filter),
                         **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
                            if self.logit_offsets is not None else {})},
         )
@@ -309,11 +318,14 @@ class ConvLSTMSegmenter:
     def _finish_components(self, labels: np.ndarray, hu: np.ndarray, voxel_ml: float,
                            affine: np.ndarray | None) -> None:
         """The whole-series steps, in place: opacity specks, detached opacities, high opacity
-        above the apex (with an ``affine``), high-opacity specks and fat (:mod:`.postprocess`)."""
+        above the apex (with an ``affine``), high-opacity specks and fat (:mod:`.postprocess`), then
+        the checkpoint's high-opacity component filter (with an ``affine``; :mod:`.component_filter`)."""
         remove_opacity_components(labels, voxel_ml, self.min_opacity_ml, self.max_detached_ml, self.min_lung_contact)
         if affine is not None:
             remove_high_opacity_above_apex(labels, affine, self.apex_min_lung_cm2)
         relabel_unlikely_high_opacity(labels, hu, voxel_ml, self.min_high_opacity_ml, self.fat_median_hu)
+        if self.high_opacity_filter is not None and affine is not None:
+            self.high_opacity_filter.apply(labels, hu, affine, voxel_ml)
 
     # -- paths -----------------------------------------------------------------------------------
     def _network_precision(self) -> AbstractContextManager[Any]:
@@ -431,6 +443,15 @@ def _describe_margins(margins: GGOMargins | None) -> str:
     if margins.high_hu is not None:
         text += f"; GGO <= {margins.high_hu[0]:g} < unchanged <= {margins.high_hu[1]:g} < high opacity"
     return text
+
+
+def _describe_filter(component_filter: HighOpacityFilter | None) -> str:
+    """The high-opacity component filter for the algorithm parameters."""
+    if component_filter is None:
+        return "off"
+    fitted = component_filter.provenance
+    return (f"{len(component_filter.ensemble.roots)} trees, reject p > {component_filter.threshold:g}"
+            + (f", fitted on {fitted['first_case']}..{fitted['last_case']}" if fitted.get("first_case") else ""))
 
 
 def _offsets_tensor(offsets: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
