@@ -7,7 +7,9 @@ Runs the network once per phantom (``ConvLSTMSegmenter.model_grid_logits``), the
 stored logits with the segmenter's own steps (``labels_from_logits``), enabling the steps of
 :mod:`lungburden.inference.postprocess` one after another, and prints per configuration the
 pooled Dice (lesion, GGO, high opacity), the Spearman r of GGO / high-opacity volume and the mean
-burden error against the phantoms' truth (the scoring of ``lungburden calibrate``). Seeds 500+
+burden error against the phantoms' truth (the scoring of ``lungburden calibrate``); the last row
+adds the checkpoint's learned high-opacity component filter (:mod:`lungburden.inference.component_filter`),
+when it has one. Seeds 500+
 are the validation phantoms the steps were chosen on; seeds 1-100 are the held-out evaluation
 set (report them, do not tune on them).
 """
@@ -43,8 +45,10 @@ STEPS = [
     ("+ detached opacity removed", dict(max_detached_ml=MAX_DETACHED_ML)),
     ("+ high opacity above the apex removed", dict(apex_min_lung_cm2=APEX_MIN_LUNG_CM2)),
     ("+ high-opacity specks relabelled", dict(min_high_opacity_ml=MIN_HIGH_OPACITY_ML)),
-    ("+ fat-attenuation high opacity relabelled (= default)", dict(fat_median_hu=FAT_MEDIAN_HU)),
+    ("+ fat-attenuation high opacity relabelled", dict(fat_median_hu=FAT_MEDIAN_HU)),
 ]
+#: The last row: the checkpoint's component filter on top (the default of a checkpoint that has one).
+FILTER_STEP = "+ learned high-opacity component filter (= default)"
 
 
 def main() -> None:
@@ -68,10 +72,13 @@ def main() -> None:
              "| configuration | lesion DSC | GGO DSC | high DSC | Spearman GGO | Spearman high | burden bias % |",
              "|---|---|---|---|---|---|---|"]
     settings = dict(ALL_OFF)
-    for name, enabled in STEPS:
+    steps = STEPS + ([(FILTER_STEP, {})] if base.high_opacity_filter is not None else [])
+    for name, enabled in steps:
         settings.update(enabled)
         variant = ConvLSTMSegmenter(model=base.source_model, threads=args.threads, precision=base.precision,
                                     **settings)
+        if name == FILTER_STEP:
+            variant.high_opacity_filter = base.high_opacity_filter
         s = score_offsets(variant, cases, offsets)
         lines.append(f"| {name} | {s.lesion_dice:.4f} | {s.ggo_dice:.4f} | {s.high_opacity_dice:.4f} | "
                      f"{s.spearman_ggo:.4f} | {s.spearman_high_opacity:.4f} | {s.burden_bias:+.2f} |")
