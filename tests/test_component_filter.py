@@ -13,6 +13,7 @@ from lungburden import labels as L
 from lungburden.inference.component_filter import (
     CHECKPOINT_KEY,
     FEATURE_NAMES,
+    MAX_CANDIDATE_ML,
     HighOpacityFilter,
     TreeEnsemble,
     component_targets,
@@ -69,6 +70,14 @@ def test_features_describe_size_surroundings_position_and_shape():
     flipped = describe_high_opacity(labels[::-1].copy(), hu[::-1].copy(), AFFINE @ np.diag([-1.0, 1, 1, 1]), 0.002)
     z = FEATURE_NAMES.index("lung_field_z")
     assert sorted(flipped.features[:, z]) == pytest.approx(sorted(found.features[:, z]))
+    # y runs anterior -> posterior whatever the row order (a prone scan's rows run anterior)
+    prone = describe_high_opacity(labels[:, ::-1].copy(), hu[:, ::-1].copy(), AFFINE @ np.diag([1.0, -1, 1, 1]), 0.002)
+    y = FEATURE_NAMES.index("lung_field_y")
+    assert sorted(prone.features[:, y]) == pytest.approx(sorted(found.features[:, y]))
+    # components from max_ml up are counted, not described
+    limited = describe_high_opacity(labels, hu, AFFINE, 0.002, max_ml=0.1)
+    assert np.allclose(limited.volumes_ml, found.volumes_ml)
+    assert np.isnan(limited.features[cube]).all() and np.allclose(limited.features[tube], found.features[tube])
     truth = labels.copy()
     truth[labels == L.HIGH_OPACITY] = L.GGO
     truth[8:12, 22:26, 22:26] = L.HIGH_OPACITY
@@ -102,6 +111,13 @@ def test_tree_ensemble_equals_sklearn_and_survives_the_checkpoint(tmp_path):
 
 
 def test_stored_filters_are_checked():
+    for garbage in (None, [], {"ensemble": 3}, {"ensemble": {"feature_names": list(FEATURE_NAMES)}}):
+        with pytest.raises(ValueError, match="malformed"):
+            HighOpacityFilter.from_dict(garbage)  # type: ignore[arg-type]
+    # a leaf's feature index is never read
+    leafy = HighOpacityFilter(_stump("hu_median", 40.0)).to_dict()
+    leafy["ensemble"]["feature"][1] = 10**6
+    assert HighOpacityFilter.from_dict(leafy).ensemble.probability(np.zeros((2, len(FEATURE_NAMES)))).shape == (2,)
     stored = HighOpacityFilter(_stump("hu_median", 40.0)).to_dict()
     stored["ensemble"]["feature_names"] = ["volume"] * len(FEATURE_NAMES)
     with pytest.raises(ValueError, match="other component features"):
@@ -124,6 +140,11 @@ def test_apply_relabels_rejected_components_to_their_surroundings():
     assert np.all(labels[6:14, 14:16, 14:16] == L.GGO)  # the tube, inside GGO, became GGO
     assert np.all(labels[8:12, 22:26, 22:26] == L.HIGH_OPACITY)  # the cube stays
     assert np.array_equal(labels != before, (before == L.HIGH_OPACITY) & (hu == 60.0))
+    # large components are kept whatever the trees say (MAX_CANDIDATE_ML)
+    labels, hu = _scene()
+    everything = HighOpacityFilter(_stump("hu_median", -1e9))
+    assert everything.apply(labels, hu, AFFINE, MAX_CANDIDATE_ML / 40) == 1  # tube 32 voxels, cube 64
+    assert np.all(labels[6:14, 14:16, 14:16] == L.GGO) and np.all(labels[8:12, 22:26, 22:26] == L.HIGH_OPACITY)
 
 
 @dataclass
@@ -187,6 +208,8 @@ def test_fit_from_cases_learns_to_reject_and_cross_validates():
         segmenter.segment(cases[0].volume) != cases[0].labels)
     with pytest.raises(ValueError, match="both true and false"):
         fit_filter(np.zeros((50, len(FEATURE_NAMES))), np.zeros(50), np.ones(50))
+    with pytest.raises(ValueError, match="2 folds"):
+        fit_from_cases(segmenter, cases, folds=1)
 
 
 SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, levels=2, hidden=8, head_width=8,
@@ -235,6 +258,8 @@ def test_fit_filter_command(tmp_path):
     trained_on = sorted(shipped["metadata"]["split"]["train"])[0]
     assert trained_on.startswith("phantom-")
     assert main([*common, "--phantom-seed-start", trained_on.split("-")[1], "--out", str(tmp_path / "bad.pt")]) == 2
+    assert main([*common, "--folds", "1", "--out", str(tmp_path / "bad.pt")]) == 2
+    assert main([*common, "--out", str(tmp_path)]) == 2  # a folder
     assert not (tmp_path / "bad.pt").exists()
     # the shipped network on two unseen phantoms: both kinds of component occur, a filter is fitted and stored
     assert main([*common, "--out", str(tmp_path / "f.pt")]) == 0
@@ -244,3 +269,25 @@ def test_fit_filter_command(tmp_path):
     assert provenance["source_weights"] == str(DEFAULT_WEIGHTS) and provenance["components"] > 0
     assert all(torch.equal(v, shipped["state_dict"][k]) for k, v in written["state_dict"].items())  # same network
     assert ConvLSTMSegmenter(tmp_path / "f.pt", threads=1).high_opacity_filter is not None
+
+
+def test_calibrate_fits_without_the_stored_filter(tmp_path, monkeypatch):
+    from lungburden.cli import main
+    from lungburden.inference.models import build_model, load_checkpoint, save_checkpoint, write_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(tmp_path / "raw.pt", build_model("convlstm", **SMALL), {"kind": "test"})
+    _, checkpoint = load_checkpoint(tmp_path / "raw.pt")
+    checkpoint[CHECKPOINT_KEY] = HighOpacityFilter(_stump("hu_median", -1e9)).to_dict()  # rejects everything
+    write_checkpoint(tmp_path / "filtered.pt", checkpoint)
+    common = ["calibrate", "--phantoms", "1", "--phantom-matrix", "64", "--phantom-max-slices", "8", "--threads", "1",
+              "--quiet", "--real-ct", str(tmp_path / "none"), "--grid", "0,0.5"]
+    assert main([*common, "--weights", str(tmp_path / "raw.pt"), "--out", str(tmp_path / "a.pt")]) == 0
+    applied = []
+    monkeypatch.setattr(HighOpacityFilter, "apply", lambda self, *args: applied.append(args) or 0)
+    assert main([*common, "--weights", str(tmp_path / "filtered.pt"), "--out", str(tmp_path / "b.pt")]) == 0
+    assert not applied  # the offsets are fitted on the labels the calibrated checkpoint will give
+    a, b = (load_checkpoint(tmp_path / name)[1] for name in ("a.pt", "b.pt"))
+    assert a["calibration"]["before"] == b["calibration"]["before"]
+    assert a["calibration"]["logit_offsets"] == b["calibration"]["logit_offsets"]
+    assert CHECKPOINT_KEY not in b

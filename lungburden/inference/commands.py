@@ -355,8 +355,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         if not grid:
             raise ValueError("--grid needs at least one offset")
         index, ids = _unseen_cases(args, weights, "calibrating", CALIBRATION_PHANTOM_SEED_START)
-        segmenter = ConvLSTMSegmenter(weights, threads=args.threads)
-        segmenter.logit_offsets = None  # fit from the raw network, whatever the file holds
+        # fit from the raw network and rules, whatever the file holds: no offsets, and no component
+        # filter (the calibrated copy drops it, since it learnt the uncalibrated labels)
+        segmenter = ConvLSTMSegmenter(weights, threads=args.threads, high_opacity_filter=False)
+        segmenter.logit_offsets = None
         cases = collect_cases(segmenter, index.iter_raw(ids))
         calibration = fit_offsets(segmenter, cases, grid=grid, tolerance=args.tolerance,
                                   progress=None if args.quiet else (lambda s: print(s.summary(), flush=True)))
@@ -393,6 +395,10 @@ def cmd_fit_filter(args: argparse.Namespace) -> int:
     weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
     started = time.perf_counter()
     try:
+        if args.folds < 2:
+            raise ValueError(f"--folds must be at least 2, got {args.folds}")
+        if Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out} is a folder; give the checkpoint file to write")
         _, checkpoint = load_checkpoint(weights)
         index, ids = _unseen_cases(args, weights, "fitting the filter", FILTER_PHANTOM_SEED_START)
         segmenter = ConvLSTMSegmenter(weights, threads=args.threads, high_opacity_filter=False)
@@ -407,7 +413,14 @@ def cmd_fit_filter(args: argparse.Namespace) -> int:
                                  "source_weights": str(weights),
                                  "wall_seconds": round(time.perf_counter() - started, 1)})
     checkpoint[CHECKPOINT_KEY] = stored
-    write_checkpoint(args.out, checkpoint)
+    try:
+        write_checkpoint(args.out, checkpoint)
+    except OSError as exc:
+        print(f"error: cannot write {args.out}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if fit.folds_skipped:
+        print(f"warning: {fit.folds_skipped} of {args.folds} cross-validation folds had only one kind of component "
+              "left to fit on; their cases count as unfiltered in the figures below")
     print(f"high-opacity volume Spearman r over the {len(fit.cases)} cases: {fit.spearman_before:.4f} without the "
           f"filter, {fit.spearman_cv:.4f} with it ({args.folds}-fold cross-validation by case; it relabelled "
           f"{fit.removed_false_ml:.0f} mL that is mostly not high opacity and {fit.removed_true_ml:.0f} mL that is)")

@@ -41,6 +41,11 @@ from lungburden.inference.postprocess import _CUBE, _component_shell
 CHECKPOINT_KEY = "high_opacity_filter"
 #: Components whose probability of being mostly not high opacity exceeds this are relabelled.
 DEFAULT_THRESHOLD = 0.5
+#: Components from this size (mL) up are always kept and not described at inference (as in the
+#: detached-opacity rule): on the fitting phantoms no component over 33 mL was rejected and
+#: every one over 50 mL scored p < 0.001, and describing a white lung's consolidation (a box the
+#: size of the lung) would cost seconds and gigabytes for nothing.
+MAX_CANDIDATE_ML = 100.0
 #: Attenuation (HU) above which a voxel around a component counts as dense (vessel, soft tissue,
 #: consolidation; GGO reaches -330 HU at most in the phantoms and rarely -250 in patients).
 DENSE_HU = -250.0
@@ -80,38 +85,41 @@ def _lung_field(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray,
-                          voxel_ml: float) -> HighOpacityComponents:
+                          voxel_ml: float, max_ml: float | None = None) -> HighOpacityComponents:
     """Describe each high-opacity component (26-connected) of ``labels`` by :data:`FEATURE_NAMES`.
 
     ``affine``: index ``(slice, row, col, 1)`` → LPS mm (its column norms are the voxel spacing;
     its slice column says which end is cranial). Size and attenuation (HU percentiles of the
     component); the share of its 26-neighbour shell that is background / lung / GGO; the position
     of its centroid in the lung field's bounding box (z: 0 at the apex, 1 at the base; x: 0 at the
-    midline, 1 at the lateral edge; y: along the rows, 0 at the first row); the square roots of the
+    midline, 1 at the lateral edge; y: 0 anterior, 1 posterior, whatever the row order); the square roots of the
     principal variances of its voxel positions (mm) and their ratios; and in the near and far shells
     (:data:`SHELLS_MM`) the share of dense voxels (above :data:`DENSE_HU`), of dense voxels the
-    labels call lung (vessels in aerated lung) or GGO, and the median HU.
+    labels call lung (vessels in aerated lung) or GGO, and the median HU. Components of ``max_ml``
+    or more (None: no limit) are not described: their rows are NaN.
     """
     high = labels == L.HIGH_OPACITY
     components, count = ndimage.label(high, structure=_CUBE)
     components = components.astype(np.int32, copy=False)
-    features = np.zeros((count, len(FEATURE_NAMES)))
-    volumes = np.zeros(count)
+    features = np.full((count, len(FEATURE_NAMES)), np.nan)
+    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
     if count == 0:
         return HighOpacityComponents(components, features, volumes)
     affine = np.asarray(affine, float)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     cranial_first = affine[2, 0] < 0
+    rows_go_posterior = affine[1, 1] >= 0  # LPS +y is posterior; a prone scan's rows run anterior
     (z0, z1), (y0, y1), (x0, x1) = _lung_field(labels)
     margin = [int(np.ceil(SHELLS_MM[-1][1] / s)) + 1 for s in spacing]
     boxes = ndimage.find_objects(components)
     for i, box in enumerate(boxes, start=1):
+        if max_ml is not None and volumes[i - 1] >= max_ml:
+            continue
         grown, member, shell = _component_shell(components, i, box)
         around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY + 1)[:L.HIGH_OPACITY + 1]
         around = around / max(int(around.sum()), 1)
         values = np.asarray(hu[grown][member], float)
         voxels = np.argwhere(member) + np.array([s.start for s in grown])
-        volumes[i - 1] = len(voxels) * voxel_ml
         mm = voxels * spacing
         cov = np.cov(mm.T) if len(mm) > 3 else np.eye(3)
         extents = np.sqrt(np.sort(np.clip(np.linalg.eigvalsh(cov), 1e-6, None))[::-1])
@@ -121,6 +129,8 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
             z_rel = 1.0 - z_rel
         x_rel = abs(xc - (x0 + x1) / 2) / max((x1 - x0) / 2, 1)
         y_rel = (yc - y0) / max(y1 - y0, 1)
+        if not rows_go_posterior:
+            y_rel = 1.0 - y_rel
         wide = tuple(slice(max(s.start - m, 0), min(s.stop + m, n))
                      for s, m, n in zip(box, margin, labels.shape, strict=True))
         inside = components[wide] == i
@@ -207,7 +217,7 @@ class TreeEnsemble:
             active = ~self.is_leaf[node]
             if not active.any():
                 break
-            value = x[rows, self.feature[node]]
+            value = x[rows, np.where(active, self.feature[node], 0)]
             go_left = np.where(np.isnan(value), self.missing_left[node], value <= self.threshold[node])
             node = np.where(active, np.where(go_left, self.left[node], self.right[node]), node)
         return self.baseline + self.value[node].sum(axis=1)
@@ -226,7 +236,17 @@ class TreeEnsemble:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TreeEnsemble:
-        """Inverse of :meth:`to_dict`; checks that the node arrays agree."""
+        """Inverse of :meth:`to_dict`; checks that the node arrays agree (ValueError if not)."""
+        try:
+            ensemble = cls._from_dict(data)
+        except ValueError:
+            raise
+        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            raise ValueError(f"malformed tree ensemble: {exc}") from exc
+        return ensemble
+
+    @classmethod
+    def _from_dict(cls, data: dict[str, Any]) -> TreeEnsemble:
         ensemble = cls(tuple(data["feature_names"]), float(data["baseline"]),
                        np.asarray(data["roots"], np.int32), np.asarray(data["feature"], np.int32),
                        np.asarray(data["threshold"], np.float64), np.asarray(data["missing_left"], bool),
@@ -243,7 +263,7 @@ class TreeEnsemble:
                 or np.any(ensemble.feature[inner] < 0) or np.any(ensemble.feature[inner] >= len(ensemble.feature_names))
                 or np.any(ensemble.left[inner] <= np.arange(n)[inner])
                 or np.any(ensemble.right[inner] <= np.arange(n)[inner])):
-            raise ValueError("malformed tree ensemble")
+            raise ValueError("malformed tree ensemble: node arrays disagree")
         return ensemble
 
 
@@ -261,21 +281,31 @@ class HighOpacityFilter:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HighOpacityFilter:
-        """Read a stored filter; refuses one fitted on other features than :data:`FEATURE_NAMES`."""
+        """Read a stored filter; refuses a malformed one and one fitted on other features than
+        :data:`FEATURE_NAMES` (ValueError)."""
+        if not isinstance(data, dict) or not isinstance(data.get("ensemble"), dict):
+            raise ValueError("malformed high-opacity filter in the checkpoint")
         ensemble = TreeEnsemble.from_dict(data["ensemble"])
         if ensemble.feature_names != FEATURE_NAMES:
             raise ValueError("the stored high-opacity filter was fitted on other component features than "
                              "this lungburden computes; refit it with `lungburden fit-filter`")
-        return cls(ensemble, float(data.get("threshold", DEFAULT_THRESHOLD)), dict(data.get("provenance", {})))
+        try:
+            threshold = float(data.get("threshold", DEFAULT_THRESHOLD))
+            provenance = dict(data.get("provenance") or {})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"malformed high-opacity filter in the checkpoint: {exc}") from exc
+        return cls(ensemble, threshold, provenance)
 
     def apply(self, labels: np.ndarray, hu: np.ndarray, affine: np.ndarray, voxel_ml: float) -> int:
         """Relabel the high-opacity components this filter rejects, in place, each to the label that
         holds most of its 26-neighbour shell (background, lung or GGO; background on ties).
-        Returns how many were relabelled."""
-        found = describe_high_opacity(labels, hu, affine, voxel_ml)
-        if not found.count:
+        Components of :data:`MAX_CANDIDATE_ML` or more are kept. Returns how many were relabelled."""
+        found = describe_high_opacity(labels, hu, affine, voxel_ml, max_ml=MAX_CANDIDATE_ML)
+        candidates = np.flatnonzero(found.volumes_ml < MAX_CANDIDATE_ML)
+        if not candidates.size:
             return 0
-        rejected = np.flatnonzero(self.ensemble.probability(found.features) > self.threshold)
+        probability = self.ensemble.probability(found.features[candidates])
+        rejected = candidates[probability > self.threshold]
         for i in rejected + 1:
             grown, member, shell = _component_shell(found.components, int(i), found.boxes[i - 1])
             around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
@@ -325,6 +355,7 @@ class FilterFit:
     spearman_cv: float  #: the same with each case filtered by a model fitted on the other folds
     removed_false_ml: float  #: cross-validated: rejected volume that is mostly not high opacity
     removed_true_ml: float  #: cross-validated: rejected volume that is mostly high opacity
+    folds_skipped: int = 0  #: folds that could not be fitted (one kind of component only)
 
 
 def _spearman_after(truth_ml: np.ndarray, model_ml: np.ndarray, case_of_row: np.ndarray,
@@ -341,7 +372,11 @@ def fit_from_cases(segmenter: Any, cases: Iterable[Any], folds: int = 5,
     """Label each :class:`~lungburden.inference.training.data.RawCase` with ``segmenter`` (its
     finishing, without a component filter), describe its high-opacity components, and fit
     :func:`fit_filter` on all of them; ``folds``-fold cross-validation grouped by case (cases
-    dealt round-robin) measures what the filter does to cases it was not fitted on."""
+    dealt round-robin) measures what the filter does to cases it was not fitted on (a fold whose
+    other cases lack one of the two kinds of component cannot be fitted: counted in
+    ``FilterFit.folds_skipped``, its cases stay unfiltered)."""
+    if folds < 2:
+        raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     rows, targets, volumes, case_of_row, ids, truth_ml, model_ml = [], [], [], [], [], [], []
     for case in cases:
         volume = case.to_volume()
@@ -362,15 +397,21 @@ def fit_from_cases(segmenter: Any, cases: Iterable[Any], folds: int = 5,
     groups = np.concatenate(case_of_row).astype(np.intp)
     t_ml, m_ml = np.asarray(truth_ml), np.asarray(model_ml)
     rejected = np.zeros(len(y), bool)
+    skipped = 0
     for k in range(folds):
         test = groups % folds == k
-        if test.any() and len(np.unique(y[~test])) == 2:
-            part = fit_filter(x[~test], y[~test], w[~test])
-            rejected[test] = part.ensemble.probability(x[test]) > part.threshold
+        if not test.any():
+            continue
+        if len(np.unique(y[~test])) < 2:
+            skipped += 1
+            continue
+        part = fit_filter(x[~test], y[~test], w[~test])
+        rejected[test] = part.ensemble.probability(x[test]) > part.threshold
     before = _spearman_after(t_ml, m_ml, groups, w, np.zeros(len(y), bool))
     after = _spearman_after(t_ml, m_ml, groups, w, rejected)
     fitted = fit_filter(x, y, w, provenance={
         "cases": len(ids), "first_case": ids[0] if ids else None, "last_case": ids[-1] if ids else None,
-        "cv_folds": folds, "cv_spearman_high_before": round(before, 4), "cv_spearman_high_after": round(after, 4)})
+        "cv_folds": folds, "cv_folds_skipped": skipped,
+        "cv_spearman_high_before": round(before, 4), "cv_spearman_high_after": round(after, 4)})
     return FilterFit(fitted, ids, before, after, float(w[rejected & (y == 1)].sum()),
-                     float(w[rejected & (y == 0)].sum()))
+                     float(w[rejected & (y == 0)].sum()), skipped)
