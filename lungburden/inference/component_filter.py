@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.postprocess import _CUBE, _component_shell
+from lungburden.inference.postprocess import _CUBE, _bounding_crop, _component_shell
 
 #: Checkpoint key of the stored ensemble.
 CHECKPOINT_KEY = "high_opacity_filter"
@@ -65,12 +65,16 @@ FEATURE_NAMES: tuple[str, ...] = (
 
 @dataclass
 class HighOpacityComponents:
-    """The high-opacity components of a label map and their :data:`FEATURE_NAMES` rows."""
+    """The high-opacity components of a label map and their :data:`FEATURE_NAMES` rows.
 
-    components: np.ndarray  #: int32 component index per voxel (0 = not high opacity)
+    ``components`` and ``boxes`` are relative to ``crop``, the box of all high opacity grown by the
+    rings' reach (a whole-series index map would cost 4 bytes per voxel; None: no high opacity)."""
+
+    components: np.ndarray  #: int32 component index per voxel of ``crop`` (0 = not high opacity)
     features: np.ndarray  #: float64 ``(count, len(FEATURE_NAMES))``
     volumes_ml: np.ndarray  #: float64 ``(count,)``
     boxes: list[tuple[slice, ...]] = field(default_factory=list)  #: ``ndimage.find_objects`` boxes
+    crop: tuple[slice, ...] | None = None
 
     @property
     def count(self) -> int:
@@ -98,28 +102,30 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
     labels call lung (vessels in aerated lung) or GGO, and the median HU. Components of ``max_ml``
     or more (None: no limit) are not described: their rows are NaN.
     """
-    high = labels == L.HIGH_OPACITY
-    components, count = ndimage.label(high, structure=_CUBE)
-    components = components.astype(np.int32, copy=False)
-    features = np.full((count, len(FEATURE_NAMES)), np.nan)
-    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
-    if count == 0:
-        return HighOpacityComponents(components, features, volumes)
     affine = np.asarray(affine, float)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    margin = tuple(int(np.ceil(SHELLS_MM[-1][1] / s)) + 1 for s in spacing)
+    high = labels == L.HIGH_OPACITY
+    crop = _bounding_crop(high, margin)  # type: ignore[arg-type]
+    if crop is None:
+        return HighOpacityComponents(np.zeros((0, 0, 0), np.int32), np.zeros((0, len(FEATURE_NAMES))), np.zeros(0))
+    sub, sub_hu = labels[crop], np.asarray(hu[crop])
+    components, count = ndimage.label(high[crop], structure=_CUBE)
+    features = np.full((count, len(FEATURE_NAMES)), np.nan)
+    volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
     cranial_first = affine[2, 0] < 0
     rows_go_posterior = affine[1, 1] >= 0  # LPS +y is posterior; a prone scan's rows run anterior
     (z0, z1), (y0, y1), (x0, x1) = _lung_field(labels)
-    margin = [int(np.ceil(SHELLS_MM[-1][1] / s)) + 1 for s in spacing]
+    offset = np.array([s.start for s in crop])
     boxes = ndimage.find_objects(components)
     for i, box in enumerate(boxes, start=1):
         if max_ml is not None and volumes[i - 1] >= max_ml:
             continue
         grown, member, shell = _component_shell(components, i, box)
-        around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY + 1)[:L.HIGH_OPACITY + 1]
+        around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY + 1)[:L.HIGH_OPACITY + 1]
         around = around / max(int(around.sum()), 1)
-        values = np.asarray(hu[grown][member], float)
-        voxels = np.argwhere(member) + np.array([s.start for s in grown])
+        values = np.asarray(sub_hu[grown][member], float)
+        voxels = np.argwhere(member) + np.array([s.start for s in grown]) + offset  # series indices
         mm = voxels * spacing
         cov = np.cov(mm.T) if len(mm) > 3 else np.eye(3)
         extents = np.sqrt(np.sort(np.clip(np.linalg.eigvalsh(cov), 1e-6, None))[::-1])
@@ -132,10 +138,10 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
         if not rows_go_posterior:
             y_rel = 1.0 - y_rel
         wide = tuple(slice(max(s.start - m, 0), min(s.stop + m, n))
-                     for s, m, n in zip(box, margin, labels.shape, strict=True))
+                     for s, m, n in zip(box, margin, sub.shape, strict=True))
         inside = components[wide] == i
         distance = ndimage.distance_transform_edt(~inside, sampling=spacing)
-        wide_hu, wide_labels = np.asarray(hu[wide]), labels[wide]
+        wide_hu, wide_labels = sub_hu[wide], sub[wide]
         dense = wide_hu > DENSE_HU
         rings = []
         for lo, hi in SHELLS_MM:
@@ -154,7 +160,7 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
             extents[0], extents[1], extents[2], extents[0] / extents[1], extents[1] / extents[2],
             *rings,
         ]
-    return HighOpacityComponents(components, features, volumes, boxes)
+    return HighOpacityComponents(components, features, volumes, boxes, crop)
 
 
 @dataclass(frozen=True)
@@ -302,22 +308,23 @@ class HighOpacityFilter:
         Components of :data:`MAX_CANDIDATE_ML` or more are kept. Returns how many were relabelled."""
         found = describe_high_opacity(labels, hu, affine, voxel_ml, max_ml=MAX_CANDIDATE_ML)
         candidates = np.flatnonzero(found.volumes_ml < MAX_CANDIDATE_ML)
-        if not candidates.size:
+        if not candidates.size or found.crop is None:
             return 0
+        sub = labels[found.crop]
         probability = self.ensemble.probability(found.features[candidates])
         rejected = candidates[probability > self.threshold]
         for i in rejected + 1:
             grown, member, shell = _component_shell(found.components, int(i), found.boxes[i - 1])
-            around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
-            labels[grown][member] = int(np.argmax(around))
+            around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
+            sub[grown][member] = int(np.argmax(around))
         return len(rejected)
 
 
 def component_targets(found: HighOpacityComponents, truth: np.ndarray) -> np.ndarray:
     """1 where less than half of a component is true high opacity (what the filter should reject)."""
-    if not found.count:
+    if not found.count or found.crop is None:
         return np.zeros(0, np.int64)
-    true_high = np.bincount(found.components[truth == L.HIGH_OPACITY], minlength=found.count + 1)[1:]
+    true_high = np.bincount(found.components[truth[found.crop] == L.HIGH_OPACITY], minlength=found.count + 1)[1:]
     size = np.bincount(found.components.ravel(), minlength=found.count + 1)[1:]
     return (true_high < 0.5 * size).astype(np.int64)
 
