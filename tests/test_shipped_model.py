@@ -47,6 +47,11 @@ def test_weights_ship_and_are_the_default():
     assert path.is_file() and path.stat().st_size < 20 * 2**20
     segmenter = get_segmenter()
     assert segmenter.info.name and segmenter.info.version
+    # the second stage ships with the network, fitted on phantoms neither trained nor evaluated on
+    fitted = segmenter.high_opacity_filter
+    assert fitted is not None and len(fitted.ensemble.roots) == 400
+    assert (fitted.provenance["first_case"], fitted.provenance["last_case"]) == ("phantom-600", "phantom-999")
+    assert segmenter.info.parameters["high_opacity_filter"].startswith("400 trees, reject p > 0.5")
 
 
 @pytest.fixture(scope="module")
