@@ -311,8 +311,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _unseen_cases(args: argparse.Namespace, weights: Path, what: str, seed_start: int):
     """The data arguments' case index and ids for ``what`` (calibrating, fitting the filter) on
-    ``weights``; refuses the held-out evaluation phantoms (seeds 1..100), the cases the network's
-    training used (its split) and an empty selection."""
+    ``weights``, and that checkpoint's dict; refuses the held-out evaluation phantoms (seeds
+    1..100), the cases the network's training used (its split) and an empty selection."""
     from lungburden.inference.calibration import overlapping_ids
     from lungburden.inference.models import load_checkpoint
     from lungburden.inference.training.data import CaseIndex
@@ -331,7 +331,7 @@ def _unseen_cases(args: argparse.Namespace, weights: Path, what: str, seed_start
     if used:
         raise ValueError(f"{len(used)} of the cases were used to train {weights} (e.g. {used[0]}); use cases "
                          f"the training never saw for {what}")
-    return index, ids
+    return index, ids, checkpoint
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -354,7 +354,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         grid = [float(v) for v in args.grid.split(",") if v.strip()]
         if not grid:
             raise ValueError("--grid needs at least one offset")
-        index, ids = _unseen_cases(args, weights, "calibrating", CALIBRATION_PHANTOM_SEED_START)
+        index, ids, _ = _unseen_cases(args, weights, "calibrating", CALIBRATION_PHANTOM_SEED_START)
         # fit from the raw network and rules, whatever the file holds: no offsets, and no component
         # filter (the calibrated copy drops it, since it learnt the uncalibrated labels)
         segmenter = ConvLSTMSegmenter(weights, threads=args.threads, high_opacity_filter=False)
@@ -379,15 +379,13 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # fit-filter
 
 
-
-
 def cmd_fit_filter(args: argparse.Namespace) -> int:
     """Fit the learned high-opacity component filter of a network on cases it never trained on and
     write a checkpoint that carries it (lungburden.inference.component_filter)."""
     import torch
 
     from lungburden.inference.component_filter import CHECKPOINT_KEY, fit_from_cases
-    from lungburden.inference.models import load_checkpoint, write_checkpoint
+    from lungburden.inference.models import write_checkpoint
     from lungburden.inference.predict import DEFAULT_WEIGHTS, ConvLSTMSegmenter
 
     if args.threads:
@@ -399,8 +397,7 @@ def cmd_fit_filter(args: argparse.Namespace) -> int:
             raise ValueError(f"--folds must be at least 2, got {args.folds}")
         if Path(args.out).is_dir():
             raise ValueError(f"--out {args.out} is a folder; give the checkpoint file to write")
-        _, checkpoint = load_checkpoint(weights)
-        index, ids = _unseen_cases(args, weights, "fitting the filter", FILTER_PHANTOM_SEED_START)
+        index, ids, checkpoint = _unseen_cases(args, weights, "fitting the filter", FILTER_PHANTOM_SEED_START)
         segmenter = ConvLSTMSegmenter(weights, threads=args.threads, high_opacity_filter=False)
         fit = fit_from_cases(segmenter, index.iter_raw(ids), folds=args.folds,
                              progress=None if args.quiet else (lambda line: print(line, flush=True)))

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.postprocess import _CUBE, _bounding_crop, _component_shell
+from lungburden.inference.postprocess import _CUBE, _bounding_crop, _component_shell, relabel_to_surroundings
 
 #: Checkpoint key of the stored ensemble.
 CHECKPOINT_KEY = "high_opacity_filter"
@@ -244,20 +244,13 @@ class TreeEnsemble:
     def from_dict(cls, data: dict[str, Any]) -> TreeEnsemble:
         """Inverse of :meth:`to_dict`; checks that the node arrays agree (ValueError if not)."""
         try:
-            ensemble = cls._from_dict(data)
-        except ValueError:
-            raise
-        except (KeyError, TypeError, AttributeError, IndexError) as exc:
+            ensemble = cls(tuple(data["feature_names"]), float(data["baseline"]),
+                           np.asarray(data["roots"], np.int32), np.asarray(data["feature"], np.int32),
+                           np.asarray(data["threshold"], np.float64), np.asarray(data["missing_left"], bool),
+                           np.asarray(data["left"], np.int32), np.asarray(data["right"], np.int32),
+                           np.asarray(data["is_leaf"], bool), np.asarray(data["value"], np.float64))
+        except (KeyError, TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed tree ensemble: {exc}") from exc
-        return ensemble
-
-    @classmethod
-    def _from_dict(cls, data: dict[str, Any]) -> TreeEnsemble:
-        ensemble = cls(tuple(data["feature_names"]), float(data["baseline"]),
-                       np.asarray(data["roots"], np.int32), np.asarray(data["feature"], np.int32),
-                       np.asarray(data["threshold"], np.float64), np.asarray(data["missing_left"], bool),
-                       np.asarray(data["left"], np.int32), np.asarray(data["right"], np.int32),
-                       np.asarray(data["is_leaf"], bool), np.asarray(data["value"], np.float64))
         n = len(ensemble.feature)
         arrays = (ensemble.threshold, ensemble.missing_left, ensemble.left, ensemble.right,
                   ensemble.is_leaf, ensemble.value)
@@ -310,13 +303,9 @@ class HighOpacityFilter:
         candidates = np.flatnonzero(found.volumes_ml < MAX_CANDIDATE_ML)
         if not candidates.size or found.crop is None:
             return 0
-        sub = labels[found.crop]
         probability = self.ensemble.probability(found.features[candidates])
         rejected = candidates[probability > self.threshold]
-        for i in rejected + 1:
-            grown, member, shell = _component_shell(found.components, int(i), found.boxes[i - 1])
-            around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
-            sub[grown][member] = int(np.argmax(around))
+        relabel_to_surroundings(labels[found.crop], found.components, found.boxes, rejected + 1)
         return len(rejected)
 
 
@@ -396,7 +385,7 @@ def fit_from_cases(segmenter: Any, cases: Iterable[Any], folds: int = 5,
         case_of_row.append(np.full(found.count, len(ids)))
         ids.append(case.case_id)
         truth_ml.append(np.count_nonzero(truth == L.HIGH_OPACITY) * volume.voxel_volume_ml)
-        model_ml.append(np.count_nonzero(labels == L.HIGH_OPACITY) * volume.voxel_volume_ml)
+        model_ml.append(found.volumes_ml.sum())
         if progress is not None:
             progress(f"{case.case_id}: {found.count} high-opacity components, "
                      f"{int(targets[-1].sum())} mostly not high opacity")

@@ -289,9 +289,16 @@ def relabel_unlikely_high_opacity(labels: np.ndarray, hu: np.ndarray, voxel_ml: 
     if fat_median_hu is not None:  # over the high-opacity voxels only (the whole box: 100x slower)
         medians = np.asarray(ndimage.median(np.asarray(hu)[crop][sub_high], member, index), float)
         unlikely |= medians <= fat_median_hu
-    boxes = ndimage.find_objects(components)
-    for i in index[unlikely]:
-        grown, component, shell = _component_shell(components, int(i), boxes[i - 1])
-        around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
-        sub[grown][component] = int(np.argmax(around))
+    relabel_to_surroundings(sub, components, ndimage.find_objects(components), index[unlikely])
     return labels
+
+
+def relabel_to_surroundings(labels: np.ndarray, components: np.ndarray, boxes: list[Any],
+                            indices: np.ndarray) -> None:
+    """Give each component in ``indices`` (of the labelled array ``components``, boxes from
+    ``ndimage.find_objects``; both on the grid of ``labels``) the label that holds most of its
+    26-neighbour shell (background, lung or GGO; background on ties), in place."""
+    for i in indices:
+        grown, component, shell = _component_shell(components, int(i), boxes[i - 1])
+        around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
+        labels[grown][component] = int(np.argmax(around))
