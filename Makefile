@@ -6,6 +6,9 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools
 DEMO_DIR ?= demo-out
+# Real CT used by tests, evaluation and benchmarks (read in place, never copied).
+LUNGBURDEN_DATA ?= $(abspath $(CURDIR)/../shared/data)
+export LUNGBURDEN_DATA
 
 .PHONY: install demo test lint system-deps clean
 
@@ -13,7 +16,7 @@ $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[test]'
+	$(PIP) install -q -e '.[train,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

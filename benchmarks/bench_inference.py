@@ -4,7 +4,7 @@
     python benchmarks/bench_inference.py --table4 [--weights-dir DIR]
 
 Default mode, on one synthetic 512×512 chest CT held in memory (the phantom of
-``lungburden.inference.phantom`` when present, else ellipses + noise):
+``lungburden.phantom`` when present, else ellipses + noise):
 
 * median wall time of files → label map (``load_files`` of the phantom written as a 512×512 DICOM
   series, then ``segment``) for the fast path and for the naive path (every window re-encodes its
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 def synthetic_volume(slices: int, size: int = 512, seed: int = 0) -> np.ndarray:
     """A float32 HU chest-like volume, preferably the phantom (tiled along z if needed)."""
     try:
-        from lungburden.inference.phantom import PhantomSpec, generate_phantom
+        from lungburden.phantom import PhantomSpec, generate_phantom
     except ImportError:
         generate_phantom = None
     if generate_phantom is not None and slices <= 160:
@@ -73,7 +73,7 @@ def ellipse_volume(slices: int, size: int = 512, seed: int = 0) -> np.ndarray:
 
 def write_series(slices: int, out: Path, size: int = 512) -> list[Path]:
     """The benchmark phantom written as a DICOM CT series; returns its files."""
-    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+    from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
     spec = PhantomSpec(seed=0, slices=slices, slice_spacing_mm=2.5, rows=size, cols=size, burden_percent=20)
     write_phantom_series(generate_phantom(spec), out, spec)
@@ -93,8 +93,8 @@ def vm_hwm_mib() -> float:
 
 def make_segmenter(model_name: str, weights: str | None, naive: bool = False, threads: int | None = None,
                    precision: str | None = None):
-    from lungburden.inference.models import build_model
-    from lungburden.inference.predict import ConvLSTMSegmenter
+    from lungburden.segmentation.convlstm import ConvLSTMSegmenter
+    from lungburden.segmentation.networks import build_model
 
     if weights:
         return ConvLSTMSegmenter(weights_path=weights, naive=naive, threads=threads, precision=precision)
@@ -120,7 +120,7 @@ def stage_times(seg, hu: np.ndarray) -> dict[str, float]:
     """Wall seconds of one ``segment`` call: total, preprocessing, and the rest (network, with
     logits → labels overlapped on the segmenter's helper thread); ``labels_busy``: seconds that
     thread spent in logits → labels."""
-    from lungburden.inference import predict
+    from lungburden.segmentation import convlstm as predict
 
     spent = {"preprocess": 0.0, "logits_to_labels": 0.0}
     originals = {name: getattr(predict, name) for name in spent}
@@ -174,9 +174,9 @@ def run_child(model: str, slices: int, args: argparse.Namespace, weights: str | 
 def main_default(args: argparse.Namespace) -> None:
     import torch
 
-    from lungburden.inference.models import count_parameters
-    from lungburden.inference.predict import native_bfloat16
-    from lungburden.inference.volume import load_files
+    from lungburden.dicom_io.volume import load_files
+    from lungburden.segmentation.convlstm import native_bfloat16
+    from lungburden.segmentation.networks import count_parameters
 
     hu = synthetic_volume(args.slices)
     fast = make_segmenter("convlstm", args.weights, threads=args.threads, precision=args.precision)
@@ -236,7 +236,7 @@ def main_table4(args: argparse.Namespace) -> None:
     print("Table 4 style: 16 slices of 512×512, volume → labels, each model in a fresh process")
     print("| model | parameters | wall s | CPU s | peak RSS MiB | RSS growth in segment MiB |")
     print("|---|---|---|---|---|---|")
-    from lungburden.inference.models import build_model, count_parameters
+    from lungburden.segmentation.networks import build_model, count_parameters
 
     for name in ("convlstm", "unet2d", "unet3d"):
         weights = None

@@ -1,14 +1,14 @@
-"""What each label-finishing step of the network segmenter adds, on phantoms (docs/model.md).
+"""What each label-finishing step of the network segmenter adds, on phantoms (docs/model-development.md).
 
     python benchmarks/finishing_steps.py [--phantoms 100] [--phantom-seed-start 500] [--weights CKPT]
         [--threads 1] [--out FILE]
 
 Runs the network once per phantom (``ConvLSTMSegmenter.model_grid_logits``), then finishes the
 stored logits with the segmenter's own steps (``labels_from_logits``), enabling the steps of
-:mod:`lungburden.inference.postprocess` one after another, and prints per configuration the
+:mod:`lungburden.segmentation.postprocess` one after another, and prints per configuration the
 pooled Dice (lesion, GGO, high opacity), the Spearman r of GGO / high-opacity volume and the mean
-burden error against the phantoms' truth (the scoring of ``lungburden calibrate``); the last row
-adds the checkpoint's learned high-opacity component filter (:mod:`lungburden.inference.component_filter`),
+burden error against the phantoms' truth (the scoring of ``lungburden model calibrate``); the last row
+adds the checkpoint's learned high-opacity component filter (:mod:`lungburden.segmentation.component_filter`),
 when it has one. Seeds 500+
 are the validation phantoms the steps were chosen on; seeds 1-100 are the held-out evaluation
 set (report them, do not tune on them).
@@ -24,16 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lungburden.inference.calibration import collect_cases, score_offsets  # noqa: E402
-from lungburden.inference.postprocess import (  # noqa: E402
+from lungburden.segmentation.convlstm import ConvLSTMSegmenter  # noqa: E402
+from lungburden.segmentation.postprocess import (  # noqa: E402
     APEX_MIN_LUNG_CM2,
     FAT_MEDIAN_HU,
     MAX_DETACHED_ML,
     MIN_HIGH_OPACITY_ML,
     GGOMargins,
 )
-from lungburden.inference.predict import ConvLSTMSegmenter  # noqa: E402
-from lungburden.inference.training.data import CaseIndex, DataSpec  # noqa: E402
+from lungburden.training.calibration import collect_cases, score_offsets  # noqa: E402
+from lungburden.training.data import CaseIndex, DataSpec  # noqa: E402
 
 #: The segmenter with every finishing step off (the 0.5 mL opacity-speck filter stays).
 ALL_OFF = dict(ggo_margins=None, max_detached_ml=0, apex_min_lung_cm2=0, min_high_opacity_ml=0, fat_median_hu=None)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,18 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from lungburden import labels as L  # noqa: E402
-from lungburden.inference.evaluation import build_segmenter  # noqa: E402
-from lungburden.inference.training.data import tumour_region  # noqa: E402
-from lungburden.inference.volume import load_files  # noqa: E402
+from lungburden.dicom_io.volume import load_files  # noqa: E402
 from lungburden.pipeline import analyze_volume  # noqa: E402
+from lungburden.training.data import tumour_region  # noqa: E402
+from lungburden.training.evaluation import build_segmenter  # noqa: E402
 
-DEFAULT_STUDY = ROOT.parent / "shared" / "data" / "real-ct" / "lung-pet-ct-dx-A0001"
+DATA_ROOT = Path(os.environ.get("LUNGBURDEN_DATA") or ROOT.parent / "shared" / "data")
+DEFAULT_STUDY = DATA_ROOT / "real-ct" / "lung-pet-ct-dx-A0001"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="segmenter (default: the shipped default)")
-    p.add_argument("--weights", default=None, help="a checkpoint written by `lungburden train` instead of --model")
+    p.add_argument("--weights", default=None,
+                   help="a checkpoint written by `lungburden model train` instead of --model")
     p.add_argument("--study", default=str(DEFAULT_STUDY))
     p.add_argument("--series", default="lung-kernel-L-5mm",
                    help="series folder of the study (default the lung kernel; soft-kernel-B-5mm is the same "

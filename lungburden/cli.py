@@ -20,7 +20,7 @@ log = logging.getLogger("lungburden")
 
 #: Modules that contribute subcommands when present.
 COMMAND_MODULES = (
-    "lungburden.inference.commands",
+    "lungburden.training.commands",
     "lungburden.dicom_node.commands",
     "lungburden.orthanc_plugin.commands",
 )
@@ -49,9 +49,9 @@ def _print_summary(document: dict, out_dir: Path) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """Find the series under INPUT_DIR, select one, analyse it and write SEG, SR and result.json."""
-    from lungburden.inference.selection import SelectionRules, select_series
-    from lungburden.inference.series import discover_series
-    from lungburden.inference.volume import LoadLimits, SeriesRejected
+    from lungburden.dicom_io.selection import SelectionRules, select_series
+    from lungburden.dicom_io.series import discover_series
+    from lungburden.dicom_io.volume import LoadLimits, SeriesRejected
     from lungburden.pipeline import process_series
 
     input_dir = Path(args.input_dir)
@@ -70,6 +70,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         which = f"series {args.series}" if args.series else "analysable CT series"
         print(f"error: found no {which} under {input_dir}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from lungburden.segmentation.registry import get_segmenter
+
+    try:
+        segmenter = get_segmenter(args.model, weights=args.weights)
+    except (KeyError, ValueError, OSError) as exc:  # unknown model, unreadable or foreign weights
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     started = time.perf_counter()
 
     def progress(step: str) -> None:
@@ -79,13 +86,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"analysing {candidate.describe()}", file=sys.stderr)
         try:
             outputs = process_series(candidate.files, Path(args.out), model=args.model, limits=limits,
-                                     progress=progress)
+                                     progress=progress, segmenter=segmenter)
         except SeriesRejected as exc:
             print(f"not analysed: {exc}", file=sys.stderr)
             continue
-        except KeyError as exc:  # unknown model name
-            print(f"error: {exc.args[0]}", file=sys.stderr)
-            return EXIT_BAD_INPUT
         progress("done")
         _print_summary(outputs.result, Path(args.out))
         return 0
@@ -95,7 +99,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_phantom(args: argparse.Namespace) -> int:
     """Write a synthetic chest CT series with its ground truth (labels.nii.gz, truth.json)."""
-    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+    from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
     spec = PhantomSpec(
         seed=args.seed, slices=args.slices, slice_spacing_mm=args.spacing,
@@ -109,7 +113,7 @@ def cmd_phantom(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     """List the registered segmenters."""
-    from lungburden.inference.segmenter import DEFAULT_SEGMENTER, available_segmenters
+    from lungburden.segmentation.registry import DEFAULT_SEGMENTER, available_segmenters
 
     for name in available_segmenters():
         print(f"{name}{'  (default)' if name == DEFAULT_SEGMENTER else ''}")
@@ -126,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("input_dir", help="folder (searched recursively) with the DICOM files")
     p.add_argument("--out", required=True, help="output folder for seg.dcm, sr.dcm, result.json")
     p.add_argument("--model", default=None, help="segmenter name (see `lungburden models`)")
+    p.add_argument("--weights", default=None, metavar="FILE",
+                   help="network weights file, e.g. site-tuned weights (default: the shipped weights)")
     p.add_argument("--series", default=None, help="analyse this SeriesInstanceUID instead of the selected one")
     p.add_argument("--min-slices", type=int, default=16, help="reject series with fewer slices (default 16)")
     p.set_defaults(func=cmd_analyze)

@@ -1,7 +1,7 @@
 """Label values of the label maps produced by every segmenter and the phantom ground truth.
 
 A label map is a ``uint8`` array on the source CT grid, same shape and axis order as
-:attr:`lungburden.inference.volume.CTVolume.hu`.
+:attr:`lungburden.dicom_io.volume.CTVolume.hu`.
 """
 
 from __future__ import annotations

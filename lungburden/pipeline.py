@@ -20,9 +20,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from lungburden import __version__
-from lungburden.inference.quantify import Quantities, quantify
-from lungburden.inference.segmenter import AlgorithmInfo, Segmenter, get_segmenter
-from lungburden.inference.volume import CTVolume, LoadLimits, load_files
+from lungburden.dicom_io.volume import CTVolume, LoadLimits, load_files
+from lungburden.quantify import Quantities, quantify
+from lungburden.segmentation.base import AlgorithmInfo, Segmenter
+from lungburden.segmentation.registry import get_segmenter
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,8 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset) -> dict:
         "series_instance_uid": volume.series_instance_uid,
         "model": result.model,
         "model_version": result.algorithm.version,
+        "weights": result.algorithm.weights_file,
+        "weights_sha256": result.algorithm.weights_sha256,
         **result.quantities.to_dict(),
         "seg_sop_instance_uid": str(seg.SOPInstanceUID),
         "seg_series_instance_uid": str(seg.SeriesInstanceUID),
@@ -142,12 +145,14 @@ def process_series(
     progress: ProgressCallback | None = None,
     segmenter: Segmenter | None = None,
     uid_seed: str | None = None,
+    weights: str | Path | None = None,
 ) -> AnalysisOutputs:
     """Load the files of one series, analyse, encode and write the results to ``out_dir``.
 
-    ``uid_seed`` makes the result UIDs deterministic (see :func:`result_uids`).
+    ``uid_seed`` makes the result UIDs deterministic (see :func:`result_uids`). ``weights``: a
+    network weights file for ``model`` (default the shipped one), unless ``segmenter`` is given.
 
-    Raises :class:`~lungburden.inference.volume.SeriesRejected` for input that cannot be
+    Raises :class:`~lungburden.dicom_io.volume.SeriesRejected` for input that cannot be
     analysed; nothing is written in that case.
     """
     notify = progress or (lambda step: None)
@@ -157,7 +162,7 @@ def process_series(
     volume = load_files(list(files), limits)
     timings["load"] = time.perf_counter() - start
     if segmenter is None:
-        segmenter = get_segmenter(model)
+        segmenter = get_segmenter(model, weights=weights)
     model_name = model or getattr(segmenter, "name", None) or segmenter.info.name
     notify("segment")
     result = analyze_volume(volume, segmenter, model_name)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import yaml
+from conftest import SHARED_DATA as REAL_DATA
 from ct_builders import ct_slice
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
@@ -19,7 +20,7 @@ from pydicom.uid import generate_uid
 from lungburden.dicom_node.demo import dcmtk_tool
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_STUDY = REPO.parent / "shared" / "data" / "real-ct" / "lung-pet-ct-dx-A0001"
+REAL_STUDY = REAL_DATA / "real-ct" / "lung-pet-ct-dx-A0001"
 
 
 def make_ct_dataset(
@@ -57,8 +58,8 @@ def write_ct_series(out_dir: Path, slices: int = 20, study_uid: str | None = Non
 
 
 def write_phantom(out_dir: Path, seed: int = 3, slices: int = 24, size: int = 256) -> list[Path]:
-    """A phantom chest CT series from :mod:`lungburden.inference.phantom` (realistic input for the pipeline)."""
-    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+    """A phantom chest CT series from :mod:`lungburden.phantom` (realistic input for the pipeline)."""
+    from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
     spec = PhantomSpec(seed=seed, slices=slices, rows=size, cols=size, slice_spacing_mm=10.0)
     phantom = generate_phantom(spec)
@@ -201,7 +202,7 @@ class NodeProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def store(self):
-        from lungburden.dicom_node.jobs import JobStore
+        from lungburden.jobs.queue import JobStore
 
         return JobStore.for_storage(self.storage_dir)
 

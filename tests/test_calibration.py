@@ -7,17 +7,17 @@ import pytest
 import torch
 
 from lungburden import labels as L
-from lungburden.inference.calibration import (
+from lungburden.dicom_io.volume import CTVolume
+from lungburden.segmentation.convlstm import ConvLSTMSegmenter
+from lungburden.segmentation.networks import build_model, save_checkpoint
+from lungburden.segmentation.preprocess import CropBox, PreprocessedSeries
+from lungburden.training.calibration import (
     CalibrationCase,
     collect_cases,
     fit_offsets,
     score_offsets,
     write_calibrated_checkpoint,
 )
-from lungburden.inference.models import build_model, save_checkpoint
-from lungburden.inference.predict import ConvLSTMSegmenter
-from lungburden.inference.preprocess import CropBox, PreprocessedSeries
-from lungburden.inference.volume import CTVolume
 
 SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, levels=2, hidden=8, head_width=8,
              lstm_pool=2, refine=8, context=1)
@@ -69,7 +69,7 @@ def test_stored_logits_finish_exactly_as_segment(segmenter):
 
 
 def test_checkpoint_calibration_is_applied_by_default(tmp_path, segmenter):
-    from lungburden.inference.calibration import Calibration, CalibrationScore
+    from lungburden.training.calibration import Calibration, CalibrationScore
 
     save_checkpoint(tmp_path / "raw.pt", segmenter.source_model, {"kind": "test"})
     score = CalibrationScore([0, 0, 0.5, 0], 0.9, 0.9, 0.8, 0.98, 0.97, -1.0)
@@ -120,7 +120,7 @@ def test_fit_finds_the_offset_that_undoes_an_under_call(segmenter):
 
 def test_fit_keeps_the_spearman_constraint(segmenter, monkeypatch):
     """An offset that raises Dice but lowers a Spearman r beyond the tolerance is not taken."""
-    from lungburden.inference import calibration as C
+    from lungburden.training import calibration as C
 
     def fake_score(_seg, _cases, offsets):
         ggo = offsets[L.GGO]
@@ -134,8 +134,8 @@ def test_fit_keeps_the_spearman_constraint(segmenter, monkeypatch):
 
 def test_collect_cases_and_calibrate_command(tmp_path, segmenter):
     from lungburden.cli import main
-    from lungburden.inference.models import load_checkpoint
-    from lungburden.inference.training.data import CaseIndex, PhantomSource
+    from lungburden.segmentation.networks import load_checkpoint
+    from lungburden.training.data import CaseIndex, PhantomSource
 
     index = CaseIndex([PhantomSource([500], matrix=64, max_slices=8)])
     (case,) = collect_cases(segmenter, index.iter_raw(index.ids()))
@@ -143,7 +143,7 @@ def test_collect_cases_and_calibrate_command(tmp_path, segmenter):
 
     save_checkpoint(tmp_path / "raw.pt", segmenter.source_model,
                     {"split": {"train": ["phantom-501"], "val": [], "test": []}})
-    common = ["calibrate", "--weights", str(tmp_path / "raw.pt"), "--phantoms", "1", "--phantom-matrix", "64",
+    common = ["model", "calibrate", "--weights", str(tmp_path / "raw.pt"), "--phantoms", "1", "--phantom-matrix", "64",
               "--phantom-max-slices", "8", "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"),
               "--grid", "0,0.5"]
     assert main([*common, "--out", str(tmp_path / "cal.pt")]) == 0

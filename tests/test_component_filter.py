@@ -10,18 +10,16 @@ import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 
 from lungburden import labels as L
-from lungburden.inference.component_filter import (
+from lungburden.dicom_io.volume import CTVolume
+from lungburden.segmentation.component_filter import (
     CHECKPOINT_KEY,
     FEATURE_NAMES,
     MAX_CANDIDATE_ML,
     HighOpacityFilter,
     TreeEnsemble,
-    component_targets,
     describe_high_opacity,
-    fit_filter,
-    fit_from_cases,
 )
-from lungburden.inference.volume import CTVolume
+from lungburden.training.second_stage import component_targets, fit_filter, fit_from_cases
 
 AFFINE = np.array([[0, 0, 1.0, 0], [0, 1.0, 0, 0], [-2.0, 0, 0, 0], [0, 0, 0, 1]])  # slice 0 cranial
 
@@ -217,9 +215,9 @@ SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, level
 
 
 def test_segmenter_applies_the_checkpoint_filter_unless_told_not_to(tmp_path):
-    from lungburden.inference.calibration import Calibration, CalibrationScore, write_calibrated_checkpoint
-    from lungburden.inference.models import build_model, load_checkpoint, save_checkpoint, write_checkpoint
-    from lungburden.inference.predict import ConvLSTMSegmenter
+    from lungburden.segmentation.convlstm import ConvLSTMSegmenter
+    from lungburden.segmentation.networks import build_model, load_checkpoint, save_checkpoint, write_checkpoint
+    from lungburden.training.calibration import Calibration, CalibrationScore, write_calibrated_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "raw.pt", build_model("convlstm", **SMALL), {"kind": "test"})
@@ -247,10 +245,10 @@ def test_segmenter_applies_the_checkpoint_filter_unless_told_not_to(tmp_path):
 
 def test_fit_filter_command(tmp_path):
     from lungburden.cli import main
-    from lungburden.inference.models import load_checkpoint
-    from lungburden.inference.predict import DEFAULT_WEIGHTS, ConvLSTMSegmenter
+    from lungburden.segmentation.convlstm import DEFAULT_WEIGHTS, ConvLSTMSegmenter
+    from lungburden.segmentation.networks import load_checkpoint
 
-    common = ["fit-filter", "--phantoms", "2", "--folds", "2", "--threads", "2", "--quiet", "--no-cache",
+    common = ["model", "fit-filter", "--phantoms", "2", "--folds", "2", "--threads", "2", "--quiet", "--no-cache",
               "--real-ct", str(tmp_path / "none")]
     # the held-out evaluation seeds and the network's own training cases are refused
     assert main([*common, "--phantom-seed-start", "99", "--out", str(tmp_path / "bad.pt")]) == 2
@@ -273,14 +271,15 @@ def test_fit_filter_command(tmp_path):
 
 def test_calibrate_fits_without_the_stored_filter(tmp_path, monkeypatch):
     from lungburden.cli import main
-    from lungburden.inference.models import build_model, load_checkpoint, save_checkpoint, write_checkpoint
+    from lungburden.segmentation.networks import build_model, load_checkpoint, save_checkpoint, write_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "raw.pt", build_model("convlstm", **SMALL), {"kind": "test"})
     _, checkpoint = load_checkpoint(tmp_path / "raw.pt")
     checkpoint[CHECKPOINT_KEY] = HighOpacityFilter(_stump("hu_median", -1e9)).to_dict()  # rejects everything
     write_checkpoint(tmp_path / "filtered.pt", checkpoint)
-    common = ["calibrate", "--phantoms", "1", "--phantom-matrix", "64", "--phantom-max-slices", "8", "--threads", "1",
+    common = ["model", "calibrate", "--phantoms", "1", "--phantom-matrix", "64", "--phantom-max-slices", "8",
+              "--threads", "1",
               "--quiet", "--real-ct", str(tmp_path / "none"), "--grid", "0,0.5"]
     assert main([*common, "--weights", str(tmp_path / "raw.pt"), "--out", str(tmp_path / "a.pt")]) == 0
     applied = []

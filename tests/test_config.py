@@ -17,8 +17,8 @@ from lungburden.config import (
     dump_config,
     load_config,
 )
-from lungburden.inference.selection import SelectionRules
-from lungburden.inference.volume import LoadLimits
+from lungburden.dicom_io.selection import SelectionRules
+from lungburden.dicom_io.volume import LoadLimits
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "config" / "lungburden.example.yaml"
 

@@ -9,7 +9,8 @@ import pytest
 from scipy import stats
 
 from lungburden import labels as L
-from lungburden.inference.evaluation import (
+from lungburden.training.data import RawCase
+from lungburden.training.evaluation import (
     ModelComparison,
     Overlap,
     agreement,
@@ -23,7 +24,6 @@ from lungburden.inference.evaluation import (
     write_comparison,
     write_report,
 )
-from lungburden.inference.training.data import RawCase
 
 AFFINE = np.diag([2.0, 1.0, 1.0, 1.0])  # voxel = 2 mm³ = 0.002 mL
 
@@ -198,7 +198,7 @@ TINY_DATA = ["--phantom-matrix", "64", "--phantom-max-slices", "12", "--no-cache
 def _tiny_checkpoint(path, metadata=None):
     import torch
 
-    from lungburden.inference.models import build_model, save_checkpoint
+    from lungburden.segmentation.networks import build_model, save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(path, build_model("convlstm", **TINY_HPARAMS), metadata or {})
@@ -207,11 +207,11 @@ def _tiny_checkpoint(path, metadata=None):
 
 def test_evaluate_command_with_weights_and_cv(tmp_path):
     from lungburden.cli import main
-    from lungburden.inference.training.data import DataSpec
+    from lungburden.training.data import DataSpec
 
     ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "eval"
-    assert main(["evaluate", "--weights", str(ckpt), "--phantoms", "2", "--out", str(out), *TINY_DATA]) == 0
+    assert main(["model", "evaluate", "--weights", str(ckpt), "--phantoms", "2", "--out", str(out), *TINY_DATA]) == 0
     doc = json.loads((out / "report.json").read_text())
     assert [c["case_id"] for c in doc["cases"]] == ["phantom-1", "phantom-2"]  # evaluation seeds start at 1
     assert (out / "agreement-burden_percent.png").is_file()
@@ -221,7 +221,8 @@ def test_evaluate_command_with_weights_and_cv(tmp_path):
         (tmp_path / "cv" / f"fold-{k}").mkdir(parents=True)
         _tiny_checkpoint(tmp_path / "cv" / f"fold-{k}" / "best.pt",
                          {"data": data, "split": {"fold": k, "test": [f"phantom-{k + 1}"]}, "epochs": 1})
-    assert main(["evaluate", "--cv", str(tmp_path / "cv"), "--out", str(tmp_path / "cv-eval"), *TINY_DATA]) == 0
+    assert main(["model", "evaluate", "--cv", str(tmp_path / "cv"), "--out", str(tmp_path / "cv-eval"),
+                 *TINY_DATA]) == 0
     doc = json.loads((tmp_path / "cv-eval" / "report.json").read_text())
     assert [(c["case_id"], c["fold"]) for c in doc["cases"]] == [("phantom-1", 0), ("phantom-2", 1)]
     assert set(doc["summary"]["per_fold"]) == {"0", "1"}
@@ -233,8 +234,9 @@ def test_compare_command_table(tmp_path):
 
     ckpt = _tiny_checkpoint(tmp_path / "tiny.pt")
     out = tmp_path / "cmp"
-    assert main(["compare", "--models", "convlstm,threshold", "--weights", f"convlstm={ckpt}", "--phantoms", "1",
-                 "--timing-slices", "16", "--timing-rows", "64", "--no-plots", "--out", str(out), *TINY_DATA]) == 0
+    assert main(["model", "compare", "--models", "convlstm,threshold", "--weights", f"convlstm={ckpt}",
+                 "--phantoms", "1", "--timing-slices", "16", "--timing-rows", "64", "--no-plots", "--out", str(out),
+                     *TINY_DATA]) == 0
     doc = json.loads((out / "comparison.json").read_text())
     assert [m["name"] for m in doc["models"]] == ["convlstm", "threshold"]
     for m in doc["models"]:
@@ -248,7 +250,7 @@ def test_compare_command_table(tmp_path):
 def test_compute_cost_peak_memory_is_the_child_s_own(tmp_path):
     """The timing child's peak memory is its own, not the parent's: ``ru_maxrss`` would hand a
     spawned child the parent's peak (the compare command's, with every case it evaluated)."""
-    from lungburden.inference.evaluation import _peak_rss_mib, measure_compute, write_timing_volume
+    from lungburden.training.evaluation import _peak_rss_mib, measure_compute, write_timing_volume
 
     ballast = np.ones(600 * 2**20, np.uint8)  # the parent's peak: over 600 MiB more
     parent_peak = _peak_rss_mib()

@@ -14,10 +14,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
-from lungburden.inference.selection import SelectionRules, check_selection, select_series
-from lungburden.inference.series import SkippedFile, discover_series
-from lungburden.inference.volume import LoadLimits, SeriesRejected, check_series, load_files, load_volume
+from lungburden.dicom_io.selection import SelectionRules, check_selection, select_series
+from lungburden.dicom_io.series import SkippedFile, discover_series
+from lungburden.dicom_io.volume import LoadLimits, SeriesRejected, check_series, load_files, load_volume
+from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
 
 @pytest.fixture(scope="module")
@@ -262,7 +262,7 @@ def test_modality_lut_matches_pydicom(dtype, slope, intercept, fast, monkeypatch
     that holds (integer pixels and rescale, outputs below 2**24); otherwise pydicom computes."""
     from pydicom.pixels import apply_modality_lut
 
-    from lungburden.inference import volume
+    from lungburden.dicom_io import volume
 
     calls = []
 

@@ -14,17 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from lungburden import labels as L
-from lungburden.inference.losses import RMILoss, neighbourhood_vectors
-from lungburden.inference.models import (
-    MODEL_NAMES,
-    ConvLSTMSegNet,
-    build_model,
-    count_parameters,
-    load_checkpoint,
-    save_checkpoint,
-)
-from lungburden.inference.postprocess import remove_small_opacities
-from lungburden.inference.predict import (
+from lungburden.labels import LABEL_NAMES, NUM_CLASSES
+from lungburden.segmentation.base import PRECISION_ENV
+from lungburden.segmentation.convlstm import (
     ConvLSTMSegmenter,
     WeightsNotFound,
     _LabelWriter,
@@ -32,7 +24,16 @@ from lungburden.inference.predict import (
     native_bfloat16,
     resolve_precision,
 )
-from lungburden.inference.preprocess import (
+from lungburden.segmentation.networks import (
+    MODEL_NAMES,
+    ConvLSTMSegNet,
+    build_model,
+    count_parameters,
+    load_checkpoint,
+    save_checkpoint,
+)
+from lungburden.segmentation.postprocess import remove_small_opacities
+from lungburden.segmentation.preprocess import (
     CropBox,
     argmax_channels,
     body_box,
@@ -46,8 +47,7 @@ from lungburden.inference.preprocess import (
     to_source_grid,
     window_indices,
 )
-from lungburden.inference.segmenter import PRECISION_ENV
-from lungburden.labels import LABEL_NAMES, NUM_CLASSES
+from lungburden.training.losses import RMILoss, neighbourhood_vectors
 
 SMALL = dict(input_size=32, width=8, growth=8, dense_layers=2, features=8, levels=2, hidden=8, head_width=8,
              lstm_pool=2, refine=8)
@@ -335,7 +335,7 @@ def test_many_specks_are_removed_in_whole_array_passes(monkeypatch: pytest.Monke
     labels[noise < 0.02] = L.GGO  # sparse (3 %): specks of a few voxels, far below percolation
     labels[noise > 0.99] = L.HIGH_OPACITY
     labels[5:12, 20:30, 20:30] = L.HIGH_OPACITY  # 700 voxels: stays
-    import lungburden.inference.postprocess as post_module
+    import lungburden.segmentation.postprocess as post_module
 
     results = []
     for limit in (10**9, 0):  # loop, then whole-array passes
@@ -482,7 +482,7 @@ def test_bfloat16_segmentation_close_to_float32() -> None:
 
 
 def test_segment_runs_the_network_under_autocast_and_the_argmax_in_float32(monkeypatch) -> None:
-    from lungburden.inference import predict
+    from lungburden.segmentation import convlstm as predict
 
     seen: list[tuple[str, bool]] = []
     to_labels = predict.logits_to_labels
@@ -541,7 +541,7 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> None:
-    from lungburden.inference.commands import build_ensemble
+    from lungburden.training.commands import build_ensemble
 
     a, b = small_convlstm(), small_convlstm(levels=1, width=12, hidden=6)  # members may differ in shape
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
@@ -552,8 +552,8 @@ def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> 
     assert ckpt["model"] == "convlstm_ensemble" and ckpt["preprocessing"]["size"] == 32
     assert [m["metadata"]["epochs"] for m in ckpt["metadata"]["members"]] == [3, 5]
     assert [m["file"] for m in ckpt["metadata"]["members"]] == ["a.pt", "b.pt"]
-    # The members' training cases stay off-limits to `lungburden calibrate` for the ensemble.
-    from lungburden.inference.calibration import overlapping_ids
+    # The members' training cases stay off-limits to `lungburden model calibrate` for the ensemble.
+    from lungburden.training.calibration import overlapping_ids
     assert overlapping_ids(["p1", "p4", "p5", "p9"], ckpt) == ["p1", "p4", "p5"]
     x = torch.rand(2, 11, 32, 32)
     with torch.no_grad():
@@ -572,8 +572,8 @@ def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> 
 
 
 def test_ensemble_refuses_what_it_cannot_combine(tmp_path: Path) -> None:
-    from lungburden.inference.commands import build_ensemble
-    from lungburden.inference.models import ConvLSTMEnsemble
+    from lungburden.segmentation.networks import ConvLSTMEnsemble
+    from lungburden.training.commands import build_ensemble
 
     a = small_convlstm()
     save_checkpoint(tmp_path / "a.pt", a)
@@ -594,10 +594,11 @@ def test_ensemble_refuses_what_it_cannot_combine(tmp_path: Path) -> None:
         build_ensemble([tmp_path / "a.pt", tmp_path / "a.pt"], tmp_path / "e.pt", max_mb=0.001)
     assert not (tmp_path / "e.pt").exists()
     from lungburden.cli import main
-    from lungburden.inference.commands import EXIT_BAD_INPUT
+    from lungburden.training.commands import EXIT_BAD_INPUT
 
-    assert main(["ensemble", str(tmp_path / "a.pt"), "--out", str(tmp_path / "e.pt")]) == EXIT_BAD_INPUT
-    assert main(["ensemble", str(tmp_path / "a.pt"), str(tmp_path / "a.pt"), "--out", str(tmp_path / "e.pt")]) == 0
+    assert main(["model", "ensemble", str(tmp_path / "a.pt"), "--out", str(tmp_path / "e.pt")]) == EXIT_BAD_INPUT
+    members = [str(tmp_path / "a.pt"), str(tmp_path / "a.pt")]
+    assert main(["model", "ensemble", *members, "--out", str(tmp_path / "e.pt")]) == 0
     assert load_checkpoint(tmp_path / "e.pt")[1]["model"] == "convlstm_ensemble"
     with pytest.raises(ValueError, match="ConvLSTM"):
         ConvLSTMEnsemble.from_models([a, build_model("unet2d", input_size=32)])

@@ -14,13 +14,13 @@ from node_helpers import write_ct_series
 from pydicom.uid import generate_uid
 
 from lungburden.config import config_from_mapping
+from lungburden.dicom_io.volume import SeriesRejected
 from lungburden.dicom_node import commands
-from lungburden.dicom_node.assembly import SeriesAssembler, complete_now
-from lungburden.dicom_node.exporters import ExportRunner, backoff_delay
-from lungburden.dicom_node.jobs import MAX_WORKER_DEATHS, JobStore, instance_set_hash
-from lungburden.dicom_node.spool import Intake, Spool
-from lungburden.dicom_node.worker import JobRunner
-from lungburden.inference.volume import SeriesRejected
+from lungburden.jobs.assembly import SeriesAssembler, complete_now
+from lungburden.jobs.exporters import ExportRunner, backoff_delay
+from lungburden.jobs.queue import MAX_WORKER_DEATHS, JobStore, instance_set_hash
+from lungburden.jobs.runner import JobRunner
+from lungburden.jobs.spool import Intake, Spool
 
 
 def _config(tmp_path: Path, **sections) -> object:
@@ -403,9 +403,9 @@ def test_result_uid_seed_follows_the_algorithm():
     """Other weights or precision = other SEG/SR objects = other UIDs; the same setting = the same."""
     from types import SimpleNamespace
 
-    from lungburden.dicom_node.worker import uid_seed
-    from lungburden.inference.segmenter import AlgorithmInfo
+    from lungburden.jobs.runner import uid_seed
     from lungburden.pipeline import result_uids
+    from lungburden.segmentation.base import AlgorithmInfo
 
     job = SimpleNamespace(series_instance_uid="1.2.3", instance_set_hash="abc")
 

@@ -106,7 +106,7 @@ def _load_plugin_script(monkeypatch) -> types.ModuleType:
 
 def test_plugin_script_and_worker_agree(monkeypatch):
     """What plugin.py cannot import from lungburden it repeats: the two sides must say the same."""
-    from lungburden.dicom_node import jobs
+    from lungburden.jobs import queue as jobs
     from lungburden.orthanc_plugin import settings, worker
 
     script = _load_plugin_script(monkeypatch)
@@ -295,7 +295,7 @@ def _sr_numbers(ds: pydicom.Dataset) -> list[tuple[str, str, float, str]]:
 
 
 def _phantom(out_dir: Path, seed: int, slices: int = 32) -> list[Path]:
-    from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
+    from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
     spec = PhantomSpec(seed=seed, slices=slices, rows=256, cols=256)
     write_phantom_series(generate_phantom(spec), out_dir, spec)

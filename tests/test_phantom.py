@@ -1,4 +1,4 @@
-"""Synthetic chest CT phantom (lungburden.inference.phantom): anatomy, lesions, truth, DICOM output,
+"""Synthetic chest CT phantom (lungburden.phantom): anatomy, lesions, truth, DICOM output,
 lesion insertion into a real CT. Small phantoms (24 slices, 256x256) keep the file fast."""
 
 from __future__ import annotations
@@ -10,10 +10,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.phantom import (
+from lungburden.dicom_io.volume import load_files
+from lungburden.phantom import (
     KIND_CONSOLIDATION,
     KIND_EFFUSION,
     KIND_GGO,
@@ -25,13 +27,9 @@ from lungburden.inference.phantom import (
     phantom_quantities,
     write_phantom_series,
 )
-from lungburden.inference.quantify import left_lung_mask, quantify
-from lungburden.inference.volume import load_files
+from lungburden.quantify import left_lung_mask, quantify
 
-#: Real data live beside the project (../shared/data), never inside the repository.
-REAL_CROP = (
-    Path(__file__).resolve().parents[1].parent / "shared/data/real-ct/totalsegmentator-chest-crops/chest-crop-1.nii.gz"
-)
+REAL_CROP = SHARED_DATA / "real-ct/totalsegmentator-chest-crops/chest-crop-1.nii.gz"
 
 
 def small(seed: int = 3, **kw) -> PhantomSpec:
@@ -114,7 +112,7 @@ def test_lesion_hu_ranges_noise_free():
 
 
 def test_thick_slices_average_sub_slices():
-    from lungburden.inference.phantom import (
+    from lungburden.phantom.generator import (
         _make_grid,
         _sample_anatomy,
         _subslice_grid,
@@ -155,7 +153,7 @@ def test_thick_slices_average_sub_slices():
 
 
 def test_muscle_has_texture_and_fat_planes():
-    from lungburden.inference.phantom import _FAT, _MUSCLE
+    from lungburden.phantom.generator import _FAT, _MUSCLE
 
     ph = generate_phantom(small(seed=6, slices=40, slice_spacing_mm=1.25, burden_percent=0.0, noise_scale=0.0))
     body_wall = ph.hu[:, 150:, :]  # posterior half: back muscle, ribs, spine, lung

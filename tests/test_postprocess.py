@@ -1,4 +1,4 @@
-"""Label finishing steps of the network segmenter (lungburden.inference.postprocess)."""
+"""Label finishing steps of the network segmenter (lungburden.segmentation.postprocess)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.postprocess import (
+from lungburden.segmentation.postprocess import (
     GGOMargins,
     refine_ggo_margins,
     relabel_unlikely_high_opacity,
@@ -252,7 +252,7 @@ def test_ggo_high_opacity_boundary_follows_attenuation() -> None:
 def test_in_plane_dilation_matches_scipy() -> None:
     from scipy import ndimage
 
-    from lungburden.inference.postprocess import _PLANE, _dilate_in_plane
+    from lungburden.segmentation.postprocess import _PLANE, _dilate_in_plane
 
     mask = np.random.default_rng(0).random((4, 30, 20)) < 0.05
     np.testing.assert_array_equal(_dilate_in_plane(mask), ndimage.binary_dilation(mask, structure=_PLANE))

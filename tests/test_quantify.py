@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lungburden import labels as L
-from lungburden.inference.quantify import left_lung_mask, quantify
+from lungburden.quantify import left_lung_mask, quantify
 
 
 def _axial_affine(slice_mm=1.0, row_mm=1.0, col_mm=1.0, col_sign=1.0) -> np.ndarray:

@@ -21,9 +21,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.inference.quantify import Quantities, quantify
-from lungburden.inference.segmenter import AlgorithmInfo
-from lungburden.inference.volume import CTVolume, load_files, load_volume
+from lungburden.dicom_io.volume import CTVolume, load_files, load_volume
+from lungburden.quantify import Quantities, quantify
 from lungburden.results import (
     SEGMENTS,
     build_measurement_report,
@@ -41,6 +40,7 @@ from lungburden.results.validate import (
     read_sr_with_dcmqi,
     run_dciodvfy,
 )
+from lungburden.segmentation.base import AlgorithmInfo
 
 ALGORITHM = AlgorithmInfo(name="threshold-test", version="9.8.7", parameters={"lung_hu": "-400"})
 

@@ -14,24 +14,19 @@ import pytest
 from test_cli import check_outputs
 
 from lungburden import labels as L
-from lungburden.inference.phantom import PhantomSpec, generate_phantom, write_phantom_series
-from lungburden.inference.predict import DEFAULT_WEIGHTS
-from lungburden.inference.segmenter import DEFAULT_SEGMENTER, get_segmenter
-from lungburden.inference.training.data import tumour_region
-from lungburden.inference.volume import load_files
+from lungburden.dicom_io.volume import load_files
+from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
+from lungburden.segmentation.convlstm import DEFAULT_WEIGHTS
+from lungburden.segmentation.registry import DEFAULT_SEGMENTER, get_segmenter
+from lungburden.training.data import tumour_region
 
-#: Regression floors for the shipped weights on held-out phantom seed 3 (measured at ship time,
-#: session 7, levels=3 model trained with --high-opacity-boost 10: lung DSC 0.98, lesion DSC 0.76,
-#: burden 16.8 % vs 25 % truth; session 6: 0.96 / 0.63 / 12.9 %; see the README's model card).
+#: Regression floors for the shipped weights on held-out phantom seed 3 (the shipped model reads
+#: lung DSC 0.98, lesion DSC 0.76, burden 16.8 % vs 25 % truth; docs/model-card.md).
 LUNG_DICE_FLOOR = 0.90
 LESION_DICE_FLOOR = 0.40
 BURDEN_ABS_TOLERANCE = 20.0
-#: Specificity guard on the real non-COVID study (measured, session 7: lung 5478 mL, 2.44 % of the
-#: lung opaque outside the tumour boxes with the speck filter; with the label finishing of sessions
-#: 9-10: 5460 mL, 2.33 %; with the second stage of session 13: 5456 mL, 2.28 %; session 6: 5544 mL,
-#: 1.75 %; a GPU run
-#: of the session-7 recipe 4.1 %; GPU-trained levels=4 networks that reached 6.7-23 % were not
-#: shipped, docs/model.md).
+#: Specificity guard on the real non-COVID study: the shipped model reads a lung of 5456 mL with
+#: 2.28 % of it opaque outside the tumour boxes (docs/model-card.md, "Real CT").
 REAL_LUNG_ML_RANGE = (4000.0, 7500.0)
 REAL_FALSE_BURDEN_CEILING = 5.0
 
@@ -86,7 +81,7 @@ def test_analyze_defaults_to_convlstm(held_out_series, tmp_path):
 def test_real_study_lung_volume_and_specificity(real_study, real_lung_series):
     """On the real lung-cancer study (no pneumonia) the lung volume is plausible and the opacity
     outside the annotated tumour stays small: a weights change that regresses on real anatomy fails."""
-    from lungburden.inference.quantify import quantify
+    from lungburden.quantify import quantify
 
     volume = load_files(real_lung_series)
     labels = get_segmenter().segment(volume)

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from lungburden import labels as L
-from lungburden.inference.quantify import quantify
-from lungburden.inference.segmenter import available_segmenters, get_segmenter
-from lungburden.inference.volume import load_files
+from lungburden.dicom_io.volume import load_files
+from lungburden.quantify import quantify
+from lungburden.segmentation.registry import available_segmenters, get_segmenter
 
 
 def test_threshold_on_real_study(real_lung_series: list[Path]):

@@ -8,15 +8,18 @@ import highdicom as hd
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED_DATA
 from ct_builders import ct_slice
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from lungburden import labels as L
-from lungburden.inference.training import data as D
+from lungburden.training import data as D
 
 SPACING = (5.0, 5.0, 5.0)
+
+REAL_CT = SHARED_DATA / "real-ct"
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -229,9 +232,9 @@ def test_phantom_source_varies_and_is_deterministic():
     assert vol.shape == a.hu.shape and vol.datasets == ()
 
 
-@pytest.mark.skipif(not (D.DEFAULT_REAL_CT / "totalsegmentator-chest-crops").is_dir(), reason="no shared real CT")
+@pytest.mark.skipif(not (REAL_CT / "totalsegmentator-chest-crops").is_dir(), reason="no real CT data")
 def test_real_ct_with_inserted_lesions():
-    src = D.RealCTSource(D.DEFAULT_REAL_CT, variants=1, seed_start=1000, clean=True)
+    src = D.RealCTSource(REAL_CT, variants=1, seed_start=1000, clean=True)
     ids = src.case_ids()
     assert "real-chest-crop-2-clean" in ids and "real-chest-crop-2-s1000" in ids
     assert not any(D.REAL_STUDY in i for i in ids)  # the specificity study is not a training default
@@ -337,7 +340,7 @@ TINY = ["--size", "32", "--hparam", "context=1", "--hparam", "refine=4", "--hpar
 
 
 def test_make_splits_disjoint_and_final():
-    from lungburden.inference.training.trainer import TrainConfig, make_splits
+    from lungburden.training.trainer import TrainConfig, make_splits
 
     ids = [f"phantom-{i}" for i in range(1000, 1010)]
     splits = make_splits(ids, TrainConfig(folds=5))
@@ -352,10 +355,11 @@ def test_make_splits_disjoint_and_final():
 
 def test_tiny_training_run_writes_checkpoint_that_loads_and_resumes(tmp_path):
     from lungburden.cli import main
-    from lungburden.inference.models import load_checkpoint
+    from lungburden.segmentation.networks import load_checkpoint
 
     out = tmp_path / "run"
-    common = ["train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64", "--phantom-max-slices", "12",
+    common = ["model", "train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64",
+              "--phantom-max-slices", "12",
               "--final", "--windows-per-epoch", "8", "--batch", "4", "--micro-batch", "2",
               "--val-windows-per-case", "3", "--cache", str(tmp_path / "cache"), "--threads", "1", "--quiet", *TINY]
     assert main([*common, "--max-epochs", "2", "--real-ct", str(tmp_path / "none")]) == 0
@@ -375,7 +379,7 @@ def test_tiny_training_run_writes_checkpoint_that_loads_and_resumes(tmp_path):
 
 
 def test_device_option_and_parallel_case_preparation(tmp_path):
-    from lungburden.inference.training.trainer import resolve_device
+    from lungburden.training.trainer import resolve_device
 
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
@@ -395,13 +399,13 @@ def test_device_option_and_parallel_case_preparation(tmp_path):
 
 def test_init_fine_tunes_from_a_checkpoint_and_checks_its_model(tmp_path):
     from lungburden.cli import main
-    from lungburden.inference.models import build_model, load_checkpoint, save_checkpoint
+    from lungburden.segmentation.networks import build_model, load_checkpoint, save_checkpoint
 
     hparams = dict(input_size=32, context=1, width=4, growth=4, dense_layers=1, features=4, hidden=4,
                    head_width=4, lstm_pool=1, refine=0, levels=1)
     start = build_model("convlstm", **hparams)
     save_checkpoint(tmp_path / "start.pt", start, {"kind": "test"})
-    common = ["train", "--phantoms", "2", "--phantom-matrix", "64", "--phantom-max-slices", "12", "--final",
+    common = ["model", "train", "--phantoms", "2", "--phantom-matrix", "64", "--phantom-max-slices", "12", "--final",
               "--windows-per-epoch", "4", "--batch", "2", "--micro-batch", "2", "--val-windows-per-case", "2",
               "--cache", str(tmp_path / "cache"), "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"),
               "--max-epochs", "1", "--init", str(tmp_path / "start.pt")]
@@ -439,9 +443,9 @@ def test_high_opacity_boost_draws_high_opacity_cases_more_often():
 
 def test_training_precision_autocasts_the_network_only(tmp_path, monkeypatch):
     from lungburden.cli import main
-    from lungburden.inference.models import load_checkpoint
-    from lungburden.inference.predict import native_bfloat16
-    from lungburden.inference.training.trainer import training_precision
+    from lungburden.segmentation.convlstm import native_bfloat16
+    from lungburden.segmentation.networks import load_checkpoint
+    from lungburden.training.trainer import training_precision
 
     cpu = torch.device("cpu")
     assert training_precision("float32", cpu) == "float32"
@@ -460,7 +464,7 @@ def test_training_precision_autocasts_the_network_only(tmp_path, monkeypatch):
         for precision in ("bfloat16", "float32"):
             seen.clear()
             out = tmp_path / precision
-            assert main(["train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64",
+            assert main(["model", "train", "--out", str(out), "--phantoms", "2", "--phantom-matrix", "64",
                          "--phantom-max-slices", "12", "--final", "--windows-per-epoch", "4", "--batch", "2",
                          "--micro-batch", "2", "--val-windows-per-case", "2", "--cache", str(tmp_path / "cache"),
                          "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"), "--max-epochs", "1",
@@ -478,10 +482,10 @@ def test_training_precision_autocasts_the_network_only(tmp_path, monkeypatch):
 
 def test_ema_decay_validates_and_saves_the_weight_average(tmp_path):
     from lungburden.cli import main
-    from lungburden.inference.models import load_checkpoint
-    from lungburden.inference.training.trainer import weight_average
+    from lungburden.segmentation.networks import load_checkpoint
+    from lungburden.training.trainer import weight_average
 
-    common = ["train", "--out", str(tmp_path / "run"), "--phantoms", "2", "--phantom-matrix", "64",
+    common = ["model", "train", "--out", str(tmp_path / "run"), "--phantoms", "2", "--phantom-matrix", "64",
               "--phantom-max-slices", "12", "--final", "--windows-per-epoch", "8", "--batch", "2",
               "--micro-batch", "2", "--val-windows-per-case", "2", "--cache", str(tmp_path / "cache"),
               "--threads", "1", "--quiet", "--real-ct", str(tmp_path / "none"), "--lr", "1e-2",
@@ -510,7 +514,7 @@ def test_ema_decay_validates_and_saves_the_weight_average(tmp_path):
 
 
 def test_refresh_batchnorm_recomputes_the_statistics_of_the_average():
-    from lungburden.inference.training.trainer import refresh_batchnorm
+    from lungburden.training.trainer import refresh_batchnorm
 
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 1), torch.nn.BatchNorm2d(3, momentum=0.1))
     model[1].running_mean.fill_(5.0)

@@ -261,11 +261,11 @@ def config_from_mapping(raw: Mapping | None, source: str = "<mapping>", base_dir
     if builder.problems:
         raise ConfigError(builder.problems, source)
     config = Config(**kwargs, source=source)
+    if base_dir is not None:
+        _resolve_paths(config, base_dir)
     problems = config.check()
     if problems:
         raise ConfigError(problems, source)
-    if base_dir is not None:
-        _resolve_paths(config, base_dir)
     return config
 
 
@@ -275,6 +275,8 @@ def _resolve_paths(config: Config, base: Path) -> None:
         return p if p.is_absolute() else (base / p)
 
     config.node.storage_dir = resolve(config.node.storage_dir)
+    if config.processing.weights is not None:
+        config.processing.weights = resolve(config.processing.weights)
     if config.logging.file is not None:
         config.logging.file = resolve(config.logging.file)
     for dest in config.destinations:

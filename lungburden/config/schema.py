@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from lungburden.inference.selection import SelectionRules
-from lungburden.inference.volume import LoadLimits
+from lungburden.dicom_io.selection import SelectionRules
+from lungburden.dicom_io.volume import LoadLimits
 
 _RULES = SelectionRules()
 _LIMITS = LoadLimits()
@@ -118,8 +118,8 @@ class HttpConfig:
 
 @dataclass
 class SelectionConfig:
-    """Series selection rules (maps onto :class:`~lungburden.inference.selection.SelectionRules`
-    and the loader's :class:`~lungburden.inference.volume.LoadLimits`)."""
+    """Series selection rules (maps onto :class:`~lungburden.dicom_io.selection.SelectionRules`
+    and the loader's :class:`~lungburden.dicom_io.volume.LoadLimits`)."""
 
     modalities: list[str] = field(default_factory=lambda: list(_RULES.modalities))
     required_image_type: list[str] = field(default_factory=lambda: list(_RULES.required_image_type))
@@ -184,15 +184,21 @@ class ProcessingConfig:
 
     #: Segmenter name (see ``lungburden models``); null = the shipped default.
     model: str | None = None
+    #: Network weights file (a checkpoint of ``lungburden model train``, e.g. site-tuned weights);
+    #: null = the weights shipped with the package. Its name and SHA-256 are recorded in the outputs.
+    weights: Path | None = None
     #: What happens when instances of a series arrive after its processing started (docs/node.md).
     late_instance_policy: Literal["reprocess", "ignore"] = "reprocess"
     #: Seconds without a heartbeat after which a running job of a vanished worker is re-queued.
     job_lease_seconds: float = 120.0
 
     def check(self) -> list[Problem]:
+        p: list[Problem] = []
         if self.job_lease_seconds < 5:
-            return [("processing.job_lease_seconds", self.job_lease_seconds, "must be >= 5")]
-        return []
+            p.append(("processing.job_lease_seconds", self.job_lease_seconds, "must be >= 5"))
+        if self.weights is not None and not Path(self.weights).is_file():
+            p.append(("processing.weights", str(self.weights), "is not a readable file"))
+        return p
 
 
 @dataclass

@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace):
 
 
 def _store(config):
-    from lungburden.dicom_node.jobs import JobStore
+    from lungburden.jobs.queue import JobStore
 
     return JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
 
@@ -33,7 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    from lungburden.inference.segmenter import requested_precision
+    from lungburden.segmentation.base import requested_precision
 
     try:
         requested_precision()  # $LUNGBURDEN_PRECISION: fail at start-up, not in every job
@@ -43,8 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.check_config:
         print(json.dumps(dump_config(config), indent=2))
         return 0
-    from lungburden.dicom_node.logs import configure_logging
     from lungburden.dicom_node.service import serve
+    from lungburden.jobs.logs import configure_logging
 
     configure_logging(config, verbose=getattr(args, "verbose", False))
     return serve(config)
@@ -108,8 +108,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    from lungburden.dicom_node.logs import configure_logging
     from lungburden.dicom_node.pull import process_jobs, retrieve
+    from lungburden.jobs.logs import configure_logging
 
     configure_logging(config, verbose=getattr(args, "verbose", False))
     store = _store(config)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lungburden.config import config_from_mapping
-from lungburden.dicom_node.jobs import TERMINAL_STATES
+from lungburden.jobs.queue import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
 

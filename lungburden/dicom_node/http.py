@@ -25,8 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
 from lungburden.config.schema import HttpConfig
-from lungburden.dicom_node.jobs import JOB_STATES, JobStore
-from lungburden.dicom_node.spool import CANNOT_UNDERSTAND, Intake, StoreOutcome, valid_uid
+from lungburden.jobs.queue import JOB_STATES, JobStore
+from lungburden.jobs.spool import CANNOT_UNDERSTAND, Intake, StoreOutcome, valid_uid
 
 log = logging.getLogger(__name__)
 

@@ -17,12 +17,12 @@ from urllib.parse import urlsplit
 from pydicom.dataset import Dataset
 
 from lungburden.config.schema import Config
-from lungburden.dicom_node.assembly import complete_now
-from lungburden.dicom_node.exporters import ExportRunner, dicomweb_client
-from lungburden.dicom_node.jobs import TERMINAL_STATES, Job, JobStore
 from lungburden.dicom_node.scp import storage_sop_classes
-from lungburden.dicom_node.spool import Intake, Spool
-from lungburden.dicom_node.worker import JobRunner
+from lungburden.jobs.assembly import complete_now
+from lungburden.jobs.exporters import ExportRunner, dicomweb_client
+from lungburden.jobs.queue import TERMINAL_STATES, Job, JobStore
+from lungburden.jobs.runner import JobRunner
+from lungburden.jobs.spool import Intake, Spool
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Conformance (docs/node.md): Verification; CT Image Storage and (by default) Enhanced CT Image
 Storage as SCP, in every transfer syntax of :data:`TRANSFER_SYNTAXES`. The handler never decodes
-the data set: it hands ``event.encoded_dataset()`` to :class:`~lungburden.dicom_node.spool.Intake`,
+the data set: it hands ``event.encoded_dataset()`` to :class:`~lungburden.jobs.spool.Intake`,
 which writes it durably (fsync) before the Success response. Associations are limited to
 ``node.max_associations``; calling AE titles to ``node.allowed_calling_aets`` (empty = any).
 """
@@ -38,7 +38,7 @@ from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 
 from lungburden.config.schema import NodeConfig
-from lungburden.dicom_node.spool import Intake
+from lungburden.jobs.spool import Intake
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from pathlib import Path
 
 from lungburden import __version__
 from lungburden.config.schema import Config
-from lungburden.dicom_node.assembly import SeriesAssembler
-from lungburden.dicom_node.exporters import ExportRunner
 from lungburden.dicom_node.http import NodeHttpServer
-from lungburden.dicom_node.jobs import JobStore
 from lungburden.dicom_node.scp import StorageSCP, storage_sop_classes
-from lungburden.dicom_node.spool import Intake, Spool, purge_finished, recover
-from lungburden.dicom_node.worker import WorkerPool
+from lungburden.jobs.assembly import SeriesAssembler
+from lungburden.jobs.exporters import ExportRunner
+from lungburden.jobs.queue import JobStore
+from lungburden.jobs.runner import WorkerPool
+from lungburden.jobs.spool import Intake, Spool, purge_finished, recover
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Deliveries of the Orthanc plugin: store the SEG + SR into Orthanc, forward them to Orthanc's peers.
 
 Each class has the ``send(job)`` method of the node's exporters
-(:class:`~lungburden.dicom_node.exporters.Exporter`), so the node's
-:class:`~lungburden.dicom_node.exporters.ExportRunner` retries them with back-off and
+(:class:`~lungburden.jobs.exporters.Exporter`), so the node's
+:class:`~lungburden.jobs.exporters.ExportRunner` retries them with back-off and
 dead-letters them like any destination; :func:`orthanc_exporters` names them:
 
 - ``orthanc:store`` (:class:`OrthancStoreExporter`): ``POST /instances`` of ``seg.dcm`` and
@@ -27,8 +27,8 @@ from collections.abc import Iterable
 
 import pydicom
 
-from lungburden.dicom_node.exporters import Exporter, ExportError, result_files
-from lungburden.dicom_node.jobs import Job, JobStore
+from lungburden.jobs.exporters import Exporter, ExportError, result_files
+from lungburden.jobs.queue import Job, JobStore
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
 
 log = logging.getLogger("lungburden.orthanc")

@@ -7,12 +7,12 @@ node's parts on a private job database in ``<WorkDir>``:
 - events: the plugin writes one JSON file per ``STABLE_SERIES`` (or re-run request) into
   ``<WorkDir>/inbox``; :meth:`OrthancWorker.handle_event` reads the series through Orthanc's REST
   API (``/series/{id}``, ``/series/{id}/instances``, ``/instances/{id}/file``) into the node's
-  spool (:class:`~lungburden.dicom_node.spool.Spool`) and hands it to the node's
-  :class:`~lungburden.dicom_node.assembly.SeriesAssembler` (selection rules, preferred
+  spool (:class:`~lungburden.jobs.spool.Spool`) and hands it to the node's
+  :class:`~lungburden.jobs.assembly.SeriesAssembler` (selection rules, preferred
   reconstruction, late-instance policy, ``skipped`` jobs with the reason);
-- jobs: the node's :class:`~lungburden.dicom_node.jobs.JobStore` and
-  :class:`~lungburden.dicom_node.worker.JobRunner` (shared pipeline, heartbeat, poison-input rule);
-- deliveries: the node's :class:`~lungburden.dicom_node.exporters.ExportRunner` (retries,
+- jobs: the node's :class:`~lungburden.jobs.queue.JobStore` and
+  :class:`~lungburden.jobs.runner.JobRunner` (shared pipeline, heartbeat, poison-input rule);
+- deliveries: the node's :class:`~lungburden.jobs.exporters.ExportRunner` (retries,
   dead letter) with three more kinds of destination (:mod:`.forwarding`): ``orthanc:store``
   (``POST /instances`` into the source study, always), ``orthanc:modality:<name>`` and
   ``orthanc:dicomweb:<name>`` (Orthanc forwards to its configured peers), plus the YAML
@@ -46,12 +46,12 @@ from pydicom.tag import Tag
 
 from lungburden.config.loader import ConfigError
 from lungburden.config.schema import Config
-from lungburden.dicom_node.assembly import SeriesAssembler, job_model
-from lungburden.dicom_node.exporters import ExportRunner
-from lungburden.dicom_node.jobs import JobStore, instance_set_hash
-from lungburden.dicom_node.logs import configure_logging as _configure_logging
-from lungburden.dicom_node.spool import Spool, purge_finished
-from lungburden.dicom_node.worker import JobRunner, set_parent_death_signal
+from lungburden.jobs.assembly import SeriesAssembler, job_model
+from lungburden.jobs.exporters import ExportRunner
+from lungburden.jobs.logs import configure_logging as _configure_logging
+from lungburden.jobs.queue import JobStore, instance_set_hash
+from lungburden.jobs.runner import JobRunner, set_parent_death_signal
+from lungburden.jobs.spool import Spool, purge_finished
 from lungburden.orthanc_plugin.forwarding import OrthancLinks, orthanc_exporters
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
 from lungburden.orthanc_plugin.settings import PluginSettings, load_settings

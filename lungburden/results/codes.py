@@ -53,7 +53,7 @@ ATTENUATION_COEFFICIENT = codes.DCM.AttenuationCoefficient
 MEAN = codes.SCT.Mean
 
 # --- Units (UCUM) -----------------------------------------------------------------------------------
-#: UCUM "cm3": 1 cm3 = 1 mL, so the mL of :class:`~lungburden.inference.quantify.Quantities` apply.
+#: UCUM "cm3": 1 cm3 = 1 mL, so the mL of :class:`~lungburden.quantify.Quantities` apply.
 CUBIC_CENTIMETER = codes.UCUM.CubicCentimeter
 PERCENT = codes.UCUM.Percent  # "%"
 HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # "[hnsf'U]"

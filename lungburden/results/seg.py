@@ -30,9 +30,9 @@ from pydicom.uid import ExplicitVRLittleEndian
 
 import lungburden
 from lungburden import labels as L
-from lungburden.inference.segmenter import AlgorithmInfo
-from lungburden.inference.volume import CTVolume
+from lungburden.dicom_io.volume import CTVolume
 from lungburden.results import codes
+from lungburden.segmentation.base import AlgorithmInfo
 
 MANUFACTURER = "lungburden"
 MANUFACTURER_MODEL_NAME = "lungburden"

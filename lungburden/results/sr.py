@@ -31,9 +31,8 @@ from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
 import lungburden
-from lungburden.inference.quantify import Quantities
-from lungburden.inference.segmenter import AlgorithmInfo
-from lungburden.inference.volume import CTVolume
+from lungburden.dicom_io.volume import CTVolume
+from lungburden.quantify import Quantities
 from lungburden.results import codes
 from lungburden.results.seg import (
     MANUFACTURER,
@@ -47,6 +46,7 @@ from lungburden.results.seg import (
     device_uid,
     drop_incomplete_references,
 )
+from lungburden.segmentation.base import AlgorithmInfo
 
 #: Tracking identifier (TID 4108) of the burden group, which has no segment of its own.
 BURDEN_TRACKING_ID = "Pneumonia burden"

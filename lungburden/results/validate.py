@@ -4,7 +4,7 @@
 * dcmqi ``segimage2itkimage``: reads the SEG back into one image per segment (NIfTI, read with
   nibabel) which is re-ordered onto the CTVolume grid and axis order ``(slice, row, column)``.
 * dcmqi ``tid1500reader``: reads the TID 1500 SR back into JSON; the numbers are mapped onto the
-  field names of :class:`lungburden.inference.quantify.Quantities`.
+  field names of :class:`lungburden.quantify.Quantities`.
 
 Binaries are looked up next to the running interpreter first (the dcmqi wheel installs them into
 the virtual environment's ``bin``), then on ``PATH``.
