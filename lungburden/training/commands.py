@@ -29,10 +29,13 @@ CALIBRATION_PHANTOM_SEED_START = 500
 FILTER_PHANTOM_SEED_START = 600
 
 
-def _default_real_ct() -> str | None:
+def _real_ct(args: argparse.Namespace) -> str | None:
+    """``--real-ct``, else ``<--data-root or $LUNGBURDEN_DATA>/real-ct`` when it exists."""
     from lungburden.training.data import default_real_ct
 
-    found = default_real_ct()
+    if args.real_ct:
+        return str(args.real_ct)
+    found = default_real_ct(args.data_root)
     return str(found) if found is not None else None
 
 
@@ -47,9 +50,11 @@ def _add_data_arguments(p: argparse.ArgumentParser, *, training: bool, seed_star
                         "the component filter 600+, evaluation 1..100)")
     g.add_argument("--phantom-matrix", type=int, default=256, help="phantom in-plane matrix (default 256)")
     g.add_argument("--phantom-max-slices", type=int, default=96, help="most slices per phantom (default 96)")
-    g.add_argument("--real-ct", default=_default_real_ct(), metavar="DIR",
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="root of the data folders (real-ct/, real-covid-slices/); default $LUNGBURDEN_DATA")
+    g.add_argument("--real-ct", default=None, metavar="DIR",
                    help="real CT folder (TotalSegmentator crops, Lung-PET-CT-Dx study); "
-                        "default $LUNGBURDEN_DATA/real-ct")
+                        "default DATA_ROOT/real-ct")
     g.add_argument("--real-ct-variants", type=int, default=0, metavar="N",
                    help="inserted-lesion variants per real volume (default 0: not used)")
     g.add_argument("--real-ct-seed-start", type=int, default=seed0, metavar="S",
@@ -81,7 +86,7 @@ def _data_spec(args: argparse.Namespace):
         phantom_seed_start=args.phantom_seed_start,
         phantom_matrix=args.phantom_matrix,
         phantom_max_slices=args.phantom_max_slices,
-        real_ct=args.real_ct,
+        real_ct=_real_ct(args),
         real_ct_variants=args.real_ct_variants,
         real_ct_seed_start=args.real_ct_seed_start,
         real_ct_include_study=args.real_ct_include_study,

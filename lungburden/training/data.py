@@ -56,15 +56,15 @@ DATA_VERSION = 1
 DATA_ENV = "LUNGBURDEN_DATA"
 
 
-def data_root() -> Path | None:
-    """The data root named by ``$LUNGBURDEN_DATA`` (None when unset)."""
-    value = os.environ.get(DATA_ENV, "").strip()
+def data_root(given: str | os.PathLike[str] | None = None) -> Path | None:
+    """The data root: ``given`` (a ``--data-root`` option), else ``$LUNGBURDEN_DATA``, else None."""
+    value = str(given or os.environ.get(DATA_ENV, "")).strip()
     return Path(value).expanduser() if value else None
 
 
-def default_real_ct() -> Path | None:
-    """``<data root>/real-ct`` when ``$LUNGBURDEN_DATA`` is set and has one, else None."""
-    root = data_root()
+def default_real_ct(given_root: str | os.PathLike[str] | None = None) -> Path | None:
+    """``<data root>/real-ct`` (:func:`data_root`) when it exists, else None."""
+    root = data_root(given_root)
     return root / "real-ct" if root is not None and (root / "real-ct").is_dir() else None
 
 #: The real non-COVID study: the specificity test case (see :class:`RealCTSource`).
