@@ -117,3 +117,32 @@ def test_uid_seed_gives_deterministic_result_uids(real_lung_series, tmp_path):
     assert [first.result[k] for k in keys] == [again.result[k] for k in keys]
     assert all(first.result[k] != other.result[k] for k in keys)
     assert len({first.result[k] for k in keys}) == 4
+
+
+def test_analyze_with_weights_file_records_it(tmp_path, capsys):
+    """``--weights`` selects a checkpoint other than the shipped one; its file name and SHA-256
+    reach result.json and the SEG/SR algorithm parameters, and a bad file is refused up front."""
+    import hashlib
+    import shutil
+
+    from lungburden.segmentation.convlstm import DEFAULT_WEIGHTS
+
+    site = tmp_path / "site-tuned.pt"
+    shutil.copyfile(DEFAULT_WEIGHTS, site)
+    phantom_dir, out = tmp_path / "p", tmp_path / "o"
+    assert main(["phantom", str(phantom_dir), "--seed", "3", "--slices", "16"]) == 0
+    assert main(["analyze", str(phantom_dir), "--out", str(out), "--weights", str(site)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    digest = hashlib.sha256(site.read_bytes()).hexdigest()
+    assert result["weights"] == "site-tuned.pt" and result["weights_sha256"] == digest
+    seg = pydicom.dcmread(out / "seg.dcm")
+    parameters = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert f"site-tuned.pt sha256:{digest[:16]}" in parameters
+
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    junk = ["--weights", str(tmp_path / "junk.pt")]
+    assert main(["analyze", str(phantom_dir), "--out", str(tmp_path / "o2"), *junk]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    missing = ["--weights", str(tmp_path / "none.pt")]
+    assert main(["analyze", str(phantom_dir), "--out", str(tmp_path / "o3"), *missing]) == 2
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
