@@ -250,10 +250,10 @@ def test_compare_command_table(tmp_path):
 def test_compute_cost_peak_memory_is_the_child_s_own(tmp_path):
     """The timing child's peak memory is its own, not the parent's: ``ru_maxrss`` would hand a
     spawned child the parent's peak (the compare command's, with every case it evaluated)."""
-    from lungburden.training.evaluation import _peak_rss_mib, measure_compute, write_timing_volume
+    from lungburden.training.evaluation import measure_compute, peak_rss_mib, write_timing_volume
 
     ballast = np.ones(600 * 2**20, np.uint8)  # the parent's peak: over 600 MiB more
-    parent_peak = _peak_rss_mib()
+    parent_peak = peak_rss_mib()
     volume = write_timing_volume(tmp_path / "v.npz", slices=16, rows=64)
     cost = measure_compute("threshold", None, volume)
     assert "error" not in cost, cost

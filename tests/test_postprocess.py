@@ -252,7 +252,7 @@ def test_ggo_high_opacity_boundary_follows_attenuation() -> None:
 def test_in_plane_dilation_matches_scipy() -> None:
     from scipy import ndimage
 
-    from lungburden.segmentation.postprocess import _PLANE, _dilate_in_plane
+    from lungburden.segmentation.masks import PLANE, dilate_in_plane
 
     mask = np.random.default_rng(0).random((4, 30, 20)) < 0.05
-    np.testing.assert_array_equal(_dilate_in_plane(mask), ndimage.binary_dilation(mask, structure=_PLANE))
+    np.testing.assert_array_equal(dilate_in_plane(mask), ndimage.binary_dilation(mask, structure=PLANE))

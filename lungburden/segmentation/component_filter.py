@@ -35,7 +35,8 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.segmentation.postprocess import _CUBE, _bounding_crop, _component_shell, relabel_to_surroundings
+from lungburden.segmentation.masks import CUBE, bounding_crop, component_shell
+from lungburden.segmentation.postprocess import relabel_to_surroundings
 
 #: Checkpoint key of the stored ensemble.
 CHECKPOINT_KEY = "high_opacity_filter"
@@ -106,11 +107,11 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
     margin = tuple(int(np.ceil(SHELLS_MM[-1][1] / s)) + 1 for s in spacing)
     high = labels == L.HIGH_OPACITY
-    crop = _bounding_crop(high, margin)  # type: ignore[arg-type]
+    crop = bounding_crop(high, margin)  # type: ignore[arg-type]
     if crop is None:
         return HighOpacityComponents(np.zeros((0, 0, 0), np.int32), np.zeros((0, len(FEATURE_NAMES))), np.zeros(0))
     sub, sub_hu = labels[crop], np.asarray(hu[crop])
-    components, count = ndimage.label(high[crop], structure=_CUBE)
+    components, count = ndimage.label(high[crop], structure=CUBE)
     features = np.full((count, len(FEATURE_NAMES)), np.nan)
     volumes = np.bincount(components.ravel(), minlength=count + 1)[1:] * float(voxel_ml)
     cranial_first = affine[2, 0] < 0
@@ -121,7 +122,7 @@ def describe_high_opacity(labels: np.ndarray, hu: np.ndarray, affine: np.ndarray
     for i, box in enumerate(boxes, start=1):
         if max_ml is not None and volumes[i - 1] >= max_ml:
             continue
-        grown, member, shell = _component_shell(components, i, box)
+        grown, member, shell = component_shell(components, i, box)
         around = np.bincount(sub[grown][shell], minlength=L.HIGH_OPACITY + 1)[:L.HIGH_OPACITY + 1]
         around = around / max(int(around.sum()), 1)
         values = np.asarray(sub_hu[grown][member], float)

@@ -45,6 +45,7 @@ import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
+from lungburden.segmentation.masks import CUBE, bounding_crop, component_shell, dilate_in_plane
 
 
 @dataclass(frozen=True)
@@ -75,28 +76,6 @@ MIN_HIGH_OPACITY_ML = 0.5
 #: HU at its edges, mostly above -40; phantom generator and paper section 2.2).
 FAT_MEDIAN_HU = -60.0
 
-#: In-plane 4-neighbourhood as a 3-D structure (one slice thick).
-_PLANE = np.zeros((3, 3, 3), bool)
-_PLANE[1] = ndimage.generate_binary_structure(2, 1)
-#: 26-connectivity in 3-D.
-_CUBE = np.ones((3, 3, 3), bool)
-
-
-def _bounding_crop(mask: np.ndarray, margin: tuple[int, int, int]) -> tuple[slice, ...] | None:
-    """The bounding box of ``mask`` grown by ``margin`` voxels per axis (None if it is empty)."""
-    axes = [np.flatnonzero(mask.any(axis=other)) for other in ((1, 2), (0, 2), (0, 1))]
-    if not axes[0].size:
-        return None
-    return tuple(slice(max(int(a[0]) - m, 0), int(a[-1]) + m + 1) for a, m in zip(axes, margin, strict=True))
-
-
-def _component_shell(components: np.ndarray, index: int,
-                     box: tuple[slice, ...]) -> tuple[tuple[slice, ...], np.ndarray, np.ndarray]:
-    """Component ``index`` of a labelled array (``box`` from ``ndimage.find_objects``): its box
-    grown by one voxel, its mask in that box and its 26-neighbour shell there."""
-    grown = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
-    member = components[grown] == index
-    return grown, member, ndimage.binary_dilation(member, structure=_CUBE) & ~member
 
 
 def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins = GGOMargins()) -> np.ndarray:
@@ -113,7 +92,7 @@ def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins =
     if steps <= 0:
         return labels
     # The GGO's bounding box grown in-plane by the steps it may move: nothing outside it changes.
-    box = _bounding_crop(labels == L.GGO, (0, steps, steps))
+    box = bounding_crop(labels == L.GGO, (0, steps, steps))
     if box is None:
         return labels
     sub, sub_hu = labels[box], hu[box]
@@ -124,7 +103,7 @@ def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins =
         hazy, dense = sub_hu <= margins.high_hu[0], sub_hu > margins.high_hu[1]
 
     def next_to(label: int) -> np.ndarray:
-        return _dilate_in_plane(sub == label)
+        return dilate_in_plane(sub == label)
 
     for _ in range(steps):
         sub[(sub == L.LUNG) & faint & next_to(L.GGO)] = L.GGO
@@ -133,17 +112,6 @@ def refine_ggo_margins(labels: np.ndarray, hu: np.ndarray, margins: GGOMargins =
             sub[(sub == L.HIGH_OPACITY) & hazy & next_to(L.GGO)] = L.GGO
             sub[(sub == L.GGO) & dense & next_to(L.HIGH_OPACITY)] = L.HIGH_OPACITY
     return labels
-
-
-def _dilate_in_plane(mask: np.ndarray) -> np.ndarray:
-    """``mask`` grown by one in-plane 4-neighbour step (the binary dilation with
-    :data:`_PLANE`, by four shifted ORs: several times faster on a thorax-sized box)."""
-    out = mask.copy()
-    out[:, 1:] |= mask[:, :-1]
-    out[:, :-1] |= mask[:, 1:]
-    out[:, :, 1:] |= mask[:, :, :-1]
-    out[:, :, :-1] |= mask[:, :, 1:]
-    return out
 
 
 def remove_small_opacities(labels: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
@@ -187,16 +155,16 @@ def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float
         return labels
     opacity = labels >= L.GGO  # GGO or high opacity
     # Work inside the opacity's bounding box, grown by one voxel for the shells.
-    crop = _bounding_crop(opacity, (1, 1, 1))
+    crop = bounding_crop(opacity, (1, 1, 1))
     if crop is None:
         return labels
     sub_labels = labels[crop]
     sub_opacity = opacity[crop]
     comps = np.empty(sub_labels.shape, np.uint16)  # half the memory of int32 ...
     try:
-        ndimage.label(sub_opacity, structure=_CUBE, output=comps)
+        ndimage.label(sub_opacity, structure=CUBE, output=comps)
     except RuntimeError:  # ... unless there are over 65535 components
-        comps, _ = ndimage.label(sub_opacity, structure=_CUBE)
+        comps, _ = ndimage.label(sub_opacity, structure=CUBE)
     sizes = np.bincount(comps[sub_opacity])  # over the opacity voxels only: 3x faster than all
     is_speck = sizes < min_ml / voxel_ml if min_ml > 0 else np.zeros(sizes.size, bool)
     is_speck[0] = False
@@ -207,7 +175,7 @@ def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float
     elif specks.size:
         boxes = ndimage.find_objects(comps)
         for index in specks:
-            grown, speck, shell = _component_shell(comps, index, boxes[index - 1])
+            grown, speck, shell = component_shell(comps, index, boxes[index - 1])
             touches_lung = bool((sub_labels[grown][shell] == L.LUNG).any())
             sub_labels[grown][speck] = L.LUNG if touches_lung else L.BACKGROUND
     if max_detached_ml <= 0:
@@ -219,7 +187,7 @@ def remove_opacity_components(labels: np.ndarray, voxel_ml: float, min_ml: float
     if boxes is None:
         boxes = ndimage.find_objects(comps)
     for index in candidates:
-        grown, component, shell = _component_shell(comps, index, boxes[index - 1])
+        grown, component, shell = component_shell(comps, index, boxes[index - 1])
         on_lung = np.count_nonzero(sub_labels[grown][shell] == L.LUNG)
         if on_lung == 0 or on_lung < min_contact * np.count_nonzero(shell):
             sub_labels[grown][component] = L.BACKGROUND
@@ -236,7 +204,7 @@ def _relabel_specks_at_once(sub_labels: np.ndarray, comps: np.ndarray, specks: n
     is_speck = np.zeros(count, bool)
     is_speck[specks] = True
     voxels = is_speck[comps]
-    near_lung = ndimage.binary_dilation(sub_labels == L.LUNG, structure=_CUBE)
+    near_lung = ndimage.binary_dilation(sub_labels == L.LUNG, structure=CUBE)
     touching = np.zeros(count, bool)
     touching[comps[voxels & near_lung]] = True
     sub_labels[voxels] = np.where(touching[comps[voxels]], L.LUNG, L.BACKGROUND).astype(sub_labels.dtype)
@@ -278,11 +246,11 @@ def relabel_unlikely_high_opacity(labels: np.ndarray, hu: np.ndarray, voxel_ml: 
     if voxel_ml <= 0 or (min_ml <= 0 and fat_median_hu is None):
         return labels
     high = labels == L.HIGH_OPACITY
-    crop = _bounding_crop(high, (1, 1, 1))
+    crop = bounding_crop(high, (1, 1, 1))
     if crop is None:
         return labels
     sub, sub_high = labels[crop], high[crop]
-    components, count = ndimage.label(sub_high, structure=_CUBE)
+    components, count = ndimage.label(sub_high, structure=CUBE)
     index = np.arange(1, count + 1)
     member = components[sub_high]  # the component of each high-opacity voxel
     unlikely = np.bincount(member, minlength=count + 1)[1:] * voxel_ml < min_ml
@@ -299,6 +267,6 @@ def relabel_to_surroundings(labels: np.ndarray, components: np.ndarray, boxes: l
     ``ndimage.find_objects``; both on the grid of ``labels``) the label that holds most of its
     26-neighbour shell (background, lung or GGO; background on ties), in place."""
     for i in indices:
-        grown, component, shell = _component_shell(components, int(i), boxes[i - 1])
+        grown, component, shell = component_shell(components, int(i), boxes[i - 1])
         around = np.bincount(labels[grown][shell], minlength=L.HIGH_OPACITY)[:L.HIGH_OPACITY]
         labels[grown][component] = int(np.argmax(around))

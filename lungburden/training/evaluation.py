@@ -579,7 +579,7 @@ def _status_mib(field: str) -> float | None:
     return None
 
 
-def _peak_rss_mib() -> float:
+def peak_rss_mib() -> float:
     """Peak resident memory of this process (MiB): ``VmHWM``, the high-water mark of its own
     address space. Not ``getrusage``'s ``ru_maxrss``: on Linux a spawned child inherits the
     parent's peak through fork and exec, so every model would report the parent's memory."""
@@ -593,7 +593,7 @@ def _peak_rss_mib() -> float:
 
 def _rss_mib() -> float:
     rss = _status_mib("VmRSS")
-    return rss if rss is not None else _peak_rss_mib()
+    return rss if rss is not None else peak_rss_mib()
 
 
 def write_timing_volume(path: Path, slices: int, rows: int = 512, seed: int = 7) -> Path:
@@ -626,7 +626,7 @@ def _measure_in_child(queue, segmenter_spec: tuple[str, str | None], volume_path
         cpu0, wall0 = time.process_time(), time.perf_counter()
         segmenter.segment(volume)
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        cost = ComputeCost(int(hu.shape[0]), int(hu.shape[1]), wall, cpu, cold, _peak_rss_mib(), before,
+        cost = ComputeCost(int(hu.shape[0]), int(hu.shape[1]), wall, cpu, cold, peak_rss_mib(), before,
                            torch.get_num_threads())
         queue.put({**asdict(cost), "peak_rss_growth_mib": cost.peak_rss_growth_mib})
     except Exception as exc:  # reported to the parent
