@@ -541,7 +541,7 @@ def test_missing_weights_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> None:
-    from lungburden.training.commands import build_ensemble
+    from lungburden.training.checkpoints import build_ensemble
 
     a, b = small_convlstm(), small_convlstm(levels=1, width=12, hidden=6)  # members may differ in shape
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
@@ -573,7 +573,7 @@ def test_ensemble_is_the_mean_of_its_members_and_round_trips(tmp_path: Path) -> 
 
 def test_ensemble_refuses_what_it_cannot_combine(tmp_path: Path) -> None:
     from lungburden.segmentation.networks import ConvLSTMEnsemble
-    from lungburden.training.commands import build_ensemble
+    from lungburden.training.checkpoints import build_ensemble
 
     a = small_convlstm()
     save_checkpoint(tmp_path / "a.pt", a)

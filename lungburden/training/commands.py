@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from lungburden.training.checkpoints import build_ensemble, export_checkpoint
+from lungburden.training.evaluation import cv_checkpoints, evaluate_cv
 
 log = logging.getLogger(__name__)
 
@@ -155,75 +156,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         if len(results) != 1:
             print("error: --export needs a single model (--final or --fold k)", file=sys.stderr)
             return EXIT_BAD_INPUT
-        _export(results[0].best_checkpoint, Path(args.export))
+        export_checkpoint(results[0].best_checkpoint, Path(args.export))
         print(f"exported {results[0].best_checkpoint} -> {args.export}")
     return 0
 
 
-def _refuse_oversized(path: Path, max_mb: float, name: str) -> None:
-    """ValueError naming ``name`` when the checkpoint at ``path`` is over ``max_mb`` (shipped weights)."""
-    size_mb = path.stat().st_size / 2**20
-    if size_mb > max_mb:
-        raise ValueError(f"{name} is {size_mb:.1f} MB, over the {max_mb:g} MB limit of shipped weights")
-
-
-def _export(src: Path, dst: Path, max_mb: float = 20.0) -> None:
-    """Copy a checkpoint to the shipped weights location, refusing files over ``max_mb``; the copy
-    is staged beside ``dst`` and moved into place, so an interrupted export leaves no partial file."""
-    _refuse_oversized(src, max_mb, str(src))
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
-        staged = Path(tmp) / dst.name
-        shutil.copyfile(src, staged)
-        os.replace(staged, dst)
-
-
 # --------------------------------------------------------------------------------------------------
 # ensemble
-
-
-def build_ensemble(members: list[Path], out: Path, max_mb: float = 20.0) -> Path:
-    """Write a :class:`~lungburden.segmentation.networks.ConvLSTMEnsemble` checkpoint of the trained
-    ConvLSTM checkpoints ``members`` (docs/model-development.md, "Ensembles").
-
-    Each member's file name, SHA-256 and training record go into ``metadata["members"]``, and the
-    union of their training and validation cases into ``metadata["split"]`` (so that
-    ``lungburden model calibrate`` refuses those cases for the ensemble as for one network). Staged
-    next to ``out`` and moved into place (atomic); refuses files over ``max_mb``.
-    """
-    import shlex
-
-    from lungburden.segmentation.convlstm import file_sha256
-    from lungburden.segmentation.networks import ConvLSTMEnsemble, load_checkpoint, save_checkpoint
-    from lungburden.training.trainer import git_commit
-
-    models, records = [], []
-    train: set[str] = set()
-    val: set[str] = set()
-    for path in members:
-        model, checkpoint = load_checkpoint(path)
-        if checkpoint.get("calibration"):
-            raise ValueError(f"{path} carries decision offsets (calibration); ensemble uncalibrated members "
-                             "and calibrate the ensemble instead")
-        models.append(model)
-        meta = checkpoint.get("metadata") or {}
-        split = meta.get("split") or {}
-        train.update(split.get("train", []))
-        val.update(split.get("val", []))
-        records.append({"file": path.name, "sha256": file_sha256(path), "model": checkpoint["model"],
-                        "metadata": meta})
-    ensemble = ConvLSTMEnsemble.from_models(models)
-    metadata = {"command": " ".join(shlex.quote(a) for a in sys.argv),
-                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "git_commit": git_commit(),
-                "combination": "mean of the members' logits", "members": records,
-                "split": {"name": "union of the members' splits", "train": sorted(train), "val": sorted(val)}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        staged = Path(tmp) / out.name
-        save_checkpoint(staged, ensemble, metadata)
-        _refuse_oversized(staged, max_mb, "the ensemble")
-        os.replace(staged, out)
-    return out
 
 
 def cmd_ensemble(args: argparse.Namespace) -> int:
@@ -239,32 +178,6 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------
 # evaluate
-
-
-def _cv_checkpoints(cv_dir: Path) -> list[Path]:
-    paths = sorted(cv_dir.glob("fold-*/best.pt"))
-    if not paths:
-        raise FileNotFoundError(f"{cv_dir}: no fold-*/best.pt (a `lungburden model train --folds K` output folder)")
-    return paths
-
-
-def evaluate_cv(cv_dir: Path, progress: bool = True, threads: int | None = None):
-    """Each fold's model on its own test cases (Fig. 3), concatenated; returns (results, info)."""
-    from lungburden.segmentation.networks import load_checkpoint
-    from lungburden.training.data import CaseIndex, DataSpec
-    from lungburden.training.evaluation import build_segmenter, evaluate_cases
-
-    results, folds = [], []
-    for path in _cv_checkpoints(cv_dir):
-        _, ckpt = load_checkpoint(path)
-        meta = ckpt.get("metadata", {})
-        split = meta.get("split", {})
-        test = list(split.get("test", []))
-        index = CaseIndex(DataSpec.from_dict(meta.get("data", {})).build_sources())
-        segmenter = build_segmenter(ckpt["model"], str(path), threads)
-        results += evaluate_cases(segmenter, index.iter_raw(test), fold=split.get("fold"), progress=progress)
-        folds.append(f"{path.parent.name}: {len(test)} test cases, epochs {meta.get('epochs')}")
-    return results, {"cross-validation": str(cv_dir), "folds": "; ".join(folds)}
 
 
 def _precision_info(segmenter) -> dict[str, str]:
@@ -487,7 +400,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         try:
             if name in cvs:
                 results, _ = evaluate_cv(Path(cvs[name]), progress=not args.quiet, threads=args.threads)
-                ckpt = ckpt or str(_cv_checkpoints(Path(cvs[name]))[0])
+                ckpt = ckpt or str(cv_checkpoints(Path(cvs[name]))[0])
             elif index.ids():
                 segmenter = build_segmenter(name, ckpt, args.threads)
                 results = evaluate_cases(segmenter, index.iter_raw(index.ids()), progress=not args.quiet)

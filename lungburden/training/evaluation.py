@@ -729,3 +729,28 @@ def cpu_description() -> str:
     except OSError:
         load = ""
     return f"{model or 'unknown CPU'}, {len(os.sched_getaffinity(0))} usable cores{load}"
+
+
+def cv_checkpoints(cv_dir: Path) -> list[Path]:
+    paths = sorted(cv_dir.glob("fold-*/best.pt"))
+    if not paths:
+        raise FileNotFoundError(f"{cv_dir}: no fold-*/best.pt (a `lungburden model train --folds K` output folder)")
+    return paths
+
+
+def evaluate_cv(cv_dir: Path, progress: bool = True, threads: int | None = None):
+    """Each fold's model on its own test cases (Fig. 3), concatenated; returns (results, info)."""
+    from lungburden.segmentation.networks import load_checkpoint
+    from lungburden.training.data import CaseIndex, DataSpec
+
+    results, folds = [], []
+    for path in cv_checkpoints(cv_dir):
+        _, ckpt = load_checkpoint(path)
+        meta = ckpt.get("metadata", {})
+        split = meta.get("split", {})
+        test = list(split.get("test", []))
+        index = CaseIndex(DataSpec.from_dict(meta.get("data", {})).build_sources())
+        segmenter = build_segmenter(ckpt["model"], str(path), threads)
+        results += evaluate_cases(segmenter, index.iter_raw(test), fold=split.get("fold"), progress=progress)
+        folds.append(f"{path.parent.name}: {len(test)} test cases, epochs {meta.get('epochs')}")
+    return results, {"cross-validation": str(cv_dir), "folds": "; ".join(folds)}
