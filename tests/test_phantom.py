@@ -112,17 +112,11 @@ def test_lesion_hu_ranges_noise_free():
 
 
 def test_thick_slices_average_sub_slices():
-    from lungburden.phantom.generator import (
-        _make_grid,
-        _sample_anatomy,
-        _subslice_grid,
-        _thick_slices,
-        slice_subsamples,
-    )
+    from lungburden.phantom.anatomy import make_grid, sample_anatomy, slice_subsamples, subslice_grid, thick_slices
 
     # The sub-slices of each output slice are centred on it.
-    grid = _make_grid(small(seed=5, slices=18), _sample_anatomy(np.random.default_rng(0)))
-    fine = _subslice_grid(grid, 4)
+    grid = make_grid(small(seed=5, slices=18), sample_anatomy(np.random.default_rng(0)))
+    fine = subslice_grid(grid, 4)
     np.testing.assert_allclose(fine.z.reshape(-1, 4).mean(axis=1), grid.z, atol=1e-3)
 
     assert [slice_subsamples(t) for t in (0.625, 1.25, 2.0, 2.5, 3.0, 5.0, 10.0)] == [1, 1, 2, 2, 3, 4, 4]
@@ -130,7 +124,7 @@ def test_thick_slices_average_sub_slices():
     lab = np.array([1, 1, 0, 0, 1, 2, 2, 3], dtype=np.uint8).reshape(4, 1, 2)
     left = np.array([1, 0, 0, 0, 1, 0, 1, 1], dtype=bool).reshape(4, 1, 2)
     kinds = np.array([0, 0, 0, 0, 0, 1, 1, 2], dtype=np.uint8).reshape(4, 1, 2)
-    t_hu, t_lab, t_left, t_kinds = _thick_slices(hu, lab, left, kinds, 2)
+    t_hu, t_lab, t_left, t_kinds = thick_slices(hu, lab, left, kinds, 2)
     # HU: the mean of each pair of sub-slices (partial volume); truth: the majority, a tie going
     # to the central (here: second) sub-slice.
     assert t_hu.ravel().tolist() == [-430.0, -430.0, -900.0, -420.0]
@@ -153,15 +147,15 @@ def test_thick_slices_average_sub_slices():
 
 
 def test_muscle_has_texture_and_fat_planes():
-    from lungburden.phantom.generator import _FAT, _MUSCLE
+    from lungburden.phantom.anatomy import FAT, MUSCLE
 
     ph = generate_phantom(small(seed=6, slices=40, slice_spacing_mm=1.25, burden_percent=0.0, noise_scale=0.0))
     body_wall = ph.hu[:, 150:, :]  # posterior half: back muscle, ribs, spine, lung
     soft = body_wall[(body_wall > 0) & (body_wall < 100)]
     # Muscle HU varies around 45 (not one flat value) and thin fat planes run through it.
-    assert soft.size > 1000 and np.count_nonzero(soft == int(_MUSCLE)) < 0.1 * soft.size
+    assert soft.size > 1000 and np.count_nonzero(soft == int(MUSCLE)) < 0.1 * soft.size
     assert 5.0 < soft.std() < 25.0
-    assert np.count_nonzero(ph.hu == int(_FAT + 10.0)) > 0.02 * soft.size
+    assert np.count_nonzero(ph.hu == int(FAT + 10.0)) > 0.02 * soft.size
     # The fat plane between the deep and the superficial back muscles (-80 HU).
     assert np.count_nonzero(body_wall == -80) > 200
 

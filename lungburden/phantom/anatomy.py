@@ -1,526 +1,48 @@
-"""Synthetic chest CT phantom with COVID-19 pneumonia lesions and exact ground truth.
+"""The synthetic adult chest: anatomy sampled from the seed, drawn on the voxel grid
+(see ``docs/phantom.md``, "What is modelled").
 
-Three uses share the code of this module (see ``docs/phantom.md``):
-
-* :func:`generate_phantom` builds an adult chest CT in memory (HU ``int16`` + label map) from a
-  :class:`PhantomSpec`: body wall, ribs, spine, sternum, scapulae, mediastinum with heart, aorta,
-  pulmonary arteries, caval veins, trachea and main bronchi, esophagus, upper abdomen under the
-  diaphragm domes, two lungs with branching vessels and bronchi, CT noise, a couch.
-* :func:`write_phantom_series` writes it as a single-frame CT Image Storage series plus
-  ``labels.nii.gz`` and ``truth.json`` (the :class:`~lungburden.quantify.Quantities`
-  computed from the phantom's own masks).
-* :func:`insert_lesions` paints the same synthetic lesions into a real CT (HU + LPS affine),
-  inside a lung mask from :func:`lung_mask_from_hu`.
-
-Lesions (:func:`draw_lesions`, used by both): ground-glass opacity (GGO, label 2, -750..-300 HU,
-vessels kept), consolidation and dependent pleural effusion (label 3, -100..+100 HU and
-0..+30 HU). Lesion voxels are chosen by rank inside the lung field, so the requested burden is
-met to the voxel on the generation grid (slices thicker than 1.25 mm are averaged from
-sub-slices, whose majority vote moves it by up to ~0.1 percentage point). Lung vessels and
-airways inside the lungs belong to the lung field (label 1), as in the usual lung masks; the
-trachea, main bronchi and hilar vessels do not.
-
-Array conventions are those of :class:`~lungburden.dicom_io.volume.CTVolume`: axes
-``(slice, row, column)``, the first slice is the most superior, ``affine`` maps
-``(slice, row, column, 1)`` to LPS millimetres. Everything is deterministic per seed.
+:func:`generate_phantom` draws body wall, ribs, spine, sternum, scapulae, clavicles and
+humeral heads, the mediastinum with heart, great vessels, trachea, main bronchi and esophagus,
+the upper abdomen under the diaphragm domes, two lungs with branching vessels and bronchi, a
+couch and CT noise, then the lesions (:mod:`lungburden.phantom.lesions`). The anatomy is
+realistic enough that a segmenter trained on it does not learn shortcuts (uniform muscle,
+missing vessels), and every voxel's label is known. Lung vessels and airways inside the lungs
+belong to the lung field (label 1), as in the usual lung masks; the trachea, main bronchi and
+hilar vessels do not. Slices thicker than 1.25 mm are averaged from sub-slices (the partial
+volume of a real reconstruction), the ground truth taken by majority vote.
+Everything is deterministic per seed.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage
 
 from lungburden import labels as L
-from lungburden.quantify import Quantities, quantify
-
-#: Lesion kinds :func:`draw_lesions` knows (``PhantomSpec.lesion_kinds``).
-LESION_KINDS: tuple[str, ...] = ("ggo", "consolidation", "effusion")
-#: Codes of the ``lesion_kinds`` maps returned by the generators (not label values).
-KIND_NONE, KIND_GGO, KIND_CONSOLIDATION, KIND_EFFUSION = 0, 1, 2, 3
-
-HU_MIN, HU_MAX = -1024, 3071
-_AIR, _FAT, _MUSCLE, _BLOOD = -1000.0, -95.0, 45.0, 40.0
-_PARENCHYMA = -850.0  # nominal aerated lung, reference of the GGO filling model
-
-_UID_ROOT = "lungburden-phantom"
-
-
-# --------------------------------------------------------------------------------------------
-# Public data classes
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PhantomSpec:
-    """What to generate. Anatomy depends on ``seed`` only; the grid samples it in millimetres.
-
-    ``pixel_spacing_mm=None`` means ``fov_mm / cols`` (0.78125 mm at 512 columns), so a smaller
-    matrix shows the same anatomy coarser. ``burden_percent=None`` draws a burden from the
-    seed (0 % for about one case in ten, otherwise up to 60 %, skewed to low values).
-    """
-
-    seed: int = 0
-    slices: int = 64
-    slice_spacing_mm: float = 5.0
-    pixel_spacing_mm: float | None = None
-    rows: int = 512
-    cols: int = 512
-    fov_mm: float = 400.0
-    contrast: bool = False
-    burden_percent: float | None = None
-    lesion_kinds: frozenset[str] = frozenset(LESION_KINDS)
-    #: Scale of the CT noise (1 = the seed's 10-25 HU; 0 = noiseless, for debugging).
-    noise_scale: float = 1.0
-    #: How far the scan range reaches above the lung apices (mm; the slab is centred on the range
-    #: [lowest diaphragm - 25 mm, apices + neck_mm]). The shoulder girdle starts 45 mm below the
-    #: apices, so any scan of the apices shows part of it; larger values add more of it and the
-    #: root of the neck, where real chest CTs start.
-    neck_mm: float = 20.0
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "lesion_kinds", frozenset(self.lesion_kinds))
-        unknown = set(self.lesion_kinds) - set(LESION_KINDS)
-        if unknown:
-            raise ValueError(f"unknown lesion kinds {sorted(unknown)}; known: {', '.join(LESION_KINDS)}")
-        if self.slices < 1 or self.rows < 16 or self.cols < 16:
-            raise ValueError("a phantom needs at least 1 slice and 16x16 pixels")
-        if self.slice_spacing_mm <= 0 or (self.pixel_spacing_mm is not None and self.pixel_spacing_mm <= 0):
-            raise ValueError("spacings must be positive")
-        if self.burden_percent is not None and not 0.0 <= self.burden_percent <= 100.0:
-            raise ValueError("burden_percent must lie in [0, 100]")
-        object.__setattr__(self, "neck_mm", float(self.neck_mm))
-        if not 0.0 <= self.neck_mm <= 300.0:
-            raise ValueError("neck_mm must lie in [0, 300]")
-
-    @property
-    def pixel_spacing(self) -> float:
-        """In-plane pixel size in mm, rounded so that it prints exactly as a DICOM DS."""
-        ps = self.pixel_spacing_mm if self.pixel_spacing_mm is not None else self.fov_mm / self.cols
-        return float(f"{ps:.6g}")
-
-    def key(self) -> str:
-        """Canonical text of the spec (UID entropy, provenance)."""
-        kinds = ",".join(sorted(self.lesion_kinds))
-        return (
-            f"seed={self.seed};slices={self.slices};dz={self.slice_spacing_mm!r};ps={self.pixel_spacing!r};"
-            f"rows={self.rows};cols={self.cols};contrast={self.contrast};burden={self.burden_percent!r};"
-            f"kinds={kinds};noise={self.noise_scale!r}"
-            + (f";neck={self.neck_mm!r}" if self.neck_mm != 20.0 else "")
-        )
-
-
-@dataclass(frozen=True, eq=False)
-class Phantom:
-    """A generated phantom: CT in HU, ground truth, geometry (see the module docstring)."""
-
-    spec: PhantomSpec
-    hu: np.ndarray  # int16 (slice, row, col)
-    labels: np.ndarray  # uint8, values of lungburden.labels
-    affine: np.ndarray  # 4x4, (slice, row, col, 1) -> LPS mm
-    left_lung: np.ndarray  # bool, the patient's left lung (lung field labels 1-3)
-    lesion_kinds: np.ndarray  # uint8, KIND_* codes
-    burden_target_percent: float
-
-    @property
-    def voxel_volume_ml(self) -> float:
-        return float(abs(np.linalg.det(self.affine[:3, :3]))) / 1000.0
-
-
-@dataclass(frozen=True, eq=False)
-class InsertedLesions:
-    """Result of :func:`insert_lesions`: a real CT with synthetic lesions and their labels."""
-
-    hu: np.ndarray  # same shape and dtype as the input
-    labels: np.ndarray  # uint8: 0 outside the lung mask, 1 lung, 2 GGO, 3 high opacity
-    lesion_kinds: np.ndarray  # uint8 KIND_* codes
-    lung_mask: np.ndarray  # bool
-    burden_target_percent: float
-
-
-# --------------------------------------------------------------------------------------------
-# Shared lesion code (phantom and real-CT insertion)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LesionPlan:
-    """Fractions of the lung field (0..1) given to each lesion kind, and their HU levels."""
-
-    ggo: float
-    consolidation: float
-    effusion: float
-    effusion_sides: str  # "both", "left", "right"
-    left_share: float  # share of GGO/consolidation voxels placed in the left lung (before capping)
-    ggo_low: float
-    ggo_high: float
-    consolidation_level: float
-    effusion_level: float
-    peripheral_mm: float
-    posterior_weight: float
-    basal_weight: float
-
-    @property
-    def total(self) -> float:
-        return self.ggo + self.consolidation + self.effusion
-
-
-def random_burden_percent(rng: np.random.Generator) -> float:
-    """Burden drawn for ``burden_percent=None``: 0 for ~10 %, else 0.5..60 % skewed low."""
-    if rng.random() < 0.1:
-        return 0.0
-    return float(0.5 + 59.5 * rng.random() ** 1.6)
-
-
-def plan_lesions(
-    rng: np.random.Generator, burden_percent: float, kinds: frozenset[str] | set[str] = frozenset(LESION_KINDS)
-) -> LesionPlan:
-    """Split a burden among the enabled kinds: mostly GGO, some consolidation, sometimes effusion
-    (about one case in three, 5-30 % of the burden). With no kind enabled nothing is drawn."""
-    b = float(burden_percent) / 100.0
-    kinds = set(kinds)
-    eff = 0.0
-    if "effusion" in kinds and b > 0 and (rng.random() < 0.35 or kinds == {"effusion"}):
-        eff = b if kinds == {"effusion"} else b * rng.uniform(0.05, 0.3)
-    rest = b - eff
-    cons = 0.0
-    if "consolidation" in kinds and rest > 0:
-        cons = rest if "ggo" not in kinds else rest * rng.uniform(0.08, 0.4)
-    ggo = rest - cons if "ggo" in kinds else 0.0
-    sides = str(rng.choice(["both", "both", "left", "right"]))
-    return LesionPlan(
-        ggo=ggo,
-        consolidation=cons,
-        effusion=eff,
-        effusion_sides=sides,
-        left_share=float(rng.uniform(0.3, 0.7)),
-        ggo_low=float(rng.uniform(-720, -650)),
-        ggo_high=float(rng.uniform(-480, -330)),
-        consolidation_level=float(rng.uniform(-40, 50)),
-        effusion_level=float(rng.uniform(5, 25)),
-        peripheral_mm=float(rng.uniform(8, 25)),
-        posterior_weight=float(rng.uniform(0.2, 1.0)),
-        basal_weight=float(rng.uniform(0.0, 0.8)),
-    )
-
-
-def _bbox(mask: np.ndarray, pad: int = 0) -> tuple[slice, ...]:
-    """Bounding box of a non-empty mask as slices (padded, clipped)."""
-    out = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        nz = np.flatnonzero(mask.any(axis=other))
-        out.append(slice(max(int(nz[0]) - pad, 0), min(int(nz[-1]) + 1 + pad, mask.shape[axis])))
-    return tuple(out)
-
-
-def _upsample_linear(a: np.ndarray, factors: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
-    """Linear upsampling of a block-averaged grid back to ``shape`` (cell-centre aligned)."""
-    out = a
-    for axis, (f, n) in enumerate(zip(factors, shape, strict=True)):
-        if f == 1:
-            continue
-        m = out.shape[axis]
-        pos = (np.arange(n, dtype=np.float32) + 0.5) / f - 0.5
-        pos = np.clip(pos, 0, m - 1)
-        i0 = np.floor(pos).astype(np.intp)
-        i1 = np.minimum(i0 + 1, m - 1)
-        w = (pos - i0).astype(np.float32)
-        wshape = [1] * out.ndim
-        wshape[axis] = n
-        w = w.reshape(wshape)
-        lo, hi = np.take(out, i0, axis=axis), np.take(out, i1, axis=axis)
-        hi -= lo
-        hi *= w
-        lo += hi
-        out = lo
-    return out
-
-
-def _block_mean(a: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Mean over blocks of ``factors`` voxels (edge blocks padded with zeros)."""
-    pads = [(0, (-n) % f) for n, f in zip(a.shape, factors, strict=True)]
-    p = np.pad(a.astype(np.float32), pads)
-    shape = []
-    for n, f in zip(p.shape, factors, strict=True):
-        shape += [n // f, f]
-    return p.reshape(shape).mean(axis=(1, 3, 5))
-
-
-def _axis_coords(affine: np.ndarray, shape: tuple[int, ...], row: int) -> list[np.ndarray]:
-    """Per-axis contributions to LPS coordinate ``row`` (sum them by broadcasting)."""
-    out = []
-    for axis, n in enumerate(shape):
-        s = [1, 1, 1]
-        s[axis] = n
-        out.append((affine[row, axis] * np.arange(n, dtype=np.float64)).reshape(s).astype(np.float32))
-    out[0] = out[0] + np.float32(affine[row, 3])
-    return out
-
-
-def _lesion_score(lung: np.ndarray, spacing: np.ndarray, rng: np.random.Generator, plan: LesionPlan) -> np.ndarray:
-    """Smooth random lesion propensity on the lung bounding box (float32, same shape as ``lung``).
-
-    Computed on a ~3 mm grid: two scales of low-pass noise (patches, lobules) plus a subpleural
-    term from the distance to the lung border; upsampled linearly.
-    """
-    factors = tuple(max(1, int(round(3.0 / s))) for s in spacing)
-    coarse_lung = _block_mean(lung, factors) >= 0.5
-    cspacing = np.asarray(spacing) * np.asarray(factors)
-    noise = rng.standard_normal(coarse_lung.shape, dtype=np.float32)
-    big = ndimage.gaussian_filter(noise, sigma=tuple(float(v) for v in 11.0 / cspacing), mode="nearest")
-    small = ndimage.gaussian_filter(noise[::-1].copy(), sigma=tuple(float(v) for v in 4.0 / cspacing))
-    inside = coarse_lung if coarse_lung.any() else np.ones_like(coarse_lung)
-    big /= max(float(big[inside].std()), 1e-6)
-    small /= max(float(small[inside].std()), 1e-6)
-    dist = ndimage.distance_transform_edt(coarse_lung, sampling=cspacing).astype(np.float32)
-    score = big + 0.45 * small + 1.6 * np.exp(-dist / plan.peripheral_mm)
-    return _upsample_linear(score.astype(np.float32), factors, lung.shape)
-
-
-def _pick_top(values: np.ndarray, count: int) -> np.ndarray:
-    """Indices (into ``values``) of the ``count`` largest values."""
-    count = int(min(max(count, 0), values.size))
-    if count == 0:
-        return np.empty(0, dtype=np.intp)
-    if count == values.size:
-        return np.arange(values.size)
-    return np.argpartition(values, values.size - count)[values.size - count :]
-
-
-def estimate_noise_sd(hu: np.ndarray) -> float:
-    """Robust CT noise estimate (HU) from neighbour differences in soft tissue, clamped to 5..40."""
-    a = hu[:, :, :-1].astype(np.float32)
-    b = hu[:, :, 1:].astype(np.float32)
-    sel = (a > -150) & (a < 150) & (b > -150) & (b < 150)
-    if sel.sum() < 100:
-        return 15.0
-    d = (a - b)[sel]
-    sd = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(2.0)
-    return float(np.clip(sd, 5.0, 40.0))
-
-
-def draw_lesions(
-    hu: np.ndarray,
-    lung: np.ndarray,
-    affine: np.ndarray,
-    rng: np.random.Generator,
-    plan: LesionPlan,
-    left: np.ndarray | None = None,
-    noise_sd: float = 0.0,
-) -> np.ndarray:
-    """Paint lesions into ``hu`` (float32, modified in place) within ``lung``; return KIND_* map.
-
-    ``affine`` maps array indices to LPS mm (any axis order; the axes nearest to posterior and
-    superior give the dependent and basal directions). ``left`` is the patient's left lung
-    (default: by x of the lung centroid as in quantify.py). Voxel counts are exact: the lesion
-    fraction of the lung field equals ``plan.total`` up to rounding. ``noise_sd`` adds white
-    noise to the replaced (consolidation/effusion) voxels; use 0 when noise is added later.
-    Only voxels inside ``lung`` change.
-    """
-    kinds = np.zeros(lung.shape, dtype=np.uint8)
-    n_lung = int(lung.sum())
-    if n_lung == 0 or plan.total <= 0:
-        return kinds
-    if left is None:
-        from lungburden.quantify import left_lung_mask
-
-        left = left_lung_mask(lung.astype(np.uint8), affine)
-    box = _bbox(lung)
-    lung_b = lung[box]
-    work = np.ascontiguousarray(hu[box], dtype=np.float32)
-    kinds_b = np.zeros(lung_b.shape, dtype=np.uint8)
-    aff_b = affine.copy()
-    aff_b[:, 3] = affine @ np.array([s.start for s in box] + [1.0])
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    flat = np.flatnonzero(lung_b)
-    is_left = left[box][lung_b]
-    side_counts = {"left": int(is_left.sum()), "right": int((~is_left).sum())}
-    side_sel = {"left": is_left, "right": ~is_left}
-
-    # Coordinates (mm) along posterior (LPS +y) and superior (+z), per lung voxel.
-    yc = _axis_coords(aff_b, lung_b.shape, 1)
-    zc = _axis_coords(aff_b, lung_b.shape, 2)
-    y_lung = ((yc[0] + yc[1]) + yc[2])[lung_b]
-    z_lung = ((zc[0] + zc[1]) + zc[2])[lung_b]
-    post = (y_lung - y_lung.min()) / max(float(np.ptp(y_lung)), 1.0)
-    basal = (z_lung.max() - z_lung) / max(float(np.ptp(z_lung)), 1.0)
-    del y_lung
-    taken = np.zeros(flat.size, dtype=bool)
-
-    # 1. Pleural effusion: the most dependent layer of each chosen lung, thicker at the base.
-    n_eff = int(round(plan.effusion * n_lung))
-    if n_eff:
-        eff_score = -(_dependent_height(lung_b, aff_b) + 0.25 * (z_lung - z_lung.min()))
-        sides = ["left", "right"] if plan.effusion_sides == "both" else [plan.effusion_sides]
-        if sum(side_counts[s] for s in sides) == 0:
-            sides = ["left", "right"]
-        total = sum(side_counts[s] for s in sides) or 1
-        for s in sides:
-            idx = np.flatnonzero(side_sel[s])
-            want = int(round(n_eff * side_counts[s] / total))
-            taken[idx[_pick_top(eff_score[idx], want)]] = True
-        eff = np.flatnonzero(taken)
-        kinds_b.ravel()[flat[eff]] = KIND_EFFUSION
-        work.ravel()[flat[eff]] = plan.effusion_level + noise_sd * rng.standard_normal(eff.size)
-
-    # 2. GGO and consolidation: top of a smooth random score, per lung, consolidation at the cores.
-    n_les = int(round((plan.ggo + plan.consolidation) * n_lung))
-    if n_les:
-        score = _lesion_score(lung_b, spacing, rng, plan)[lung_b]
-        score += plan.posterior_weight * post + plan.basal_weight * basal
-        share = {"left": plan.left_share, "right": 1.0 - plan.left_share}
-        free = {s: int((side_sel[s] & ~taken).sum()) for s in share}
-        want = {s: min(int(round(n_les * share[s])), free[s]) for s in share}
-        for s, other in (("left", "right"), ("right", "left")):  # move what does not fit
-            extra = int(round(n_les * share[s])) - want[s]
-            if extra > 0:
-                want[other] = min(want[other] + extra, free[other])
-        cons_frac = plan.consolidation / (plan.ggo + plan.consolidation)
-        for s in ("left", "right"):
-            idx = np.flatnonzero(side_sel[s] & ~taken)
-            if want[s] == 0 or idx.size == 0:
-                continue
-            pick = idx[_pick_top(score[idx], want[s])]
-            n_cons = pick.size if plan.ggo == 0 else int(round(want[s] * cons_frac))
-            rank = score[pick] + 0.6 * post[pick] + 0.4 * basal[pick]
-            rank += 0.15 * rng.standard_normal(pick.size).astype(np.float32)
-            order = _pick_top(rank, n_cons)
-            is_cons = np.zeros(pick.size, dtype=bool)
-            is_cons[order] = True
-            cons, ggo = pick[is_cons], pick[~is_cons]
-            if ggo.size:
-                s_ggo = score[ggo]
-                lo, hi = float(s_ggo.min()), float(np.percentile(s_ggo, 90))
-                depth = np.clip((s_ggo - lo) / max(hi - lo, 1e-6), 0, 1) ** 0.8
-                level = plan.ggo_low + (plan.ggo_high - plan.ggo_low) * depth
-                cur = work.ravel()[flat[ggo]]
-                fill = np.clip((40.0 - cur) / (40.0 - _PARENCHYMA), 0.0, 1.15)
-                work.ravel()[flat[ggo]] = cur + (level - _PARENCHYMA) * fill
-                kinds_b.ravel()[flat[ggo]] = KIND_GGO
-            if cons.size:
-                s_c = score[cons]
-                wobble = (s_c - s_c.mean()) / max(float(s_c.std()), 1e-6)
-                level = np.clip(plan.consolidation_level + 20.0 * wobble, -90.0, 90.0)
-                work.ravel()[flat[cons]] = level + noise_sd * rng.standard_normal(cons.size)
-                kinds_b.ravel()[flat[cons]] = KIND_CONSOLIDATION
-    np.copyto(hu[box], work, where=lung_b, casting="unsafe")
-    kinds[box] = kinds_b
-    return kinds
-
-
-def _dependent_height(lung: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Height (mm) of each lung voxel above the most posterior lung voxel of its line."""
-    axis = int(np.argmax(np.abs(affine[1, :3])))
-    step = float(np.linalg.norm(affine[:3, axis]))
-    n = lung.shape[axis]
-    ramp = np.arange(n, dtype=np.int32) if affine[1, axis] > 0 else np.arange(n - 1, -1, -1, dtype=np.int32)
-    shape = [1, 1, 1]
-    shape[axis] = n
-    ramp = ramp.reshape(shape)
-    deepest = np.where(lung, ramp, -1).max(axis=axis, keepdims=True)
-    return ((deepest - ramp)[lung] * step).astype(np.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Real CT: lung mask and lesion insertion
-# --------------------------------------------------------------------------------------------
-
-
-def lps_from_ras(affine: np.ndarray) -> np.ndarray:
-    """Convert a NIfTI (RAS) affine to LPS, or back (the flip is its own inverse)."""
-    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.asarray(affine, dtype=np.float64)
-
-
-def lung_mask_from_hu(hu: np.ndarray, affine: np.ndarray, threshold: float = -400.0) -> np.ndarray:
-    """Lung field of a CT by thresholding and morphology (vessels included, airways partly).
-
-    Air below ``threshold`` HU is labelled in 3D; components that are mostly pure air
-    (< -950 HU: outside air, trachea, bowel gas) or smaller than 20 mL are dropped; the rest is
-    closed (~3 mm) and its in-plane holes (vessels) are filled slice by slice along the axis
-    nearest to head-feet. Works on crops whose lungs touch the border.
-    """
-    hu = np.asarray(hu)
-    spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
-    air = hu < threshold
-    comps, count = ndimage.label(air)
-    if count == 0:
-        return air
-    index = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(air, comps, index)
-    pure = ndimage.sum_labels(hu < -950, comps, index) / np.maximum(sizes, 1)
-    keep = index[(sizes * voxel_ml >= 20.0) & (pure < 0.5)]
-    lung = np.isin(comps, keep)
-    if not lung.any():
-        return lung
-    box = _bbox(lung, pad=3)
-    sub = lung[box]
-    radius = np.maximum(np.round(3.0 / spacing), 1).astype(int)
-    struct = np.zeros(tuple(2 * r + 1 for r in radius), dtype=bool)
-    grids = np.meshgrid(*[np.arange(-r, r + 1) / max(r, 1) for r in radius], indexing="ij")
-    struct[sum(g**2 for g in grids) <= 1.0] = True
-    sub = ndimage.binary_closing(sub, structure=struct)
-    axial = int(np.argmax(np.abs(affine[2, :3])))
-    moved = np.moveaxis(sub, axial, 0)
-    filled = np.stack([ndimage.binary_fill_holes(s) for s in moved])
-    sub = np.moveaxis(filled, 0, axial)
-    out = np.zeros_like(lung)
-    out[box] = sub
-    return out
-
-
-def insert_lesions(
-    hu: np.ndarray,
-    affine: np.ndarray,
-    seed: int | np.random.Generator = 0,
-    burden_percent: float | None = None,
-    kinds: frozenset[str] | set[str] = frozenset(LESION_KINDS),
-    lung_mask: np.ndarray | None = None,
-    noise_sd: float | None = None,
-) -> InsertedLesions:
-    """Insert synthetic GGO / consolidation / effusion into a real CT.
-
-    ``hu`` is any 3D HU array and ``affine`` its index→LPS mm affine (for NIfTI use
-    :func:`lps_from_ras`). The lung mask defaults to :func:`lung_mask_from_hu`; lesions are drawn
-    only inside it (and only HU inside it change). ``noise_sd=None`` estimates the image noise
-    for the replaced voxels. Returns the new HU in the input dtype (rounded if integer).
-    """
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    affine = np.asarray(affine, dtype=np.float64)
-    lung = lung_mask_from_hu(hu, affine) if lung_mask is None else np.asarray(lung_mask, dtype=bool)
-    burden = random_burden_percent(rng) if burden_percent is None else float(burden_percent)
-    plan = plan_lesions(rng, burden, kinds)
-    work = np.asarray(hu, dtype=np.float32).copy()
-    sd = estimate_noise_sd(hu) if noise_sd is None else float(noise_sd)
-    kind_map = draw_lesions(work, lung, affine, rng, plan, noise_sd=sd)
-    labels = _labels_from(lung, kind_map)
-    dtype = np.asarray(hu).dtype
-    if np.issubdtype(dtype, np.integer):
-        info = np.iinfo(dtype)
-        np.rint(work, out=work)
-        out = np.clip(work, max(info.min, HU_MIN), min(info.max, HU_MAX)).astype(dtype)
-        out[~lung] = np.asarray(hu)[~lung]
-    else:
-        out = work.astype(dtype)
-    return InsertedLesions(out, labels, kind_map, lung, 100.0 * plan.total)
-
-
-def _labels_from(lung: np.ndarray, kind_map: np.ndarray) -> np.ndarray:
-    labels = lung.astype(np.uint8)  # L.LUNG == 1
-    labels[kind_map == KIND_GGO] = L.GGO
-    labels[kind_map >= KIND_CONSOLIDATION] = L.HIGH_OPACITY
-    return labels
-
-
-# --------------------------------------------------------------------------------------------
-# Phantom anatomy
-# --------------------------------------------------------------------------------------------
+from lungburden.phantom.lesions import (
+    bbox,
+    draw_lesions,
+    labels_from,
+    plan_lesions,
+    random_burden_percent,
+    upsample_linear,
+)
+from lungburden.phantom.spec import (
+    HU_MAX,
+    HU_MIN,
+    KIND_CONSOLIDATION,
+    KIND_EFFUSION,
+    KIND_GGO,
+    KIND_NONE,
+    Phantom,
+    PhantomSpec,
+)
+
+#: Nominal HU of air, fat, skeletal muscle and unenhanced blood.
+AIR, FAT, MUSCLE, BLOOD = -1000.0, -95.0, 45.0, 40.0
 
 
 @dataclass(frozen=True)
@@ -629,7 +151,8 @@ class _Anatomy:
     back: float
 
 
-def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
+def sample_anatomy(rng: np.random.Generator) -> _Anatomy:
+    """Seed-dependent anatomy, drawn from ``rng`` (the anatomy stream of :func:`generate_phantom`)."""
     u = rng.uniform
     height = u(225, 295)
     z_apex = height / 2
@@ -794,7 +317,7 @@ def _organ_map(an: _Anatomy, grid: _Grid, contrast: bool) -> np.ndarray:
     gx, gy = an.xm + 0.45 * half_w, y_ant + 0.35 * depth
     stomach = ((x - gx) / (0.3 * half_w)) ** 2 + ((y - gy) / (0.22 * depth)) ** 2 < 1
     out = np.where(stomach, 22.0, out)
-    out = np.where(stomach & (y < gy - 0.1 * depth), _AIR, out)
+    out = np.where(stomach & (y < gy - 0.1 * depth), AIR, out)
     return out.astype(np.float32)
 
 
@@ -804,7 +327,7 @@ def _couch(an: _Anatomy, grid: _Grid) -> np.ndarray:
     x = grid.x[None, :]
     top = an.cy + an.b_post + an.back + 2.0 - x**2 / 1400.0
     rel = y - top
-    out = np.full((grid.ny, grid.nx), _AIR, dtype=np.float32)
+    out = np.full((grid.ny, grid.nx), AIR, dtype=np.float32)
     out = np.where((rel >= 0) & (rel < 30), -750.0, out)
     out = np.where(((rel >= 0) & (rel < 2)) | ((rel >= 28) & (rel < 30)), 250.0, out)
     return out.astype(np.float32)
@@ -840,12 +363,12 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
         rho = _rho(an, a, b_ant, b_post, y, x)
         eps = 0.6 * grid.ps / radius
         xp = [0.0, r_cav - eps, r_cav + eps, r_fat - eps, r_fat + eps, r_skin - eps, r_skin + eps, 1 - eps, 1 + eps]
-        fp = [_FAT, _FAT, _MUSCLE, _MUSCLE, -100.0, -100.0, 30.0, 30.0, _AIR]
+        fp = [FAT, FAT, MUSCLE, MUSCLE, -100.0, -100.0, 30.0, 30.0, AIR]
         # Skin and fat follow the body outline, which reaches ``back`` mm further behind; the
         # cavity and the rib zone keep their place (rho): what lies between is back muscle.
         rho_body = _rho(an, a, b_ant, b_post + an.back, y, x)
         sl = np.interp(rho_body.ravel(), xp, fp).astype(np.float32).reshape(rho.shape)
-        sl[(rho >= r_cav + eps) & (rho_body < r_fat - eps)] = _MUSCLE
+        sl[(rho >= r_cav + eps) & (rho_body < r_fat - eps)] = MUSCLE
         _back_fat_planes(sl, an, rho, rho_body, r_mus, r_fat, eps, y)
         np.maximum(sl, couch, out=sl)
         # Ribs and costal cartilage in the rib zone, sloping down from back to front.
@@ -858,8 +381,8 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
         level = _shoulder_level(an, z)
         if z > an.z_apex:
             # Root of the neck above the apices: muscle around the airway, not mediastinal fat.
-            neck = (rho < r_cav) & (sl < _MUSCLE)
-            sl[neck] = np.float32(_FAT + (_MUSCLE - _FAT) * min((z - an.z_apex) / 25.0, 1.0))
+            neck = (rho < r_cav) & (sl < MUSCLE)
+            sl[neck] = np.float32(FAT + (MUSCLE - FAT) * min((z - an.z_apex) / 25.0, 1.0))
         if level > 0.25:
             _paint_humeral_heads(sl, an, x, y, z, a)
         if z > an.z_apex + 5.0:
@@ -868,7 +391,7 @@ def _build_slices(an: _Anatomy, grid: _Grid, contrast: bool) -> tuple[np.ndarray
             for sign in (-1.0, 1.0):
                 fx, fy = an.xm + sign * 0.55 * a, an.cy - b_ant
                 rx, ry = 0.22 * a * (0.5 + s), b_ant * (0.15 + 0.45 * s)
-                sl[((x - fx) / rx) ** 2 + ((y - fy) / ry) ** 2 < 1] = _AIR
+                sl[((x - fx) / rx) ** 2 + ((y - fy) / ry) ** 2 < 1] = AIR
         # Scapulae in the upper chest, in the posterior muscle layer.
         if an.z_car - 30 < z < an.z_apex + 35:
             mid = r_mus + (r_fat - r_mus) * np.array([0.3, 0.6])
@@ -913,11 +436,11 @@ def _back_fat_planes(
 
 
 def _muscle_texture(hu: np.ndarray, grid: _Grid, rng: np.random.Generator) -> None:
-    """Texture of the skeletal muscle (voxels at exactly ``_MUSCLE``): slow HU variation (SD
+    """Texture of the skeletal muscle (voxels at exactly ``MUSCLE``): slow HU variation (SD
     6-15 HU) and a network of thin intermuscular fat planes (where a smooth random field crosses
     zero), as real shoulder, back and chest-wall muscle shows; a uniform muscle would teach a
     network that any textured soft tissue is consolidation."""
-    muscle = hu == np.float32(_MUSCLE)
+    muscle = hu == np.float32(MUSCLE)
     if not muscle.any():
         return
     spacing = np.array([grid.dz, grid.ps, grid.ps])
@@ -929,14 +452,14 @@ def _muscle_texture(hu: np.ndarray, grid: _Grid, rng: np.random.Generator) -> No
         noise = rng.standard_normal(coarse, dtype=np.float32)
         smooth = ndimage.gaussian_filter(noise, sigma=tuple(float(v) for v in sigma_mm / cspacing), mode="wrap")
         smooth /= max(float(smooth.std()), 1e-6)
-        return _upsample_linear(smooth, factors, hu.shape)
+        return upsample_linear(smooth, factors, hu.shape)
 
     where = np.nonzero(muscle)
     del muscle
     level = random_field(10.0)[where]
     planes = np.abs(random_field(float(rng.uniform(7.0, 14.0)))[where]) < np.float32(rng.uniform(0.06, 0.14))
-    values = np.float32(_MUSCLE) + np.float32(rng.uniform(6.0, 15.0)) * level
-    values[planes] = np.float32(_FAT + 10.0)
+    values = np.float32(MUSCLE) + np.float32(rng.uniform(6.0, 15.0)) * level
+    values[planes] = np.float32(FAT + 10.0)
     hu[where] = values
 
 
@@ -1052,7 +575,7 @@ def _draw_heart(hu: np.ndarray, lung: np.ndarray, an: _Anatomy, grid: _Grid, con
         chamber = np.where(v > 0, an.contrast_hu, 0.85 * an.contrast_hu).astype(np.float32)
         chamber = np.where(np.abs(v) < 4.0, myo, chamber)
     else:
-        chamber = np.float32(_BLOOD)
+        chamber = np.float32(BLOOD)
     val = np.where(r < 1 - 10.0 / mean_ax, chamber, np.float32(myo))
     occ = np.clip((1 - r) * np.float32(mean_ax / grid.ps) + 0.5, 0, 1) * _cavity_box(an, grid, box)
     sub = hu[box]
@@ -1069,10 +592,10 @@ def _mediastinal_tubes(an: _Anatomy, grid: _Grid, contrast: bool) -> list[_Tube]
     bottom = min(float(grid.z[-1]), an.z_low) - 40.0
     y_ant = _mid_cavity(an)[1]
     y_hil = an.cy + an.y_hil
-    cval = an.contrast_hu if contrast else _BLOOD
+    cval = an.contrast_hu if contrast else BLOOD
 
     def blood(f: float) -> float:
-        return min(cval * f, 600.0) if contrast else _BLOOD
+        return min(cval * f, 600.0) if contrast else BLOOD
 
     y_tr = ys - rv - 24.0
     root_r = (xm - 36.0, y_hil, an.z_car - 22.0)
@@ -1136,7 +659,7 @@ def _mediastinal_tubes(an: _Anatomy, grid: _Grid, contrast: bool) -> list[_Tube]
         (7.0, 5.0, (carina, br_l)),
     ):
         tubes.append(_Tube(path, (r_out, r_out), 30.0, 2.0))
-        tubes.append(_Tube(path, (r_in, r_in), _AIR, 2.0))
+        tubes.append(_Tube(path, (r_in, r_in), AIR, 2.0))
     return tubes
 
 
@@ -1275,8 +798,8 @@ def _draw_lung_trees(
 ) -> None:
     """Pulmonary arteries with their bronchi and pulmonary veins (branching trees from the
     hila down to ~1.6 mm radius), plus scattered thin peripheral vessels."""
-    art = min(an.contrast_hu * 0.9, 600.0) if contrast else _BLOOD
-    vein = min(an.contrast_hu * 0.7, 600.0) if contrast else _BLOOD
+    art = min(an.contrast_hu * 0.9, 600.0) if contrast else BLOOD
+    vein = min(an.contrast_hu * 0.7, 600.0) if contrast else BLOOD
     roots = _tree_roots(an)
     walls: list[tuple[np.ndarray, np.ndarray, float]] = []
     lumens: list[tuple[np.ndarray, np.ndarray, float]] = []
@@ -1328,7 +851,7 @@ def _draw_lung_trees(
     for a, b, r in walls:
         _paint_segment(hu, lung, grid, a, b, r, 20.0)
     for a, b, r in lumens:
-        _paint_segment(hu, lung, grid, a, b, r, _AIR)
+        _paint_segment(hu, lung, grid, a, b, r, AIR)
 
 
 def _keep_main_lungs(lung: np.ndarray, left_side: np.ndarray) -> np.ndarray:
@@ -1338,7 +861,7 @@ def _keep_main_lungs(lung: np.ndarray, left_side: np.ndarray) -> np.ndarray:
     removed = np.zeros_like(lung)
     if not lung.any():
         return removed
-    box = _bbox(lung)
+    box = bbox(lung)
     sub = lung[box]
     comps, count = ndimage.label(sub)
     sizes = np.bincount(comps.ravel(), minlength=count + 1)
@@ -1381,7 +904,9 @@ def _add_noise(hu: np.ndarray, sd: float, rng: np.random.Generator) -> None:
         hu[k] += np.roll(t, tuple(int(s) for s in shifts[k]), axis=(0, 1))
 
 
-def _make_grid(spec: PhantomSpec, an: _Anatomy) -> _Grid:
+def make_grid(spec: PhantomSpec, an: _Anatomy) -> _Grid:
+    """The output grid of ``spec``: slices centred on the range from 25 mm below the lowest
+    diaphragm to ``spec.neck_mm`` above the apices; in-plane centred on x = y = 0 mm."""
     ps = spec.pixel_spacing
     dz = float(f"{spec.slice_spacing_mm:.6g}")
     z_c = (an.z_apex + spec.neck_mm + an.z_low - 25.0) / 2
@@ -1404,10 +929,10 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     rng_anat, rng_tree, rng_les, rng_noise, rng_texture = (
         np.random.default_rng(s) for s in np.random.SeedSequence(spec.seed).spawn(5)
     )
-    an = _sample_anatomy(rng_anat)
-    out_grid = _make_grid(spec, an)
+    an = sample_anatomy(rng_anat)
+    out_grid = make_grid(spec, an)
     sub = slice_subsamples(out_grid.dz)
-    grid = _subslice_grid(out_grid, sub)
+    grid = subslice_grid(out_grid, sub)
     hu, lung = _build_slices(an, grid, spec.contrast)
     _muscle_texture(hu, grid, rng_texture)
     _draw_heart(hu, lung, an, grid, spec.contrast)
@@ -1416,7 +941,7 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     left_of_midline = (grid.x > an.xm)[None, None, :]  # the patient's left (LPS +x)
     left_side = np.broadcast_to(left_of_midline, lung.shape)
     removed = _keep_main_lungs(lung, left_side)
-    hu[removed] = _FAT
+    hu[removed] = FAT
     # Aerated lung: denser towards the dependent (posterior) part.
     y = grid.y
     y_ant, y_post = _mid_cavity(an)[1:]
@@ -1429,9 +954,9 @@ def generate_phantom(spec: PhantomSpec) -> Phantom:
     burden = random_burden_percent(rng_les) if spec.burden_percent is None else float(spec.burden_percent)
     plan = plan_lesions(rng_les, burden, spec.lesion_kinds)
     kinds = draw_lesions(hu, lung, grid.affine, rng_les, plan, left=left, noise_sd=0.0)
-    labels = _labels_from(lung, kinds)
+    labels = labels_from(lung, kinds)
     if sub > 1:
-        hu, labels, left, kinds = _thick_slices(hu, labels, left, kinds, sub)
+        hu, labels, left, kinds = thick_slices(hu, labels, left, kinds, sub)
         # The majority vote can leave lung islands of a few voxels: one component per lung again.
         field = labels > 0
         removed = _keep_main_lungs(field, np.broadcast_to(left_of_midline, field.shape))
@@ -1462,7 +987,7 @@ def slice_subsamples(slice_spacing_mm: float) -> int:
     return int(min(4, max(1, math.ceil(slice_spacing_mm / SUBSLICE_MM - 1e-6))))
 
 
-def _subslice_grid(grid: _Grid, sub: int) -> _Grid:
+def subslice_grid(grid: _Grid, sub: int) -> _Grid:
     """The grid of ``sub`` equally spaced sub-slices per slice of ``grid``, centred on each slice."""
     if sub == 1:
         return grid
@@ -1489,7 +1014,7 @@ def _majority(values: np.ndarray, sub: int, classes: int) -> np.ndarray:
     return out
 
 
-def _thick_slices(
+def thick_slices(
     hu: np.ndarray, labels: np.ndarray, left: np.ndarray, kinds: np.ndarray, sub: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Reconstructed thick slices from ``sub`` sub-slices each: HU averaged (the partial-volume
@@ -1509,220 +1034,3 @@ def _thick_slices(
     out_kinds[out_labels == L.GGO] = KIND_GGO
     out_kinds[(out_labels == L.HIGH_OPACITY) & (out_kinds < KIND_CONSOLIDATION)] = KIND_CONSOLIDATION
     return thick, out_labels, out_left, out_kinds
-
-
-# --------------------------------------------------------------------------------------------
-# Ground truth and DICOM output
-# --------------------------------------------------------------------------------------------
-
-
-def phantom_quantities(phantom: Phantom) -> Quantities:
-    """The :class:`Quantities` of a phantom from its own left-lung mask and its int16 HU.
-
-    The left/right split is the phantom's own (:attr:`Phantom.left_lung`), not quantify.py's
-    connected-component rule, so the test that loads the written series and calls
-    :func:`quantify` without a mask checks that rule against an independent truth.
-    """
-    return quantify(phantom.labels, phantom.hu.astype(np.float32), phantom.affine, left_mask=phantom.left_lung)
-
-
-@dataclass(frozen=True)
-class PhantomUIDs:
-    """Deterministic UIDs: study and frame of reference from the seed (same synthetic patient,
-    same anatomy in mm), series and instances from the whole spec."""
-
-    study: str
-    series: str
-    frame_of_reference: str
-    instances: tuple[str, ...] = field(repr=False)
-
-
-def phantom_uids(spec: PhantomSpec) -> PhantomUIDs:
-    from pydicom.uid import generate_uid
-
-    seed = f"seed={spec.seed}"
-    key = spec.key()
-    return PhantomUIDs(
-        study=generate_uid(entropy_srcs=[_UID_ROOT, seed, "study"]),
-        series=generate_uid(entropy_srcs=[_UID_ROOT, key, "series"]),
-        frame_of_reference=generate_uid(entropy_srcs=[_UID_ROOT, seed, "frame-of-reference"]),
-        instances=tuple(generate_uid(entropy_srcs=[_UID_ROOT, key, "instance", str(k)]) for k in range(spec.slices)),
-    )
-
-
-def _ds(value: float) -> str:
-    """Decimal String text (<= 16 characters) of a value that parses back to the same float."""
-    text = f"{value:.10g}"
-    if float(text) != float(value) or len(text) > 16:
-        text = f"{value:.8g}"
-    return text
-
-
-def _series_datasets(phantom: Phantom, spec: PhantomSpec) -> list:
-    """One CT Image Storage dataset per slice (PS3.3 A.3), in the phantom's slice order."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
-
-    import lungburden
-
-    uids = phantom_uids(spec)
-    aff = phantom.affine
-    ps = float(np.linalg.norm(aff[:3, 1]))
-    dz = float(np.linalg.norm(aff[:3, 0]))
-    seed = spec.seed
-    day = _dt.date(2020, 3, 1) + _dt.timedelta(days=seed % 90)
-    date = day.strftime("%Y%m%d")
-    time = f"{8 + seed % 10:02d}{(7 * seed) % 60:02d}00"
-    sex = "F" if (seed % 2) else "M"
-    age = f"{35 + (seed * 13) % 50:03d}Y"
-    stored = (phantom.hu.astype(np.int32) - HU_MIN).astype(np.uint16)
-    out = []
-    for k in range(phantom.hu.shape[0]):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = uids.instances[k]
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = f"LUNGBURDEN_{lungburden.__version__}"[:16]
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.InstanceCreationDate = date
-        ds.InstanceCreationTime = time
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = uids.instances[k]
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = date
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = time
-        ds.AccessionNumber = ""
-        ds.Modality = "CT"
-        ds.Manufacturer = "lungburden"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "Synthetic chest CT phantom"
-        ds.SeriesDescription = f"Phantom chest {'C+' if spec.contrast else 'C-'} {dz:g}mm LUNG seed {seed}"[:64]
-        ds.ManufacturerModelName = "lungburden phantom"
-        # Patient
-        ds.PatientName = f"PHANTOM^SEED{seed}"
-        ds.PatientID = f"PHANTOM-SEED{seed}"
-        ds.PatientBirthDate = ""
-        ds.PatientSex = sex
-        ds.PatientAge = age
-        ds.BodyPartExamined = "CHEST"
-        if spec.contrast:
-            ds.ContrastBolusAgent = "IOHEXOL 350 MG/ML"
-            ds.ContrastBolusRoute = "IV"
-        # Acquisition / equipment (plausible values of a helical chest protocol)
-        ds.ScanOptions = "HELICAL"
-        ds.SliceThickness = _ds(dz)
-        ds.KVP = "120"
-        ds.SpacingBetweenSlices = _ds(dz)
-        ds.DataCollectionDiameter = "500"
-        ds.SoftwareVersions = f"lungburden {lungburden.__version__}"
-        ds.ProtocolName = "Chest"
-        ds.ReconstructionDiameter = _ds(ps * phantom.hu.shape[2])
-        ds.DistanceSourceToDetector = "1040"
-        ds.DistanceSourceToPatient = "570"
-        ds.GantryDetectorTilt = "0"
-        ds.TableHeight = "150"
-        ds.RotationDirection = "CW"
-        ds.ExposureTime = "500"
-        ds.XRayTubeCurrent = 200
-        ds.Exposure = 100
-        ds.FilterType = "BODY"
-        ds.GeneratorPower = 24
-        ds.FocalSpots = "1.2"
-        ds.ConvolutionKernel = "LUNG"
-        ds.PatientPosition = "HFS"
-        ds.RevolutionTime = 0.5
-        ds.SingleCollimationWidth = 0.625
-        ds.TotalCollimationWidth = 40.0
-        ds.TableSpeed = 80.0
-        ds.TableFeedPerRotation = 40.0
-        ds.SpiralPitchFactor = 1.0
-        ds.CTDIvol = 8.0
-        phantom_code = Dataset()
-        phantom_code.CodeValue = "113691"
-        phantom_code.CodingSchemeDesignator = "DCM"
-        phantom_code.CodeMeaning = "IEC Body Dosimetry Phantom"
-        ds.CTDIPhantomTypeCodeSequence = [phantom_code]
-        # Study / series / image
-        ds.StudyInstanceUID = uids.study
-        ds.SeriesInstanceUID = uids.series
-        ds.StudyID = f"PH{seed}"[:16]
-        ds.SeriesNumber = 2 + (1 if spec.contrast else 0)
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = k + 1
-        pos = aff @ np.array([k, 0.0, 0.0, 1.0])
-        ds.ImagePositionPatient = [_ds(float(v)) for v in pos[:3]]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.FrameOfReferenceUID = uids.frame_of_reference
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = _ds(float(pos[2]))
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = int(phantom.hu.shape[1]), int(phantom.hu.shape[2])
-        ds.PixelSpacing = [_ds(ps), _ds(ps)]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 12
-        ds.HighBit = 11
-        ds.PixelRepresentation = 0
-        ds.BurnedInAnnotation = "NO"
-        ds.WindowCenter = ["-600", "40"]
-        ds.WindowWidth = ["1500", "400"]
-        ds.WindowCenterWidthExplanation = ["LUNG", "MEDIASTINUM"]
-        ds.RescaleIntercept = str(HU_MIN)
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.LossyImageCompression = "00"
-        ds.PixelData = stored[k].tobytes()
-        out.append(ds)
-    return out
-
-
-def write_phantom_series(phantom: Phantom, out_dir: str | Path, spec: PhantomSpec | None = None) -> Path:
-    """Write the phantom into ``out_dir``: ``CT000001.dcm``... (one CT Image Storage instance
-    per slice, Explicit VR Little Endian, 12-bit stored values with intercept -1024),
-    ``labels.nii.gz`` (label map, RAS affine = LPS affine with x and y negated, array axes as in
-    CTVolume) and ``truth.json`` (:class:`Quantities` + UIDs + seed). Returns ``out_dir``.
-
-    ``CT<6 digits>.dcm`` files of an earlier phantom beyond this one's slice count are removed.
-    """
-    import nibabel as nib
-
-    spec = phantom.spec if spec is None else spec
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    names = set()
-    for k, ds in enumerate(_series_datasets(phantom, spec)):
-        name = f"CT{k + 1:06d}.dcm"
-        ds.save_as(out / name, enforce_file_format=True)
-        names.add(name)
-    # Files of an earlier, longer phantom written here would mix two series: remove them.
-    for stale in out.glob("CT[0-9][0-9][0-9][0-9][0-9][0-9].dcm"):
-        if stale.name not in names:
-            stale.unlink()
-    ras = lps_from_ras(phantom.affine)
-    img = nib.Nifti1Image(phantom.labels, ras)
-    img.set_sform(ras, code=1)
-    img.set_qform(ras, code=1)
-    img.header["descrip"] = b"lungburden phantom labels 0-3"
-    nib.save(img, out / "labels.nii.gz")
-    uids = phantom_uids(spec)
-    truth = phantom_quantities(phantom).to_dict()
-    truth.update(study_instance_uid=uids.study, series_instance_uid=uids.series, seed=spec.seed)
-    (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")
-    return out
-
-
-def write_phantom(
-    out_dir: str | Path,
-    seed: int = 0,
-    slices: int = 64,
-    spacing: float = 5.0,
-    contrast: bool = False,
-    burden: float | None = None,
-) -> Path:
-    """CLI entry: ``lungburden phantom OUT_DIR [--seed N] [--slices K] [--spacing MM]
-    [--contrast] [--burden PCT]`` (``spacing`` = slice spacing and thickness in mm)."""
-    spec = PhantomSpec(seed=seed, slices=slices, slice_spacing_mm=spacing, contrast=contrast, burden_percent=burden)
-    return write_phantom_series(generate_phantom(spec), out_dir, spec)

@@ -157,13 +157,19 @@ def _file_stamp(path: Path) -> str:
 
 @lru_cache(maxsize=8)
 def _module_digest(module_name: str) -> str:
-    """Digest of a module's source (so cached synthetic cases follow generator changes)."""
+    """Digest of a module's source, or of every source file of a package (so cached synthetic
+    cases follow generator changes)."""
     import importlib.util
 
     spec = importlib.util.find_spec(module_name)
     if spec is None or spec.origin is None:
         return "missing"
-    return hashlib.sha1(Path(spec.origin).read_bytes()).hexdigest()[:12]
+    origin = Path(spec.origin)
+    files = sorted(origin.parent.glob("*.py")) if origin.name == "__init__.py" else [origin]
+    digest = hashlib.sha1()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def finalize_labels(lesions: np.ndarray, lung: np.ndarray) -> np.ndarray:
