@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from lungburden import __version__
+from lungburden.dicom_io.content import check_lungs, describe_input
 from lungburden.dicom_io.volume import CTVolume, LoadLimits, load_files
 from lungburden.quantify import Quantities, quantify
 from lungburden.segmentation.base import AlgorithmInfo, Segmenter
@@ -99,8 +100,11 @@ def encode_results(result: AnalysisResult, uid_seed: str | None = None) -> tuple
     return seg, sr
 
 
-def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset) -> dict:
-    """The content of ``result.json`` (UIDs, model, quantities, geometry; no patient data)."""
+def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset, input_info: dict | None = None) -> dict:
+    """The content of ``result.json`` (UIDs, model, quantities, geometry; no patient data).
+
+    ``input``: what was analysed and notes on it (:func:`~lungburden.dicom_io.content.describe_input`).
+    """
     volume = result.volume
     return {
         "study_instance_uid": volume.study_instance_uid,
@@ -117,6 +121,7 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset) -> dict:
         "slices": volume.shape[0],
         "matrix": list(volume.shape[1:]),
         "voxel_spacing_mm": [round(s, 4) for s in volume.spacing],
+        "input": input_info if input_info is not None else describe_input(volume),
         "software_version": __version__,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "timings_s": {k: round(v, 3) for k, v in result.timings_s.items()},
@@ -153,13 +158,15 @@ def process_series(
     network weights file for ``model`` (default the shipped one), unless ``segmenter`` is given.
 
     Raises :class:`~lungburden.dicom_io.volume.SeriesRejected` for input that cannot be
-    analysed; nothing is written in that case.
+    analysed, including a series without the lungs (:func:`~lungburden.dicom_io.content.check_lungs`);
+    nothing is written in that case.
     """
     notify = progress or (lambda step: None)
     timings: dict[str, float] = {}
     notify("load")
     start = time.perf_counter()
     volume = load_files(list(files), limits)
+    content = check_lungs(volume, limits.body_part_regex)
     timings["load"] = time.perf_counter() - start
     if segmenter is None:
         segmenter = get_segmenter(model, weights=weights)
@@ -170,7 +177,7 @@ def process_series(
     start = time.perf_counter()
     seg, sr = encode_results(result, uid_seed)
     result.timings_s.update(timings, encode=time.perf_counter() - start)
-    document = result_document(result, seg, sr)
+    document = result_document(result, seg, sr, describe_input(volume, content, limits.body_part_regex))
     seg_path, sr_path, result_path = write_outputs(seg, sr, document, Path(out_dir))
     log.info(
         "series %s analysed with %s: burden %.2f %% -> SEG %s, SR %s",

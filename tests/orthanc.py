@@ -15,28 +15,16 @@ bound via ``DicomServerEnabled`` on a free port, HTTP on a free port).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
 import requests
+from processes import ManagedProcess, free_port
 
 ORTHANC_BINARY = "/usr/sbin/Orthanc"
 PLUGIN_DIRS = ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
 DICOMWEB_PLUGIN = "libOrthancDicomWeb.so"
 PYTHON_PLUGIN = "libOrthancPython.so"
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_plugin(name: str) -> str | None:
@@ -64,8 +52,11 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return base
 
 
-class OrthancServer:
+class OrthancServer(ManagedProcess):
     """One Orthanc process with its own configuration and storage under ``workdir``."""
+
+    name = "Orthanc"
+    stop_timeout = 15.0
 
     def __init__(
         self,
@@ -81,6 +72,7 @@ class OrthancServer:
     ):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
+        super().__init__(self.workdir / "orthanc.log")
         self.aet = aet
         self.http_port = http_port or free_port()
         self.dicom_port = dicom_port or free_port()
@@ -119,8 +111,6 @@ class OrthancServer:
         if extra_config:
             _deep_merge(self.config, extra_config)
         self.config_path = self.workdir / "orthanc.json"
-        self.log_path = self.workdir / "orthanc.log"
-        self.process: subprocess.Popen | None = None
 
     # -- URLs ----------------------------------------------------------------------------------
     @property
@@ -131,64 +121,21 @@ class OrthancServer:
     def dicomweb_url(self) -> str:
         return f"{self.url}/dicom-web"
 
-    # -- life cycle ----------------------------------------------------------------------------
-    def start(self) -> OrthancServer:
-        if self.process is not None and self.process.poll() is None:
-            return self
+    # -- the process -----------------------------------------------------------------------------
+    def command(self) -> list[str]:
+        return [ORTHANC_BINARY, "--no-jobs", str(self.config_path)]
+
+    def working_dir(self) -> Path:
+        return self.workdir
+
+    def prepare(self) -> None:
         self.config_path.write_text(json.dumps(self.config, indent=2))
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [ORTHANC_BINARY, "--no-jobs", str(self.config_path)], stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, cwd=self.workdir, start_new_session=True,
-        )
-        log.close()
-        deadline = time.monotonic() + self.startup_timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/system", timeout=1).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(
-            f"Orthanc did not answer /system within {self.startup_timeout} s:\n{self.log_text()[-3000:]}"
-        )
 
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
-        self.process = None
-
-    def restart(self) -> OrthancServer:
-        self.stop()
-        return self.start()
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def __enter__(self) -> OrthancServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def cleanup(self) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir / "storage", ignore_errors=True)
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"{self.url}/system", timeout=1).ok
+        except requests.RequestException:
+            return False
 
     # -- REST helpers --------------------------------------------------------------------------
     def get(self, path: str, **kwargs) -> object:
@@ -206,9 +153,6 @@ class OrthancServer:
         response.raise_for_status()
         return response.json() if response.content else None
 
-    def delete(self, path: str) -> None:
-        requests.delete(f"{self.url}{path}", timeout=30).raise_for_status()
-
     def upload(self, path: Path) -> dict:
         """Store a DICOM file through the REST API (``POST /instances``)."""
         return self.post("/instances", data=Path(path).read_bytes())  # type: ignore[return-value]
@@ -221,17 +165,6 @@ class OrthancServer:
         """Expanded series of a study (empty if Orthanc does not know the study)."""
         return self.find("Series", {"StudyInstanceUID": study_instance_uid})
 
-    def instances_by_modality(self, study_instance_uid: str, modality: str) -> list[dict]:
-        out = []
-        for series in self.series_in_study(study_instance_uid):
-            if series["MainDicomTags"].get("Modality") == modality:
-                out += [self.get(f"/instances/{i}") for i in series["Instances"]]
-        return out
-
     def instance_file(self, orthanc_id: str) -> bytes:
         return self.get_bytes(f"/instances/{orthanc_id}/file")
 
-
-def env_without_proxies() -> dict[str, str]:
-    """The environment minus HTTP proxies (tests talk to 127.0.0.1 only)."""
-    return {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}

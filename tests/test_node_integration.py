@@ -6,14 +6,14 @@ on free loopback ports with ``series_quiet_seconds`` of 1-2 s and the fast thres
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import REPO, NodeProcess, make_ct_dataset, storescu, write_phantom
+from ct_builders import encode, make_ct_dataset, write_phantom
+from node_helpers import REPO, NodeProcess, storescu
 from orthanc import OrthancServer, orthanc_available
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE
@@ -337,12 +337,7 @@ def test_bad_input_corpus(orthanc, tmp_path):
     study = generate_uid()
     good = make_ct_dataset(0, study, generate_uid(), generate_uid())
 
-    def encoded(ds) -> bytes:
-        buffer = io.BytesIO()
-        ds.save_as(buffer, enforce_file_format=True)
-        return buffer.getvalue()
-
-    (corpus / "truncated.dcm").write_bytes(encoded(good)[:-900])
+    (corpus / "truncated.dcm").write_bytes(encode(good)[:-900])
     no_pixels = make_ct_dataset(1, study, generate_uid(), generate_uid())
     del no_pixels.PixelData
     no_pixels.save_as(corpus / "no-pixels.dcm", enforce_file_format=True)
@@ -394,7 +389,7 @@ def test_bad_input_corpus(orthanc, tmp_path):
         assoc = ae.associate("127.0.0.1", node.port, ae_title="LUNGBURDEN")
         assert assoc.is_established and assoc.send_c_echo().Status == 0
         assoc.release()
-        assert node.alive
+        assert node.running
         log = node.log_text()
         assert "no Pixel Data" in log and "truncated" in log
         stored = {p.name for p in (node.storage_dir / "spool").rglob("*.dcm")}

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from node_helpers import write_ct_series
+from ct_builders import write_ct_series, write_phantom
 from pydicom.uid import generate_uid
 
 from lungburden.config import config_from_mapping
@@ -362,27 +362,25 @@ def test_journal_modes(tmp_path, journal):
 
 
 def test_retention_purges_finished_series(tmp_path):
-    from lungburden.dicom_node.service import NodeService
+    from lungburden.jobs.engine import JobEngine
 
     config = _config(tmp_path, selection={"min_slices": 4}, node={"port": 0})
-    service = NodeService(config, start_workers=False)
-    _receive(config, service.store, write_ct_series(tmp_path / "in", slices=5))
-    (job,) = SeriesAssembler(config, service.store).poll(now=time.time() + 5)
-    assert service.purge(time.time() + 10) == 0  # queued: kept
-    JobRunner(config, service.store, process_fn=fake_process).run_next()
-    job = service.store.job(job.id)
+    engine = JobEngine(config, analysis="none")
+    _receive(config, engine.store, write_ct_series(tmp_path / "in", slices=5))
+    (job,) = SeriesAssembler(config, engine.store).poll(now=time.time() + 5)
+    assert engine.purge(time.time() + 10) == 0  # queued: kept
+    JobRunner(config, engine.store, process_fn=fake_process).run_next()
+    job = engine.store.job(job.id)
     assert job.state == "done" and job.result_dir.exists()
-    assert service.purge(time.time() - 3600) == 0  # too recent
-    assert service.purge(time.time() + 10) == 1
-    assert not list(service.spool.iter_files()) and not job.result_dir.exists()
-    assert service.store.instances(job.series_instance_uid) == []
-    assert service.store.job(job.id).state == "done"  # the record stays
+    assert engine.purge(time.time() - 3600) == 0  # too recent
+    assert engine.purge(time.time() + 10) == 1
+    assert not list(engine.spool.iter_files()) and not job.result_dir.exists()
+    assert engine.store.instances(job.series_instance_uid) == []
+    assert engine.store.job(job.id).state == "done"  # the record stays
 
 
 def test_rerun_of_a_series_version_gives_the_same_result_uids(tmp_path):
     """Idempotency with the real pipeline: a job re-run after a crash produces the same SEG/SR UIDs."""
-    from node_helpers import write_phantom
-
     config = _config(tmp_path, processing={"model": "threshold"})
     store = JobStore.for_storage(config.storage_dir)
     _receive(config, store, write_phantom(tmp_path / "phantom", seed=41, slices=20, size=128))

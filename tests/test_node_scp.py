@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from pathlib import Path
@@ -10,7 +9,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
-from node_helpers import make_ct_dataset, storescu, write_ct_series
+from ct_builders import encode, make_ct_dataset, write_ct_series, write_phantom
+from node_helpers import storescu
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
@@ -111,12 +111,6 @@ def test_out_of_resources_when_disk_nearly_full(node, tmp_path):
     assert not list(service.spool.iter_files())
 
 
-def _file_bytes(ds) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_malformed_datasets_get_failure_statuses(node, tmp_path, monkeypatch):
     from pynetdicom import _config
 
@@ -137,10 +131,10 @@ def test_malformed_datasets_get_failure_statuses(node, tmp_path, monkeypatch):
     cases["wrong SOP class in data set"] = (mr, 0x0122)
     # truncated and garbage data sets, sent as files (pynetdicom streams them without decoding)
     truncated = tmp_path / "truncated.dcm"
-    full = _file_bytes(make_ct_dataset(4, study, series, frame))
+    full = encode(make_ct_dataset(4, study, series, frame))
     truncated.write_bytes(full[: len(full) - 700])
     garbage = tmp_path / "garbage.dcm"
-    meta_only = _file_bytes(make_ct_dataset(5, study, series, frame))
+    meta_only = encode(make_ct_dataset(5, study, series, frame))
     header_len = 132 + 12 + int.from_bytes(meta_only[140:144], "little")
     garbage.write_bytes(meta_only[:header_len] + b"\xff\xfe\x00\x01garbage" * 50)
 
@@ -160,7 +154,7 @@ def test_malformed_datasets_get_failure_statuses(node, tmp_path, monkeypatch):
     assert statuses["garbage"] in (0xA900, 0xC000)
     assert statuses["good"] == 0x0000
     # a data set whose SOP class differs from the negotiated one
-    outcome = service.intake.accept(_file_bytes(mr), "test", expected_sop_class=CTImageStorage)
+    outcome = service.intake.accept(encode(mr), "test", expected_sop_class=CTImageStorage)
     assert outcome.status in (0x0122, 0xA900)
     assert [p.name for p in service.spool.iter_files()] == [f"{good.SOPInstanceUID}.dcm"]
     assert service.scp.stats.refused == 4
@@ -211,7 +205,7 @@ def test_stow_rs_endpoint_and_health(node, tmp_path):
     good = make_ct_dataset(9, study, generate_uid(), generate_uid())
     boundary = "BOUNDARY42"
     body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + _file_bytes(ds) + b"\r\n"
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + encode(ds) + b"\r\n"
         for ds in (bad, good)
     ) + f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + b"garbage" + \
         f"\r\n--{boundary}--\r\n".encode()
@@ -223,7 +217,7 @@ def test_stow_rs_endpoint_and_health(node, tmp_path):
     assert [item["00081197"]["Value"][0] for item in failed] == [0xA900, 0xC000]
     assert len(document["00081199"]["Value"]) == 1
     # all failed: 409
-    r = requests.post(f"{base}/dicom-web/studies", data=body.replace(_file_bytes(good), b"junk"), timeout=30,
+    r = requests.post(f"{base}/dicom-web/studies", data=body.replace(encode(good), b"junk"), timeout=30,
                       headers={"Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
     assert r.status_code == 409
     assert requests.post(f"{base}/dicom-web/studies", data=b"x", timeout=10,
@@ -256,7 +250,7 @@ def test_restart_recovers_unregistered_spool_files(node, tmp_path):
         service.spool.write(p.read_bytes(), ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
     leftover = next(service.spool.iter_files()).with_name(".1.2.3.tmp")
     leftover.write_bytes(b"partial")
-    service.recover()
+    service.engine.recover()
     assert not leftover.exists()
     series_uid = str(pydicom.dcmread(paths[0]).SeriesInstanceUID)
     assert len(service.store.instances(series_uid)) == 2
@@ -266,17 +260,15 @@ def test_restart_recovers_unregistered_spool_files(node, tmp_path):
 def test_spool_file_is_complete_when_success_is_returned(node, tmp_path):
     service = node()
     ds = make_ct_dataset(0, generate_uid(), generate_uid(), generate_uid())
-    outcome = service.intake.accept(_file_bytes(ds), "test")
+    outcome = service.intake.accept(encode(ds), "test")
     assert outcome.ok and outcome.path == service.spool.path_for(
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
-    assert Path(outcome.path).read_bytes() == _file_bytes(ds)
+    assert Path(outcome.path).read_bytes() == encode(ds)
 
 
 @pytest.mark.skipif(not HAVE_STORESCU, reason="DCMTK storescu not installed")
 def test_node_demo_loopback(tmp_path, capsys):
     """`lungburden node-demo` (used by `make demo`): phantom -> node -> results in a local folder."""
-    from node_helpers import write_phantom
-
     from lungburden.dicom_node.commands import main
 
     write_phantom(tmp_path / "phantom", seed=31)

@@ -20,6 +20,8 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from ct_builders import write_phantom
+from node_helpers import storescu
 from orthanc import PYTHON_PLUGIN, OrthancServer, find_plugin, orthanc_available
 from pydicom.uid import MRImageStorage, generate_uid
 
@@ -106,11 +108,12 @@ def _load_plugin_script(monkeypatch) -> types.ModuleType:
 
 def test_plugin_script_and_worker_agree(monkeypatch):
     """What plugin.py cannot import from lungburden it repeats: the two sides must say the same."""
+    from lungburden.jobs import exit_codes
     from lungburden.jobs import queue as jobs
     from lungburden.orthanc_plugin import settings, worker
 
     script = _load_plugin_script(monkeypatch)
-    assert script.EXIT_CONFIG == worker.EXIT_CONFIG
+    assert script.EXIT_CONFIG == exit_codes.EXIT_CONFIG
     assert script.WORKER_MODULE == worker.__name__
     assert script.INBOX == worker.INBOX
     assert script.SETTINGS_FILE == settings.SETTINGS_FILE
@@ -169,7 +172,7 @@ class FakeOrthanc:
 def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
     from lungburden.orthanc_plugin.worker import OrthancWorker
 
-    fake = FakeOrthanc(_phantom(tmp_path / "ph", seed=14, slices=20))
+    fake = FakeOrthanc(write_phantom(tmp_path / "ph", seed=14, slices=20, slice_spacing_mm=5.0))
     settings = parse_section({"processing": {"model": MODEL}}, tmp_path / "work", "http://127.0.0.1:1")
     worker = OrthancWorker(settings, client=fake)  # type: ignore[arg-type]
 
@@ -179,8 +182,8 @@ def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
         assert worker.ingest_inbox() == 1
 
     def run() -> dict:
-        assert worker.runner.run_next()
-        while worker.exporter.deliver_one():
+        assert worker.engine.runner.run_next()
+        while worker.engine.exporter.deliver_one():
             pass
         (job,) = worker.store.jobs()
         assert job.state == "done", job
@@ -190,9 +193,9 @@ def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
     first = run()
     assert set(fake.stored) == {first["seg_orthanc_id"], first["sr_orthanc_id"]} and fake.downloads == 20
     event("stable")  # re-stabilised, unchanged: nothing to do
-    assert worker.runner.run_next() is False and fake.downloads == 20 and len(worker.store.jobs()) == 1
+    assert worker.engine.runner.run_next() is False and fake.downloads == 20 and len(worker.store.jobs()) == 1
     (job,) = worker.store.jobs()
-    assert worker.purge(time.time() + 10) == 1
+    assert worker.engine.purge(time.time() + 10) == 1
     assert not any(worker.spool.root.rglob("*.dcm")) and not job.result_dir.exists()
     event("rerun")  # reads the series again
     second = run()
@@ -248,9 +251,7 @@ class PluginOrthanc:
         return self.server.running and self.api("GET", "/system").ok
 
     def send(self, files: list[Path]) -> None:
-        storescu = dcmtk_tool("storescu") or "storescu"
-        subprocess.run([storescu, "-aec", "ORTHANC", "127.0.0.1", str(self.server.dicom_port), *map(str, files)],
-                       check=True, capture_output=True, timeout=120)
+        storescu(self.server.dicom_port, files, called="ORTHANC").check_returncode()
 
     def logs(self) -> str:
         worker = self.worker_log.read_text(errors="replace") if self.worker_log.exists() else ""
@@ -292,14 +293,6 @@ def _sr_numbers(ds: pydicom.Dataset) -> list[tuple[str, str, float, str]]:
 
     walk(ds.ContentSequence, "")
     return out
-
-
-def _phantom(out_dir: Path, seed: int, slices: int = 32) -> list[Path]:
-    from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
-
-    spec = PhantomSpec(seed=seed, slices=slices, rows=256, cols=256)
-    write_phantom_series(generate_phantom(spec), out_dir, spec)
-    return sorted(out_dir.glob("*.dcm"))
 
 
 def _rewrite(files: list[Path], out_dir: Path, **changes) -> list[Path]:
@@ -344,7 +337,7 @@ def plugin_orthanc(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phantom_series(tmp_path_factory) -> list[Path]:
-    return _phantom(tmp_path_factory.mktemp("phantom") / "series", seed=11)
+    return write_phantom(tmp_path_factory.mktemp("phantom") / "series", seed=11, slices=32, slice_spacing_mm=5.0)
 
 
 @needs_orthanc
@@ -447,7 +440,7 @@ def test_non_ct_and_malformed_series_leave_orthanc_healthy(plugin_orthanc, phant
 @needs_orthanc
 @pytest.mark.integration
 def test_worker_crash_is_survived_and_the_job_completes_once(plugin_orthanc, tmp_path):
-    files = _phantom(tmp_path / "crash", seed=12, slices=40)
+    files = write_phantom(tmp_path / "crash", seed=12, slices=40, slice_spacing_mm=5.0)
     series_uid, study_uid = _series_and_study(files[0])
     restarts = plugin_orthanc.status()["worker"]["restarts"]
     plugin_orthanc.send(files)
@@ -487,7 +480,7 @@ def test_invalid_configuration_is_reported_and_orthanc_keeps_running(tmp_path, p
 @needs_orthanc
 @pytest.mark.integration
 def test_late_instances_make_a_new_version_that_replaces_the_results(plugin_orthanc, tmp_path):
-    files = _phantom(tmp_path / "late", seed=13, slices=24)
+    files = write_phantom(tmp_path / "late", seed=13, slices=24, slice_spacing_mm=5.0)
     series_uid, study_uid = _series_and_study(files[0])
     plugin_orthanc.send(files[:18])
     first = plugin_orthanc.wait_job(series_uid)

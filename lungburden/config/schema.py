@@ -129,6 +129,7 @@ class SelectionConfig:
     kernel_regex: str | None = _RULES.kernel_regex
     description_regex: str | None = _RULES.description_regex
     excluded_description_regex: str | None = _RULES.excluded_description_regex
+    #: BodyPartExamined naming the chest: ranks candidates, never refuses one (the images decide).
     body_part_regex: str | None = _RULES.body_part_regex
     #: Which kernels count as lung kernels for the preference; null = the pipeline's built-in list.
     lung_kernel_regex: str | None = None
@@ -175,6 +176,7 @@ class SelectionConfig:
             min_slices=self.min_slices,
             spacing_tolerance=self.spacing_tolerance,
             max_tilt_degrees=self.max_tilt_degrees,
+            body_part_regex=self.body_part_regex,
         )
 
 

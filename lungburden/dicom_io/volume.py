@@ -22,6 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import CTImageStorage
 
+from lungburden.dicom_io.selection import CHEST_BODY_PART_REGEX
+
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,9 @@ class LoadLimits:
     spacing_tolerance: float = 0.05
     #: Allowed angle (degrees) between the stacking direction and the slice normal (gantry tilt).
     max_tilt_degrees: float = 0.5
+    #: BodyPartExamined values naming the chest, for the content check
+    #: (:func:`lungburden.dicom_io.content.check_lungs`); the header never refuses a series alone.
+    body_part_regex: str | None = CHEST_BODY_PART_REGEX
 
 
 @dataclass(frozen=True, eq=False)

@@ -1,4 +1,7 @@
-"""Subcommands of the DICOM node: ``serve``, ``jobs``, ``retry``, ``pull`` (added to ``lungburden``)."""
+"""Subcommands of the DICOM node: ``serve``, ``jobs``, ``retry``, ``pull`` (added to ``lungburden``).
+
+Exit statuses: :mod:`lungburden.jobs.exit_codes` (an invalid configuration exits with 78, as the
+Orthanc plugin's worker does)."""
 
 from __future__ import annotations
 
@@ -10,8 +13,7 @@ from pathlib import Path
 
 from lungburden.config import ConfigError, load_config
 from lungburden.config.loader import dump_config
-
-EXIT_CONFIG = 3
+from lungburden.jobs.exit_codes import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 
 
 def _load(args: argparse.Namespace):
@@ -42,7 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if args.check_config:
         print(json.dumps(dump_config(config), indent=2))
-        return 0
+        return EXIT_OK
     from lungburden.dicom_node.service import serve
     from lungburden.jobs.logs import configure_logging
 
@@ -64,7 +66,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     jobs = store.jobs(states or None, limit=args.limit)
     if args.json:
         print(json.dumps({"counts": store.counts(), "jobs": [j.to_json() for j in jobs]}, indent=2))
-        return 0
+        return EXIT_OK
     counts = store.counts()
     print("jobs: " + ", ".join(f"{k} {v}" for k, v in counts.items() if v) if any(counts.values()) else "no jobs")
     if jobs:
@@ -80,7 +82,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             extra = f"burden {burden:.2f} % " + (f"| {extra}" if extra else "")
         print(f"{j.id:>5}  {j.state:<10} {j.version:>3} {j.instance_count:>4}  {_when(j.updated_at):<19}  "
               f"{j.series_instance_uid:<64}  {extra}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -90,17 +92,17 @@ def cmd_retry(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if not args.job_ids and not args.all:
         print("error: name job ids or use --all", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     states = ["dead", "failed"] + (["skipped"] if args.include_skipped else [])
     store = _store(config)
     done = store.retry(None if args.all else args.job_ids, states)
     if not done:
         print("nothing to retry (only jobs in state " + ", ".join(states) + " can be retried)")
-        return 1 if args.job_ids else 0
+        return EXIT_FAILED if args.job_ids else EXIT_OK
     for job_id in done:
         job = store.job(job_id)
         print(f"job {job_id}: {job.state if job else '?'}")
-    return 0
+    return EXIT_OK
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
@@ -109,24 +111,25 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     from lungburden.dicom_node.pull import process_jobs, retrieve
+    from lungburden.jobs.engine import JobEngine
     from lungburden.jobs.logs import configure_logging
 
     configure_logging(config, verbose=getattr(args, "verbose", False))
-    store = _store(config)
+    engine = JobEngine(config, analysis="none")  # not started: this process runs the jobs itself
     try:
-        report = retrieve(config, store, args.url, args.study, args.series, args.username, args.password)
+        report = retrieve(engine, args.url, args.study, args.series, args.username, args.password)
     except Exception as exc:  # noqa: BLE001 - network/HTTP errors end the command with a message
         print(f"error: retrieval from {args.url} failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     for line in report.refused:
         print(f"refused: {line}", file=sys.stderr)
     if not report.jobs:
         print(f"retrieved {report.retrieved} instances; no CT series to analyse", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     jobs = report.jobs
     if not args.no_wait:
-        jobs = process_jobs(config, store, [j.id for j in jobs], timeout=args.timeout)
-    rc = 0
+        jobs = process_jobs(engine, [j.id for j in jobs], timeout=args.timeout)
+    rc = EXIT_OK
     for j in jobs:
         summary = f"job {j.id}: series {j.series_instance_uid} {j.state}"
         if j.result and "burden_percent" in j.result:
@@ -137,7 +140,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
             summary += f", results in {j.result_dir}"
         print(summary)
         if j.state in ("failed", "dead"):
-            rc = 1
+            rc = EXIT_FAILED
     return rc
 
 

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from lungburden.config import config_from_mapping
+from lungburden.jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from lungburden.jobs.queue import TERMINAL_STATES
 
 log = logging.getLogger(__name__)
@@ -86,7 +87,7 @@ def run_demo(input_dir: Path, out_dir: Path, model: str | None = None, timeout: 
     files = _dicom_files(Path(input_dir))
     if not files:
         print(f"error: no DICOM files under {input_dir}")
-        return 2
+        return EXIT_BAD_INPUT
     out_dir = Path(out_dir)
     config = config_from_mapping({
         "node": {"host": "127.0.0.1", "port": 0, "storage_dir": str(out_dir / "node-storage"),
@@ -109,7 +110,7 @@ def run_demo(input_dir: Path, out_dir: Path, model: str | None = None, timeout: 
             if jobs and all(j.state in TERMINAL_STATES for j in jobs):
                 break
             time.sleep(0.25)
-        rc = 0
+        rc = EXIT_OK
         for job in reversed(service.store.jobs()):
             line = f"job {job.id}: series {job.series_instance_uid}: {job.state}"
             if job.reason:
@@ -122,7 +123,7 @@ def run_demo(input_dir: Path, out_dir: Path, model: str | None = None, timeout: 
                 for name in ("seg.dcm", "sr.dcm", "result.json"):
                     print(f"  {target / name}")
             elif job.state not in ("skipped", "superseded"):
-                rc = 1
+                rc = EXIT_FAILED
         print(f"total {time.perf_counter() - start:.1f} s")
         return rc
     finally:

@@ -16,13 +16,12 @@ from urllib.parse import urlsplit
 
 from pydicom.dataset import Dataset
 
-from lungburden.config.schema import Config
 from lungburden.dicom_node.scp import storage_sop_classes
 from lungburden.jobs.assembly import complete_now
-from lungburden.jobs.exporters import ExportRunner, dicomweb_client
-from lungburden.jobs.queue import TERMINAL_STATES, Job, JobStore
-from lungburden.jobs.runner import JobRunner
-from lungburden.jobs.spool import Intake, Spool
+from lungburden.jobs.engine import JobEngine
+from lungburden.jobs.exporters import dicomweb_client
+from lungburden.jobs.queue import TERMINAL_STATES, Job
+from lungburden.jobs.spool import Intake
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +42,17 @@ def _encode(ds: Dataset) -> bytes:
 
 
 def retrieve(
-    config: Config,
-    store: JobStore,
+    engine: JobEngine,
     url: str,
     study_uid: str,
     series_uid: str | None = None,
     username: str | None = None,
     password: str | None = None,
 ) -> PullReport:
-    """Retrieve by WADO-RS into the spool and enqueue the complete series (selection applied)."""
+    """Retrieve by WADO-RS into the engine's spool and enqueue the complete series (selection applied)."""
+    config = engine.config
     client = dicomweb_client(url, username, password, timeout=config.export.timeout_seconds)
-    spool = Spool(config.storage_dir, config.node.min_free_disk_mb)
-    intake = Intake(spool, store, storage_sop_classes(config.node))
+    intake = Intake(engine.spool, engine.store, storage_sop_classes(config.node))
     report = PullReport()
     source = f"wado:{urlsplit(url).hostname}"
     instances = (client.iter_series(study_uid, series_uid) if series_uid else client.iter_study(study_uid))
@@ -77,14 +75,14 @@ def retrieve(
         log.info("pull: %d instances of %s not retrieved into the spool (not a CT image)", n, name)
     log.info("pull: %d instances retrieved, %d stored in %d series", report.retrieved, report.stored,
              len(series_uids))
-    report.jobs = complete_now(config, store, series_uids)
+    report.jobs = complete_now(config, engine.store, series_uids)
     return report
 
 
-def process_jobs(config: Config, store: JobStore, job_ids: list[int], timeout: float | None = None) -> list[Job]:
-    """Run and deliver the given jobs in this process until each reaches a terminal state."""
-    runner = JobRunner(config, store)
-    exporter = ExportRunner(config, store)
+def process_jobs(engine: JobEngine, job_ids: list[int], timeout: float | None = None) -> list[Job]:
+    """Run and deliver the given jobs in this process (the engine's runner and exporter, no
+    threads) until each reaches a terminal state."""
+    store, runner, exporter = engine.store, engine.runner, engine.exporter
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         jobs = [j for j in (store.job(i) for i in job_ids) if j is not None]

@@ -1,13 +1,8 @@
 """``lungburden serve``: the whole node in one process tree.
 
-Main process: the C-STORE SCP (pynetdicom threads), the HTTP endpoint (health, jobs, STOW-RS),
-the series-completion monitor, the exporter thread and a supervisor (restarts dead workers,
-re-queues jobs of lost workers, retention clean-up). Worker processes run the pipeline.
-
-Start-up recovery (after a crash or ``kill -9``): temporary spool files are removed, spooled
-files unknown to the database are registered, jobs and deliveries of dead processes are
-re-queued, and the quiet timer of series that were still receiving is restarted, so that a
-sender retrying an interrupted transfer completes the series before it is analysed.
+Main process: the C-STORE SCP (pynetdicom threads) and the HTTP endpoint (health, jobs,
+STOW-RS) in front of a :class:`~lungburden.jobs.engine.JobEngine` (series completion, exporter,
+housekeeping, start-up recovery). Worker processes run the pipeline.
 """
 
 from __future__ import annotations
@@ -23,41 +18,31 @@ from lungburden import __version__
 from lungburden.config.schema import Config
 from lungburden.dicom_node.http import NodeHttpServer
 from lungburden.dicom_node.scp import StorageSCP, storage_sop_classes
-from lungburden.jobs.assembly import SeriesAssembler
-from lungburden.jobs.exporters import ExportRunner
-from lungburden.jobs.queue import JobStore
-from lungburden.jobs.runner import WorkerPool
-from lungburden.jobs.spool import Intake, Spool, purge_finished, recover
+from lungburden.jobs.engine import JobEngine
+from lungburden.jobs.exit_codes import EXIT_OK
+from lungburden.jobs.spool import Intake
 
 log = logging.getLogger(__name__)
 
 
 class NodeService:
-    """All parts of a running node; :meth:`start` / :meth:`stop`, or :func:`serve` to block."""
+    """A job engine with the node's SCP and HTTP endpoint; :meth:`start` / :meth:`stop`, or :func:`serve`."""
 
     def __init__(self, config: Config, start_workers: bool = True):
         self.config = config
-        self.start_workers = start_workers
         self.started_at = time.time()
-        storage = config.storage_dir
-        storage.mkdir(parents=True, exist_ok=True)
-        self.store = JobStore.for_storage(storage, config.node.db_journal_mode)
-        self.spool = Spool(storage, config.node.min_free_disk_mb)
+        self.engine = JobEngine(config, analysis="processes" if start_workers else "none")
+        self.store, self.spool = self.engine.store, self.engine.spool
         self.intake = Intake(self.spool, self.store, storage_sop_classes(config.node))
         self.scp = StorageSCP(config.node, self.intake)
-        self.assembler = SeriesAssembler(config, self.store)
-        self.exporter = ExportRunner(config, self.store)
-        self.workers = WorkerPool(config, config.node.workers) if start_workers else None
         self.http: NodeHttpServer | None = None
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
 
-    # -- health --------------------------------------------------------------------------------
     def health(self) -> dict:
+        workers = self.engine.workers
         free = self.spool.free_mb(max_age=5.0)
-        workers_alive = self.workers.alive() if self.workers else 0
+        workers_alive = workers.alive() if workers else 0
         problems = []
-        if self.workers and workers_alive < self.config.node.workers:
+        if workers and workers_alive < self.config.node.workers:
             problems.append(f"{workers_alive}/{self.config.node.workers} workers alive")
         if free < self.config.node.min_free_disk_mb:
             problems.append(f"spool nearly full ({free:.0f} MiB free): C-STORE refused with 0xA700")
@@ -70,7 +55,7 @@ class NodeService:
             "dicom_port": self.scp.port,
             "uptime_seconds": round(time.time() - self.started_at, 1),
             "workers": {"configured": self.config.node.workers, "alive": workers_alive,
-                        "restarts": self.workers.restarts if self.workers else 0},
+                        "restarts": workers.restarts if workers else 0},
             "spool_free_mb": round(free, 1),
             "receiving_series": len(self.store.receiving_series()),
             "jobs": self.store.counts(),
@@ -80,76 +65,23 @@ class NodeService:
             "destinations": [d.name for d in self.config.destinations],
         }
 
-    # -- loops ---------------------------------------------------------------------------------
-    def _assembly_loop(self) -> None:
-        period = min(1.0, max(0.1, self.config.node.series_quiet_seconds / 4))
-        while not self._stop.wait(period):
-            try:
-                self.assembler.poll()
-            except Exception:  # noqa: BLE001 - keep completing other series
-                log.exception("series completion failed")
-
-    def _supervisor_loop(self) -> None:
-        last_retention = 0.0
-        while not self._stop.wait(2.0):
-            try:
-                if self.workers is not None:
-                    self.workers.check()
-                requeued = self.store.requeue_lost()
-                if requeued:
-                    log.warning("re-queued jobs of lost workers: %s", requeued)
-                if self.config.node.retention_hours > 0 and time.time() - last_retention > 600:
-                    last_retention = time.time()
-                    self.purge(time.time() - self.config.node.retention_hours * 3600)
-            except Exception:  # noqa: BLE001
-                log.exception("supervisor error")
-
-    def purge(self, cutoff: float) -> int:
-        """Delete spooled instances (and their results) of finished series older than ``cutoff``."""
-        n = purge_finished(self.spool, self.store, cutoff)
-        if n:
-            log.info("retention: removed the spooled instances of %d finished series", n)
-        return n
-
-    # -- life cycle ----------------------------------------------------------------------------
-    def recover(self) -> None:
-        recover(self.spool, self.store)
-        requeued = self.store.requeue_lost(check_pids=True)
-        if requeued:
-            log.warning("re-queued %d jobs interrupted by a previous stop or crash: %s", len(requeued), requeued)
-
     def start(self) -> NodeService:
         log.info("lungburden %s node starting (config %s, storage %s)", __version__, self.config.source,
                  self.config.storage_dir)
-        self.recover()
-        if self.workers is not None:
-            self.workers.start()
+        self.engine.start()
         self.scp.start()
         if self.config.http.enabled:
             self.http = NodeHttpServer(self.config.http, self.store, self.intake, self.health).start()
-        # Series interrupted by the stop restart their quiet time now that senders can reach us again.
-        reopened = self.store.touch_receiving()
-        if reopened:
-            log.info("%d series were still receiving: their quiet time restarts now", reopened)
-        for name, target in (("assembly", self._assembly_loop), ("supervisor", self._supervisor_loop),
-                             ("exporter", lambda: self.exporter.run(self._stop))):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            thread.start()
-            self._threads.append(thread)
         log.info("node ready: DICOM %s@%s:%d, destinations: %s", self.config.node.ae_title, self.config.node.host,
                  self.scp.port, ", ".join(d.name for d in self.config.destinations) or "none")
         return self
 
     def stop(self) -> None:
         log.info("node stopping")
-        self._stop.set()
         self.scp.stop()
         if self.http is not None:
             self.http.stop()
-        if self.workers is not None:
-            self.workers.stop()
-        for thread in self._threads:
-            thread.join(timeout=10)
+        self.engine.stop()
         log.info("node stopped")
 
 
@@ -172,4 +104,4 @@ def serve(config: Config) -> int:
             pass
     finally:
         service.stop()
-    return 0
+    return EXIT_OK

@@ -18,7 +18,9 @@ Late-instance policy (``processing.late_instance_policy``, docs/node.md):
 Selection: :func:`lungburden.dicom_io.selection.select_series` with the YAML rules. Rejected
 series become ``skipped`` jobs with the rule's reason. With ``selection.prefer_one_reconstruction``
 only the preferred accepted series per frame of reference is queued (lung kernel first); the
-others are skipped naming the preferred one.
+others are skipped naming the preferred one. A derived axial reformat is queued only when no
+original axial series of its study is accepted (now or analysed earlier), else skipped naming it
+(:func:`lungburden.dicom_io.selection.preferred_original`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lungburden.config.schema import Config
-from lungburden.dicom_io.selection import select_series
+from lungburden.dicom_io.selection import is_original, preferred_original, select_series
 from lungburden.dicom_io.series import SeriesCandidate, discover_series
 from lungburden.jobs.queue import Job, JobStore, SeriesState
 from lungburden.segmentation.registry import DEFAULT_SEGMENTER
@@ -110,7 +112,9 @@ class SeriesAssembler:
             log.info("%s not selected: %s", cand.describe(), reason)
             jobs.append(self._add(by_uid[cand.series_instance_uid], "skipped", f"selection: {reason}"))
         chosen = list(outcome.accepted)
-        if self.config.selection.prefer_one_reconstruction and outcome.accepted:
+        prefer_one = self.config.selection.prefer_one_reconstruction
+        derived = any(not is_original(self.rules, c) for c in outcome.accepted)
+        if (prefer_one or derived) and outcome.accepted:
             analysed = self._analysed_siblings(outcome.accepted[0].study_instance_uid, set(by_uid))
             ranked = select_series(list(outcome.accepted) + analysed, self.rules).accepted
             chosen = []
@@ -120,11 +124,15 @@ class SeriesAssembler:
                 best = best_per_group.setdefault(group, cand)
                 if cand.series_instance_uid not in by_uid:
                     continue  # analysed earlier
-                if best is cand:
+                # a derived axial reformat only when no original axial series of the study qualifies
+                original = preferred_original(self.rules, cand, ranked)
+                if original is None and (best is cand or not prefer_one):
                     chosen.append(cand)
                     continue
-                done = "" if best.series_instance_uid in by_uid else "already analysed "
-                reason = (f"selection: another reconstruction of the same acquisition is preferred "
+                done = "" if (original or best).series_instance_uid in by_uid else "already analysed "
+                reason = (f"selection: an original axial series of the same study is preferred to this derived "
+                          f"reformat ({done}{original.describe()})" if original is not None else
+                          f"selection: another reconstruction of the same acquisition is preferred "
                           f"({done}{best.describe()})")
                 log.info("%s not selected: %s", cand.describe(), reason)
                 jobs.append(self._add(by_uid[cand.series_instance_uid], "skipped", reason))

@@ -199,12 +199,18 @@ class ExportRunner:
         self.store = store
         self.owner = owner
         self.stats = ExportStats()
-        extra = dict(exporters or {})
-        clash = sorted(set(extra) & {d.name for d in config.destinations})
+        self.exporters: dict[str, Exporter] = {d.name: make_exporter(d, config) for d in config.destinations}
+        self.add(exporters or {})
+
+    def add(self, exporters: Mapping[str, Exporter]) -> None:
+        """More destinations by name, placed before the configured ones."""
+        clash = sorted(set(exporters) & set(self.exporters))
         if clash:
             raise ValueError(f"destination names used twice: {', '.join(clash)}")
-        self.exporters: dict[str, Exporter] = {
-            **extra, **{d.name: make_exporter(d, config) for d in config.destinations}
+        configured = {d.name for d in self.config.destinations}
+        self.exporters = {
+            **{k: v for k, v in self.exporters.items() if k not in configured}, **exporters,
+            **{k: v for k, v in self.exporters.items() if k in configured},
         }
 
     def deliver_one(self, job_ids: list[int] | None = None) -> bool:

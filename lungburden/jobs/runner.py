@@ -189,15 +189,18 @@ class JobRunner:
         return True
 
 
-def worker_main(config: Config, parent_pid: int, index: int, log_level: int) -> None:
-    """Entry point of a worker process; SIGTERM stops it (a job in progress is re-queued)."""
+def worker_main(config: Config, parent_pid: int, index: int, log_level: int,
+                destinations: Sequence[str] | None = None) -> None:
+    """Entry point of a worker process; SIGTERM stops it (a job in progress is re-queued).
+
+    ``destinations``: as for :class:`JobRunner`."""
     set_parent_death_signal()
     if os.getppid() != parent_pid:  # the node died before PR_SET_PDEATHSIG took effect
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when to stop
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
     store = JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
-    runner = JobRunner(config, store)
+    runner = JobRunner(config, store, destinations=destinations)
     stopping = threading.Event()
     runner.should_stop = stopping.is_set
 
@@ -227,11 +230,15 @@ def worker_main(config: Config, parent_pid: int, index: int, log_level: int) -> 
 
 
 class WorkerPool:
-    """Starts, watches, restarts and stops (SIGTERM, then SIGKILL) the worker processes."""
+    """Starts, watches, restarts and stops (SIGTERM, then SIGKILL) the worker processes.
 
-    def __init__(self, config: Config, count: int):
+    ``destinations``: the deliveries created for each analysed job (as for :class:`JobRunner`).
+    """
+
+    def __init__(self, config: Config, count: int, destinations: Sequence[str] | None = None):
         self.config = config
         self.count = count
+        self.destinations = None if destinations is None else list(destinations)
         self._ctx = multiprocessing.get_context("spawn")
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
         self.restarts = 0
@@ -240,7 +247,7 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self.config, os.getpid(), index, logging.getLogger().getEffectiveLevel()),
+            args=(self.config, os.getpid(), index, logging.getLogger().getEffectiveLevel(), self.destinations),
             name=f"lungburden-worker-{index}",
             daemon=True,
         )

@@ -48,7 +48,8 @@ import orthanc  # provided by Orthanc's Python plugin
 SECTION = "LungBurden"
 # What this script shares with the worker, which cannot be imported here (test_orthanc_plugin.py
 # checks that both sides agree):
-#: Exit status of the worker for an invalid configuration (sysexits EX_CONFIG): no restart loop.
+#: Exit status of the worker for an invalid configuration (sysexits EX_CONFIG, as the node's
+#: commands; ``lungburden.jobs.exit_codes``): no restart loop.
 EXIT_CONFIG = 78
 WORKER_MODULE = "lungburden.orthanc_plugin.worker"
 INBOX = "inbox"

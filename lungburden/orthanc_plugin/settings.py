@@ -75,6 +75,7 @@ def parse_section(
     """Validate a ``"LungBurden"`` section; raises :class:`ConfigError` naming every bad key."""
     if not isinstance(section, Mapping):
         raise ConfigError([("LungBurden", section, "must be a JSON object")], source)
+    work_dir = Path(work_dir).absolute()  # the job engine's storage folder
     problems: list[tuple[str, object, str]] = []
     yaml_part: dict = {}
     for key, value in section.items():
@@ -111,7 +112,7 @@ def parse_section(
         raise ConfigError(problems, source)
     config = config_from_mapping(yaml_part, source, base_dir=work_dir)
     return PluginSettings(
-        work_dir=Path(work_dir),
+        work_dir=work_dir,
         orthanc_url=str(section.get("OrthancUrl") or orthanc_url).rstrip("/"),
         config=config,
         authorization=authorization,
