@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from lungburden import __version__
+from lungburden.exit_codes import EXIT_BAD_INPUT
 
 log = logging.getLogger("lungburden")
 
@@ -25,7 +26,6 @@ COMMAND_MODULES = (
     "lungburden.orthanc_plugin.commands",
 )
 
-EXIT_BAD_INPUT = 2
 
 
 def _print_summary(document: dict, out_dir: Path) -> None:

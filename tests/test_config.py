@@ -192,7 +192,7 @@ def test_dump_hides_passwords():
 def test_serve_rejects_a_bad_precision_variable_at_start_up(tmp_path, monkeypatch, capsys):
     """$LUNGBURDEN_PRECISION (outside the YAML) is checked before the node starts, naming the variable."""
     from lungburden.cli import main
-    from lungburden.jobs.exit_codes import EXIT_CONFIG
+    from lungburden.exit_codes import EXIT_CONFIG
 
     assert EXIT_CONFIG == 78  # sysexits EX_CONFIG, for the node and the Orthanc plugin's worker alike
     monkeypatch.chdir(tmp_path)

@@ -108,7 +108,7 @@ def _load_plugin_script(monkeypatch) -> types.ModuleType:
 
 def test_plugin_script_and_worker_agree(monkeypatch):
     """What plugin.py cannot import from lungburden it repeats: the two sides must say the same."""
-    from lungburden.jobs import exit_codes
+    from lungburden import exit_codes
     from lungburden.jobs import queue as jobs
     from lungburden.orthanc_plugin import settings, worker
 

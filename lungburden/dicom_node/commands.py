@@ -1,6 +1,6 @@
 """Subcommands of the DICOM node: ``serve``, ``jobs``, ``retry``, ``pull`` (added to ``lungburden``).
 
-Exit statuses: :mod:`lungburden.jobs.exit_codes` (an invalid configuration exits with 78, as the
+Exit statuses: :mod:`lungburden.exit_codes` (an invalid configuration exits with 78, as the
 Orthanc plugin's worker does)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lungburden.config import ConfigError, load_config
 from lungburden.config.loader import dump_config
-from lungburden.jobs.exit_codes import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
+from lungburden.exit_codes import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
 
 
 def _load(args: argparse.Namespace):

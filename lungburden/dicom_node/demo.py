@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from lungburden.config import config_from_mapping
-from lungburden.jobs.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from lungburden.exit_codes import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 from lungburden.jobs.queue import TERMINAL_STATES
 
 log = logging.getLogger(__name__)

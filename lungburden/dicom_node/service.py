@@ -18,8 +18,8 @@ from lungburden import __version__
 from lungburden.config.schema import Config
 from lungburden.dicom_node.http import NodeHttpServer
 from lungburden.dicom_node.scp import StorageSCP, storage_sop_classes
+from lungburden.exit_codes import EXIT_OK
 from lungburden.jobs.engine import JobEngine
-from lungburden.jobs.exit_codes import EXIT_OK
 from lungburden.jobs.spool import Intake
 
 log = logging.getLogger(__name__)

@@ -49,7 +49,7 @@ SECTION = "LungBurden"
 # What this script shares with the worker, which cannot be imported here (test_orthanc_plugin.py
 # checks that both sides agree):
 #: Exit status of the worker for an invalid configuration (sysexits EX_CONFIG, as the node's
-#: commands; ``lungburden.jobs.exit_codes``): no restart loop.
+#: commands; ``lungburden.exit_codes``): no restart loop.
 EXIT_CONFIG = 78
 WORKER_MODULE = "lungburden.orthanc_plugin.worker"
 INBOX = "inbox"

@@ -22,7 +22,7 @@ same job and (``ReplacePrevious``) replaces the SEG/SR it stored before.
 
 Logs name series by UID only (no patient data). A failure is recorded in the job (state and
 reason) and logged; the process itself exits only on a configuration error
-(:data:`~lungburden.jobs.exit_codes.EXIT_CONFIG`) or when Orthanc is gone.
+(:data:`~lungburden.exit_codes.EXIT_CONFIG`) or when Orthanc is gone.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from pydicom.tag import Tag
 
 from lungburden.config.loader import ConfigError
 from lungburden.config.schema import Config
+from lungburden.exit_codes import EXIT_CONFIG, EXIT_OK
 from lungburden.jobs.engine import JobEngine
-from lungburden.jobs.exit_codes import EXIT_CONFIG, EXIT_OK
 from lungburden.jobs.logs import configure_logging
 from lungburden.jobs.queue import instance_set_hash
 from lungburden.jobs.runner import set_parent_death_signal

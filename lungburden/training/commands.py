@@ -15,12 +15,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from lungburden.exit_codes import EXIT_BAD_INPUT
 from lungburden.training.checkpoints import build_ensemble, export_checkpoint
 from lungburden.training.evaluation import cv_checkpoints, evaluate_cv
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
+
 #: Held-out evaluation phantoms use seeds 1..100; training phantoms start at 1000 (disjoint).
 EVAL_PHANTOM_SEED_START = 1
 TRAIN_PHANTOM_SEED_START = 1000
