@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from ct_builders import write_phantom
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
 from lungburden.dicom_io.selection import SelectionRules, check_selection, select_series
 from lungburden.dicom_io.series import SkippedFile, discover_series
 from lungburden.dicom_io.volume import LoadLimits, SeriesRejected, check_series, load_files, load_volume
-from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,8 @@ def test_slice_order_ignores_file_order_and_instance_number(real_datasets, real_
 
 @pytest.fixture(scope="module")
 def phantom_series(tmp_path_factory) -> list[Path]:
-    out = tmp_path_factory.mktemp("phantom")
-    spec = PhantomSpec(seed=11, slices=18, rows=256, cols=256, slice_spacing_mm=2.5, contrast=True)
-    write_phantom_series(generate_phantom(spec), out, spec)
-    return sorted(out.glob("*.dcm"))
+    return write_phantom(tmp_path_factory.mktemp("phantom"), seed=11, slices=18, size=256, slice_spacing_mm=2.5,
+                         contrast=True)
 
 
 def test_phantom_in_shuffled_file_order(phantom_series):

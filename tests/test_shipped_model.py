@@ -11,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from ct_builders import write_phantom
 from test_cli import check_outputs
 
 from lungburden import labels as L
 from lungburden.dicom_io.volume import load_files
-from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
+from lungburden.phantom import PhantomSpec, generate_phantom
 from lungburden.segmentation.convlstm import DEFAULT_WEIGHTS
 from lungburden.segmentation.registry import DEFAULT_SEGMENTER, get_segmenter
 from lungburden.training.data import tumour_region
@@ -52,8 +53,7 @@ def test_weights_ship_and_are_the_default():
 @pytest.fixture(scope="module")
 def held_out_series(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("held-out")
-    spec = PhantomSpec(seed=3, slices=40, slice_spacing_mm=2.5, rows=256, cols=256, burden_percent=25)
-    write_phantom_series(generate_phantom(spec), out, spec)
+    write_phantom(out, seed=3, slices=40, size=256, slice_spacing_mm=2.5, burden_percent=25)
     return out
 
 

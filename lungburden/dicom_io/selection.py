@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lungburden.dicom_io.series import SeriesCandidate, _text
+from lungburden.dicom_io.series import SeriesCandidate, header_text
 
 #: Lung (sharp) reconstruction kernels of the main vendors: GE LUNG/BONEPLUS, Siemens B/I/Br 50-89,
 #: Philips L/YA-YD/E, Canon/Toshiba FC5x/FC8x, and any name containing "lung".
@@ -151,7 +151,7 @@ def _gap_reason(rules: SelectionRules, candidate: SeriesCandidate) -> str | None
 def _derived_reason(rules: SelectionRules, candidate: SeriesCandidate, missing: list[str]) -> str | None:
     """Why a series lacking ``required_image_type`` is not accepted as a derived axial reformat."""
     values = image_type(candidate)
-    lacks = f"ImageType {_text(candidate.first.get('ImageType'))} lacks {', '.join(missing)}"
+    lacks = f"ImageType {header_text(candidate.first.get('ImageType'))} lacks {', '.join(missing)}"
     if not rules.accept_derived_axial or not is_derived(candidate):
         return lacks
     projections = [v for v in rules.derived_excluded_image_type if v.upper() in values]
@@ -188,7 +188,7 @@ def check_selection(rules: SelectionRules, candidate: SeriesCandidate) -> str | 
         low, high = rules.slice_thickness_mm
         if not low <= float(thickness) <= high:
             return f"slice thickness {float(thickness)} mm outside [{low}, {high}] mm"
-    kernel = _text(h.get("ConvolutionKernel"))
+    kernel = header_text(h.get("ConvolutionKernel"))
     if rules.kernel_regex and not re.search(rules.kernel_regex, kernel):
         return f"convolution kernel {kernel!r} does not match {rules.kernel_regex!r}"
     description = str(h.get("SeriesDescription", ""))
@@ -200,7 +200,7 @@ def check_selection(rules: SelectionRules, candidate: SeriesCandidate) -> str | 
 
 
 def is_lung_kernel(rules: SelectionRules, candidate: SeriesCandidate) -> bool:
-    return re.search(rules.lung_kernel_regex, _text(candidate.first.get("ConvolutionKernel")).strip()) is not None
+    return re.search(rules.lung_kernel_regex, header_text(candidate.first.get("ConvolutionKernel")).strip()) is not None
 
 
 def is_original(rules: SelectionRules, candidate: SeriesCandidate) -> bool:

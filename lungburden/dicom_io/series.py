@@ -38,11 +38,11 @@ class SeriesCandidate:
         h = self.first
         return (
             f"series {self.series_instance_uid} ({h.get('Modality', '?')}, {len(self.files)} instances, "
-            f"kernel {_text(h.get('ConvolutionKernel'))}, '{h.get('SeriesDescription', '')}')"
+            f"kernel {header_text(h.get('ConvolutionKernel'))}, '{h.get('SeriesDescription', '')}')"
         )
 
 
-def _text(value: object) -> str:
+def header_text(value: object) -> str:
     if value is None:
         return "?"
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
