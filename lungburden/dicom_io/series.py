@@ -43,6 +43,7 @@ class SeriesCandidate:
 
 
 def header_text(value: object) -> str:
+    """A header value as text for reasons and logs: multi-valued joined by backslashes, "?" if absent."""
     if value is None:
         return "?"
     if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
