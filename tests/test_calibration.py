@@ -50,7 +50,7 @@ def test_stored_logits_finish_exactly_as_segment(segmenter):
     segmenter.logit_offsets = None
     plain = segmenter.segment(volume)
     # logits pass through float16 on the stored path: equal except at exact near-ties
-    again = segmenter.labels_from_logits(pre, volume.hu, logits, volume.voxel_volume_ml)
+    again = segmenter.labels_from_logits(pre, volume.hu, logits, volume.voxel_volume_ml, affine=volume.affine)
     assert np.mean(again == plain) > 0.999
     # an offset changes the labels the same way on both paths
     offsets = [0.0, 0.0, 0.4, -0.3]
@@ -59,11 +59,12 @@ def test_stored_logits_finish_exactly_as_segment(segmenter):
     shifted = calibrated.segment(volume)
     assert np.mean(shifted != plain) > 0.001
     stored = segmenter.labels_from_logits(pre, volume.hu, logits, volume.voxel_volume_ml,
-                                          offsets=torch.tensor(offsets).view(1, -1, 1, 1))
+                                          offsets=torch.tensor(offsets).view(1, -1, 1, 1), affine=volume.affine)
     assert np.mean(stored == shifted) > 0.999
-    # a huge GGO offset calls everything inside the body GGO
+    # a huge GGO offset calls everything inside the body GGO (before the attenuation rules)
     everything = ConvLSTMSegmenter(model=segmenter.source_model, threads=1, logit_offsets=[0, 0, 100, 0],
-                                   max_detached_ml=0.0)
+                                   max_detached_ml=0.0, lung_field_rules=None, opacity_split=None,
+                                   lesion_regions=None)
     inside = everything.segment(volume) > 0
     assert inside.any() and np.all(everything.segment(volume)[inside] == L.GGO)
 

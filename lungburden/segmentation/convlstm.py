@@ -45,9 +45,12 @@ from lungburden.dicom_io.volume import CTVolume
 from lungburden.segmentation.base import AlgorithmInfo, requested_precision
 from lungburden.segmentation.component_filter import CHECKPOINT_KEY as FILTER_KEY
 from lungburden.segmentation.component_filter import HighOpacityFilter
+from lungburden.segmentation.lesion_regions import LesionRegions, refine_lesion_regions
+from lungburden.segmentation.lung_field import LungFieldRules, refine_lung_field
 from lungburden.segmentation.networks import ConvLSTMEnsemble, ConvLSTMSegNet, load_checkpoint
 from lungburden.segmentation.networks.convlstm import SliceFeatures
 from lungburden.segmentation.networks.ensemble import EnsembleFeatures
+from lungburden.segmentation.opacity_split import OpacitySplit, split_opacity
 from lungburden.segmentation.postprocess import (
     APEX_MIN_LUNG_CM2,
     FAT_MEDIAN_HU,
@@ -168,7 +171,14 @@ class ConvLSTMSegmenter:
     (:func:`~lungburden.segmentation.postprocess.relabel_unlikely_high_opacity`; 0 / None turn
     either test off). ``high_opacity_filter``: apply the checkpoint's learned high-opacity
     component filter, if it has one (:mod:`~lungburden.segmentation.component_filter`; False turns
-    it off).
+    it off). ``lung_field_rules``: anatomy rules of the lung field on real CT (outside air,
+    airway, non-lung air components, pleural-space fill; :mod:`~lungburden.segmentation.lung_field`;
+    None turns them off). ``opacity_split``: GGO versus high opacity by attenuation relative to
+    the aerated lung (:mod:`~lungburden.segmentation.opacity_split`; None turns it off).
+    ``lesion_regions``: opacity ringing an organ dome cut by the slice out, in-plane opening
+    (thin vessels and interface rims out) and closing (patches of one region joined) of the
+    opacity (:mod:`~lungburden.segmentation.lesion_regions`; None turns it off). All three need
+    an ``affine`` (a :class:`CTVolume`).
     ``logit_offsets``: one number per class added to the logits before the argmax (decision
     calibration, :mod:`lungburden.training.calibration`); default: the checkpoint's
     ``calibration`` if it has one, else none; all zeros turns a stored calibration off.
@@ -189,7 +199,10 @@ class ConvLSTMSegmenter:
                  max_detached_ml: float = MAX_DETACHED_ML,
                  min_lung_contact: float = MIN_LUNG_CONTACT, apex_min_lung_cm2: float = APEX_MIN_LUNG_CM2,
                  min_high_opacity_ml: float = MIN_HIGH_OPACITY_ML,
-                 fat_median_hu: float | None = FAT_MEDIAN_HU, high_opacity_filter: bool = True):
+                 fat_median_hu: float | None = FAT_MEDIAN_HU, high_opacity_filter: bool = True,
+                 lung_field_rules: LungFieldRules | None = LungFieldRules(),
+                 opacity_split: OpacitySplit | None = OpacitySplit(),
+                 lesion_regions: LesionRegions | None = LesionRegions()):
         self.precision = resolve_precision(precision)  # a bad value fails before the weights load
         checkpoint: dict[str, Any] = {}
         weights_id = "in-memory model"
@@ -221,6 +234,9 @@ class ConvLSTMSegmenter:
         self.apex_min_lung_cm2 = float(apex_min_lung_cm2)
         self.min_high_opacity_ml = float(min_high_opacity_ml)
         self.fat_median_hu = None if fat_median_hu is None else float(fat_median_hu)
+        self.lung_field_rules = lung_field_rules
+        self.opacity_split = opacity_split
+        self.lesion_regions = lesion_regions
         stored_filter = checkpoint.get(FILTER_KEY)
         self.high_opacity_filter = (HighOpacityFilter.from_dict(stored_filter)
                                     if high_opacity_filter and stored_filter else None)
@@ -243,6 +259,9 @@ class ConvLSTMSegmenter:
                         "high_opacity_fat_median_hu": ("off" if self.fat_median_hu is None
                                                        else f"{self.fat_median_hu:g}"),
                         "high_opacity_filter": _describe_filter(self.high_opacity_filter),
+                        "lung_field_rules": _describe_lung_field(self.lung_field_rules),
+                        "opacity_split": _describe_split(self.opacity_split),
+                        "lesion_regions": _describe_regions(self.lesion_regions),
                         **({"logit_offsets": " ".join(f"{v:g}" for v in self.logit_offsets.flatten().tolist())}
                            if self.logit_offsets is not None else {})},
             weights_file=weights_file,
@@ -324,13 +343,22 @@ class ConvLSTMSegmenter:
                            affine: np.ndarray | None) -> None:
         """The whole-series steps, in place: opacity specks, detached opacities, high opacity
         above the apex (with an ``affine``), high-opacity specks and fat (:mod:`.postprocess`), then
-        the checkpoint's high-opacity component filter (with an ``affine``; :mod:`.component_filter`)."""
+        the checkpoint's high-opacity component filter (with an ``affine``; :mod:`.component_filter`),
+        then, with an ``affine``, the lung-field rules (:mod:`.lung_field`) and the attenuation
+        split of the opacity (:mod:`.opacity_split`)."""
         remove_opacity_components(labels, voxel_ml, self.min_opacity_ml, self.max_detached_ml, self.min_lung_contact)
         if affine is not None:
             remove_high_opacity_above_apex(labels, affine, self.apex_min_lung_cm2)
         relabel_unlikely_high_opacity(labels, hu, voxel_ml, self.min_high_opacity_ml, self.fat_median_hu)
         if self.high_opacity_filter is not None and affine is not None:
             self.high_opacity_filter.apply(labels, hu, affine, voxel_ml)
+        if self.lung_field_rules is not None and affine is not None:
+            refine_lung_field(labels, hu, affine, self.lung_field_rules)
+        if self.opacity_split is not None and affine is not None:
+            spacing = np.linalg.norm(np.asarray(affine, float)[:3, :3], axis=0)
+            split_opacity(labels, hu, self.opacity_split, pixel_cm2=float(spacing[1] * spacing[2]) / 100.0)
+        if self.lesion_regions is not None and affine is not None:
+            refine_lesion_regions(labels, hu, affine, self.lesion_regions)
 
     # -- paths -----------------------------------------------------------------------------------
     def _network_precision(self) -> AbstractContextManager[Any]:
@@ -457,6 +485,40 @@ def _describe_filter(component_filter: HighOpacityFilter | None) -> str:
     fitted = component_filter.provenance
     return (f"{len(component_filter.ensemble.roots)} trees, reject p > {component_filter.threshold:g}"
             + (f", fitted on {fitted['first_case']}..{fitted['last_case']}" if fitted.get("first_case") else ""))
+
+
+def _describe_lung_field(rules: LungFieldRules | None) -> str:
+    """The lung-field rules for the algorithm parameters."""
+    if rules is None:
+        return "off"
+    steps = [name for name, on in (("outside air", rules.outside_air), ("airway", rules.airway),
+                                   ("lung components", rules.components),
+                                   (f"pleural fill {rules.pleural_fill_mm:g} mm", rules.pleural_fill_mm > 0)) if on]
+    return ", ".join(steps) or "off"
+
+
+def _describe_split(split: OpacitySplit | None) -> str:
+    """The attenuation split of the opacity for the algorithm parameters."""
+    if split is None:
+        return "off"
+    parts = []
+    if split.ggo_delta_hu is not None:
+        parts.append(f"lesion <= aerated P{split.reference_percentile:g} + {split.ggo_delta_hu:g} HU -> lung")
+    if split.high_hu is not None:
+        parts.append(f"high opacity > {split.high_hu:g} HU ({split.smooth_px} px mean)")
+    if split.min_lung_contact > 0:
+        limit = f" up to {split.max_detached_cm2:g} cm²" if split.max_detached_cm2 is not None else ""
+        parts.append(f"patches{limit} with < {100 * split.min_lung_contact:g} % aerated outline removed")
+    return "; ".join(parts) or "off"
+
+
+def _describe_regions(regions: LesionRegions | None) -> str:
+    """The lesion-region step for the algorithm parameters."""
+    if regions is None or (regions.open_mm <= 0 and regions.close_mm <= 0 and regions.dome_rim_mm <= 0):
+        return "off"
+    dome = f"organ-dome rim {regions.dome_rim_mm:g} mm, " if regions.dome_rim_mm > 0 else ""
+    return (f"{dome}in-plane opening {regions.open_mm:g} mm, closing {regions.close_mm:g} mm "
+            f"(added voxels high opacity > {regions.high_hu:g} HU)")
 
 
 def _offsets_tensor(offsets: Sequence[float] | None, num_classes: int) -> torch.Tensor | None:
