@@ -13,7 +13,9 @@ import yaml
 from ct_builders import write_phantom  # noqa: F401 - also imported from here by benchmarks/bench_node.py
 from processes import ManagedProcess, pid_cmdline, pid_running
 
+from lungburden.config import config_from_mapping
 from lungburden.dicom_node.demo import dcmtk_tool
+from lungburden.dicom_node.service import NodeService
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,6 +31,29 @@ def storescu(port: int, paths: list[Path] | Path, aet: str = "STORESCU", called:
         targets = [str(p) for p in (paths if isinstance(paths, list) else [paths])]
     return subprocess.run([*args, "127.0.0.1", str(port), *targets], capture_output=True, text=True,
                           timeout=timeout)
+
+
+class InProcessNodes:
+    """Nodes started in the test process without workers (the receive side only), stopped together.
+
+    ``start(node={...}, http={...}, **sections)``: a node on free ports storing under
+    ``storage_root``/``varN``, holding series for 60 s and accepting with 1 MB free disk."""
+
+    def __init__(self, storage_root: Path):
+        self.storage_root = Path(storage_root)
+        self.services: list[NodeService] = []
+
+    def start(self, node: dict | None = None, http: dict | None = None, **sections) -> NodeService:
+        raw = {"node": {"storage_dir": str(self.storage_root / f"var{len(self.services)}"), "port": 0,
+                        "series_quiet_seconds": 60, "min_free_disk_mb": 1, **(node or {})},
+               "http": {"port": 0, **(http or {})}, **sections}
+        service = NodeService(config_from_mapping(raw), start_workers=False).start()
+        self.services.append(service)
+        return service
+
+    def stop(self) -> None:
+        for service in self.services:
+            service.stop()
 
 
 class NodeProcess(ManagedProcess):

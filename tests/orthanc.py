@@ -8,8 +8,9 @@ Usage::
 
 Options: ``plugins`` (extra plugin paths, e.g. the Python plugin), ``extra_config`` (merged into
 the JSON configuration, e.g. ``{"Python": {"Path": ...}}``, ``{"DicomModalities": {...}}``),
-``aet``, ``stable_age``. Nothing listens beyond 127.0.0.1 (``RemoteAccessAllowed`` off, DICOM
-bound via ``DicomServerEnabled`` on a free port, HTTP on a free port).
+``aet``, ``stable_age``. REST calls use the first of ``RegisteredUsers`` when the configuration
+has ``AuthenticationEnabled`` (see :attr:`OrthancServer.auth`). Nothing listens beyond 127.0.0.1
+(``RemoteAccessAllowed`` off, DICOM bound via ``DicomServerEnabled`` on a free port, HTTP on a free port).
 """
 
 from __future__ import annotations
@@ -112,6 +113,14 @@ class OrthancServer(ManagedProcess):
             _deep_merge(self.config, extra_config)
         self.config_path = self.workdir / "orthanc.json"
 
+    @property
+    def auth(self) -> tuple[str, str] | None:
+        """Basic credentials for the REST API: the first registered user when authentication is on."""
+        users = self.config.get("RegisteredUsers") or {}
+        if not self.config.get("AuthenticationEnabled") or not users:
+            return None
+        return next(iter(users.items()))
+
     # -- URLs ----------------------------------------------------------------------------------
     @property
     def url(self) -> str:
@@ -133,23 +142,24 @@ class OrthancServer(ManagedProcess):
 
     def ready(self) -> bool:
         try:
-            return requests.get(f"{self.url}/system", timeout=1).ok
+            return requests.get(f"{self.url}/system", timeout=1, auth=self.auth).ok
         except requests.RequestException:
             return False
 
     # -- REST helpers --------------------------------------------------------------------------
     def get(self, path: str, **kwargs) -> object:
+        kwargs.setdefault("auth", self.auth)
         response = requests.get(f"{self.url}{path}", timeout=30, **kwargs)
         response.raise_for_status()
         return response.json()
 
     def get_bytes(self, path: str) -> bytes:
-        response = requests.get(f"{self.url}{path}", timeout=30)
+        response = requests.get(f"{self.url}{path}", timeout=30, auth=self.auth)
         response.raise_for_status()
         return response.content
 
     def post(self, path: str, data: object = None, json_body: object = None) -> object:
-        response = requests.post(f"{self.url}{path}", data=data, json=json_body, timeout=60)
+        response = requests.post(f"{self.url}{path}", data=data, json=json_body, timeout=60, auth=self.auth)
         response.raise_for_status()
         return response.json() if response.content else None
 

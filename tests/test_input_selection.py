@@ -266,9 +266,9 @@ def test_series_without_lungs_are_refused(tmp_path):
 def test_cli_reports_a_series_without_lungs(tmp_path, capsys):
     study, series, frame = generate_uid(), generate_uid(), generate_uid()
     (tmp_path / "in").mkdir()
-    for k, pixels in enumerate(_head(slices=20, size=96)):
+    for k, pixels in enumerate(_head(slices=20, size=128)):
         ds = ct_slice(pixels, study_uid=study, series_uid=series, frame_uid=frame, index=k,
-                      position=(-96.0, -96.0, -5.0 * k), spacing=(2.0, 2.0), BodyPartExamined="HEAD")
+                      position=(-128.0, -128.0, -5.0 * k), spacing=(2.0, 2.0), BodyPartExamined="HEAD")
         ds.save_as(tmp_path / "in" / f"{k:03d}.dcm", enforce_file_format=True)
     assert main(["analyze", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--model", "threshold"]) == 2
     err = capsys.readouterr().err

@@ -134,8 +134,8 @@ def test_example_config_storescu_phantom_to_orthanc(orthanc, tmp_path):
         check_sr_equals_result(orthanc, found, job.result_dir / "result.json", tmp_path)
         # the SEG and SR sit in the source study, next to the CT series
         series = orthanc.series_in_study(ds.StudyInstanceUID)
-        assert {s["MainDicomTags"]["Modality"] for s in series} == {"CT", "SEG", "SR"}
-        assert len(orthanc.get("/series")) == orthanc_series_before + 3
+        assert {s["MainDicomTags"]["Modality"] for s in series} == {"CT", "SEG", "SR", "OT", "DOC"}
+        assert len(orthanc.get("/series")) == orthanc_series_before + 5  # CT, SEG, SR, SC, PDF
         # health and job states over HTTP
         import requests
 

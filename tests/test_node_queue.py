@@ -418,3 +418,13 @@ def test_result_uid_seed_follows_the_algorithm():
               uid_seed(job, "convlstm", info())]
     assert len({base, *others}) == 5
     assert result_uids(base) == result_uids(base) != result_uids(others[1])
+
+
+def test_job_database_is_owner_only_and_runner_passes_the_configured_outputs(tmp_path):
+    """The job database (UIDs, hosts) is 0600; workers produce the outputs of ``processing.outputs``."""
+    config = _config(tmp_path, processing={"outputs": ["seg", "sr"]})
+    store = JobStore.for_storage(config.storage_dir)
+    store.counts()
+    for path in config.storage_dir.glob("lungburden.db*"):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert JobRunner(config, store).process_fn.keywords["outputs"] == ["seg", "sr"]

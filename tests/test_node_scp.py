@@ -10,36 +10,22 @@ import pydicom
 import pytest
 import requests
 from ct_builders import encode, make_ct_dataset, write_ct_series, write_phantom
-from node_helpers import storescu
+from node_helpers import InProcessNodes, storescu
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RLELossless, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from lungburden.config import config_from_mapping
 from lungburden.dicom_node.demo import dcmtk_tool
 from lungburden.dicom_node.http import parse_multipart_related
-from lungburden.dicom_node.service import NodeService
 
 HAVE_STORESCU = dcmtk_tool("storescu") is not None
 
 
 @pytest.fixture
 def node(tmp_path):
-    services = []
-
-    def start(**node_options):
-        raw = {
-            "node": {"storage_dir": str(tmp_path / "var"), "port": 0, "series_quiet_seconds": 60,
-                     "min_free_disk_mb": 1, **node_options},
-            "http": {"port": 0},
-        }
-        service = NodeService(config_from_mapping(raw), start_workers=False).start()
-        services.append(service)
-        return service
-
-    yield start
-    for service in services:
-        service.stop()
+    nodes = InProcessNodes(tmp_path)
+    yield lambda **node_options: nodes.start(node=node_options)
+    nodes.stop()
 
 
 def _assoc(port: int, contexts, aet: str = "TESTSCU", **kwargs):
@@ -276,7 +262,9 @@ def test_node_demo_loopback(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sent 24 instances by storescu" in printed and ": done" in printed
     (result,) = (tmp_path / "demo" / "results").rglob("result.json")
-    assert sorted(p.name for p in result.parent.iterdir()) == ["result.json", "seg.dcm", "sr.dcm"]
+    delivered = sorted(p.name for p in result.parent.rglob("*") if p.is_file())
+    assert {"result.json", "seg.dcm", "sr.dcm", "report.dcm"} <= set(delivered)
+    assert any(name.startswith("sc_") for name in delivered)  # the Secondary Capture images
     assert json.loads(result.read_text())["burden_percent"] > 0
 
 

@@ -59,6 +59,9 @@ def test_orthanc_config_command_prints_a_complete_configuration(tmp_path):
     settings = parse_section(section, tmp_path / "work", "http://127.0.0.1:18999", orthanc_aet="PACS1")
     assert settings.config.selection.min_slices == 16 and settings.config.node.ae_title == "PACS1"
     assert settings.config.node.retention_hours == 24 and settings.replace_previous
+    # the REST API (and the plugin's routes) need credentials: a generated user unless --user
+    assert config["AuthenticationEnabled"] is True and config["RemoteAccessAllowed"] is False
+    assert list(config["RegisteredUsers"]) == ["lungburden"] and len(config["RegisteredUsers"]["lungburden"]) >= 32
 
 
 def test_section_errors_name_every_bad_key(tmp_path):
@@ -72,6 +75,16 @@ def test_section_errors_name_every_bad_key(tmp_path):
         assert key in text
     with pytest.raises(ConfigError, match="selection.min_slices"):
         parse_section({"selection": {"min_slices": "many"}}, tmp_path, "http://127.0.0.1:8042")
+
+
+def test_weights_key_selects_the_network_weights(tmp_path):
+    """``"Weights"`` is the plugin's spelling of the node's ``processing.weights``."""
+    from lungburden.segmentation.convlstm import DEFAULT_WEIGHTS
+
+    settings = parse_section({"Weights": str(DEFAULT_WEIGHTS)}, tmp_path / "work", "http://127.0.0.1:8042")
+    assert settings.config.processing.weights == DEFAULT_WEIGHTS
+    with pytest.raises(ConfigError, match="processing.weights"):
+        parse_section({"Weights": str(tmp_path / "missing.pt")}, tmp_path / "work", "http://127.0.0.1:8042")
 
 
 def test_plugin_script_imports_the_standard_library_only():
@@ -191,7 +204,9 @@ def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
 
     event("stable")
     first = run()
-    assert set(fake.stored) == {first["seg_orthanc_id"], first["sr_orthanc_id"]} and fake.downloads == 20
+    extras = worker.links.extra_ids(first["job_id"])  # SC images and PDF report
+    assert len(extras) >= 7
+    assert set(fake.stored) == {first["seg_orthanc_id"], first["sr_orthanc_id"], *extras} and fake.downloads == 20
     event("stable")  # re-stabilised, unchanged: nothing to do
     assert worker.engine.runner.run_next() is False and fake.downloads == 20 and len(worker.store.jobs()) == 1
     (job,) = worker.store.jobs()
@@ -200,9 +215,12 @@ def test_worker_without_orthanc_dedupes_purges_and_reruns(tmp_path):
     event("rerun")  # reads the series again
     second = run()
     assert fake.downloads == 40 and len(worker.store.jobs()) == 1
-    assert set(fake.stored) == {second["seg_orthanc_id"], second["sr_orthanc_id"]}  # the earlier ones replaced
+    assert set(fake.stored) == {second["seg_orthanc_id"], second["sr_orthanc_id"],  # the earlier ones replaced
+                                *worker.links.extra_ids(second["job_id"])}
     assert worker.links.is_output_series(str(pydicom.dcmread(
         pydicom.filebase.DicomBytesIO(fake.stored[second["sr_orthanc_id"]])).SeriesInstanceUID))
+    assert worker.links.is_output_series(str(pydicom.dcmread(
+        pydicom.filebase.DicomBytesIO(fake.stored[worker.links.extra_ids(second["job_id"])[0]])).SeriesInstanceUID))
 
 
 # -- a real Orthanc with the plugin ----------------------------------------------------------------
@@ -238,6 +256,7 @@ class PluginOrthanc:
         self.server.stop()
 
     def api(self, method: str, path: str, **kwargs) -> requests.Response:
+        kwargs.setdefault("auth", self.server.auth)
         return requests.request(method, self.server.url + path, timeout=30, **kwargs)
 
     def status(self) -> dict:
@@ -270,7 +289,7 @@ class PluginOrthanc:
                              f"{self.jobs(series_uid)}\n{self.logs()}")
 
     def study_outputs(self, study_uid: str) -> dict[str, list[str]]:
-        out: dict[str, list[str]] = {"SEG": [], "SR": []}
+        out: dict[str, list[str]] = {"SEG": [], "SR": [], "OT": [], "DOC": []}
         for series in self.server.series_in_study(study_uid):
             modality = series["MainDicomTags"].get("Modality")
             if modality in out:
@@ -351,13 +370,16 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
     outputs = plugin_orthanc.study_outputs(study_uid)
     assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
     assert {outputs["SEG"][0], outputs["SR"][0]} == {job["orthanc"]["seg"], job["orthanc"]["sr"]}
+    assert 6 <= len(outputs["OT"]) <= 12 and len(outputs["DOC"]) == 1
     # forwarded by Orthanc (C-STORE, STOW-RS) and by the node's folder exporter
     assert sorted(d["destination"] for d in job["deliveries"]) == [
         "archive", "orthanc:dicomweb:web", "orthanc:modality:pacs", "orthanc:store"]
     assert all(d["state"] == "done" for d in job["deliveries"]), job["deliveries"]
     pacs_series = plugin_orthanc.pacs.series_in_study(study_uid)
-    assert sorted(s["MainDicomTags"]["Modality"] for s in pacs_series) == ["SEG", "SR"]
-    assert sorted(p.name for p in plugin_orthanc.archive.rglob("*.dcm")) == ["seg.dcm", "sr.dcm"]
+    assert sorted(s["MainDicomTags"]["Modality"] for s in pacs_series) == ["DOC", "OT", "SEG", "SR"]
+    archived = sorted(p.name for p in plugin_orthanc.archive.rglob("*.dcm"))
+    assert archived == sorted(["seg.dcm", "sr.dcm", "report.dcm", *(f"sc_{n:02d}.dcm" for n in range(
+        1, len(outputs["OT"]) + 1))])
 
     from lungburden.cli import main as cli_main
 
@@ -376,6 +398,7 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
     assert plugin_orthanc.api("GET", f"/lungburden/jobs/{job['id']}").json()["id"] == job["id"]
     assert plugin_orthanc.api("GET", "/lungburden/jobs/99999").status_code == 404
     assert plugin_orthanc.api("POST", "/lungburden/series/not-an-id/rerun").status_code == 400
+    assert plugin_orthanc.api("POST", "/lungburden/series/not-an-id/rerun", auth=None).status_code == 401
     assert plugin_orthanc.api("POST", f"/lungburden/series/{'0' * 8}{'-00000000' * 4}/rerun").status_code == 404
 
 
@@ -430,7 +453,7 @@ def test_non_ct_and_malformed_series_leave_orthanc_healthy(plugin_orthanc, phant
     assert plugin_orthanc.status()["worker"]["running"]
     for series in (mr, gap):
         study_uid = str(pydicom.dcmread(series[0], stop_before_pixels=True).StudyInstanceUID)
-        assert plugin_orthanc.study_outputs(study_uid) == {"SEG": [], "SR": []}
+        assert plugin_orthanc.study_outputs(study_uid) == {"SEG": [], "SR": [], "OT": [], "DOC": []}
     log = plugin_orthanc.server.log_text()
     for uid, job in ((gap_uid, failed), (mr_uid, skipped)):  # the reasons reach Orthanc's log, by UID
         assert f"series {uid} not analysed (job {job['id']} {job['state']}): {job['reason']}" in log
@@ -489,4 +512,5 @@ def test_late_instances_make_a_new_version_that_replaces_the_results(plugin_orth
     assert (first["version"], first["instance_count"]) == (1, 18)
     assert (second["version"], second["instance_count"]) == (2, 24)
     outputs = plugin_orthanc.study_outputs(study_uid)
-    assert outputs == {"SEG": [second["orthanc"]["seg"]], "SR": [second["orthanc"]["sr"]]}
+    assert (outputs["SEG"], outputs["SR"]) == ([second["orthanc"]["seg"]], [second["orthanc"]["sr"]])
+    assert 6 <= len(outputs["OT"]) <= 12 and len(outputs["DOC"]) == 1  # SC and PDF of version 1 replaced too

@@ -31,6 +31,16 @@ def _check_ae(key: str, value: str) -> list[Problem]:
     return []
 
 
+def _check_files(key: str, config: object, names: tuple[str, ...]) -> list[Problem]:
+    """A problem for each of ``names`` on ``config`` that is set but names no file."""
+    problems: list[Problem] = []
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and not Path(value).is_file():
+            problems.append((f"{key}.{name}", str(value), "file not found"))
+    return problems
+
+
 def _check_port(key: str, value: int, allow_zero: bool = False) -> list[Problem]:
     low = 0 if allow_zero else 1
     if not low <= value <= 65535:
@@ -49,6 +59,61 @@ def _check_regex(key: str, value: str | None) -> list[Problem]:
 
 
 @dataclass
+class TlsClientCertificate:
+    """A client certificate (by its subject Common Name) and the calling AE titles it may use."""
+
+    common_name: str
+    ae_titles: list[str] = field(default_factory=list)
+
+
+@dataclass
+class NodeTlsConfig:
+    """DICOM TLS of the SCP (PS3.15 B.1, BCP 195): TLS 1.2+, client certificates verified."""
+
+    #: PEM certificate (chain) and private key of the node.
+    certificate: Path
+    private_key: Path
+    #: PEM CA certificates that sign the clients' certificates; null = no client certificates.
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = True
+    #: When not empty, only these client certificates are accepted, each for its AE titles.
+    client_ae_by_certificate: list[TlsClientCertificate] = field(default_factory=list)
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    def check(self, key: str) -> list[Problem]:
+        p = _check_files(key, self, ("certificate", "private_key", "ca_certificates"))
+        if self.require_client_certificate and self.ca_certificates is None:
+            p.append((f"{key}.ca_certificates", None, "is required when require_client_certificate is true"))
+        if self.client_ae_by_certificate and self.ca_certificates is None:
+            p.append((f"{key}.ca_certificates", None, "is required by client_ae_by_certificate"))
+        for i, m in enumerate(self.client_ae_by_certificate):
+            for j, aet in enumerate(m.ae_titles):
+                p += _check_ae(f"{key}.client_ae_by_certificate[{i}].ae_titles[{j}]", aet)
+        return p
+
+
+@dataclass
+class DestinationTlsConfig:
+    """DICOM TLS to a C-STORE destination (PS3.15 B.1, BCP 195)."""
+
+    #: PEM CA certificates to verify the peer with; null = the system's trust store.
+    ca_certificates: Path | None = None
+    #: Our client certificate and key (PEM), for peers that require one.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Name checked against the peer's certificate; null = the destination's host.
+    server_name: str | None = None
+    verify_server_name: bool = True
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    def check(self, key: str) -> list[Problem]:
+        p = _check_files(key, self, ("ca_certificates", "certificate", "private_key"))
+        if (self.certificate is None) != (self.private_key is None):
+            p.append((f"{key}.certificate", str(self.certificate), "certificate and private_key go together"))
+        return p
+
+
+@dataclass
 class NodeConfig:
     """The DICOM node (SCP) itself."""
 
@@ -63,20 +128,28 @@ class NodeConfig:
     series_quiet_seconds: float = 15.0
     #: Inference worker processes.
     workers: int = 1
-    #: Simultaneous associations accepted; further requests are rejected (transient).
+    #: Simultaneous established associations; further requests are rejected (transient).
     max_associations: int = 8
+    #: Connections still negotiating (TLS handshake, A-ASSOCIATE-RQ); more are closed at once.
+    max_pending_connections: int = 32
     #: C-STORE is refused with 0xA700 (Out of Resources) below this much free space in storage_dir.
     min_free_disk_mb: int = 1024
     #: Also negotiate Enhanced CT Image Storage (multi-frame). Off by default: the pipeline analyses
     #: CT Image Storage only, and a modality offered both would send the form we cannot analyse.
     accept_enhanced_ct: bool = False
-    #: PS3.8 ARTIM/DIMSE/network timeouts of the SCP, seconds.
+    #: Idle timeout of an association and DIMSE response timeout (PS3.8 / PS3.7), seconds.
     network_timeout_seconds: float = 60.0
-    maximum_pdu_size: int = 0
+    #: A new connection must complete TLS and send its A-ASSOCIATE-RQ within this (PS3.8 ARTIM).
+    acse_timeout_seconds: float = 10.0
+    #: Maximum Length of received P-DATA-TF PDUs advertised (PS3.8 D.3.3.1) and enforced;
+    #: 0 = none advertised (64 MiB enforced).
+    maximum_pdu_size: int = 1048576
     #: Spooled instances and results of finished series are deleted after this many hours (0 = never).
     retention_hours: float = 0.0
     #: SQLite journal of the job database: WAL (default), or DELETE where WAL is unsupported (NFS).
     db_journal_mode: Literal["WAL", "DELETE"] = "WAL"
+    #: DICOM TLS on ``port``; null = plain TCP.
+    tls: NodeTlsConfig | None = None
 
     def check(self) -> list[Problem]:
         p = _check_ae("node.ae_title", self.ae_title) + _check_port("node.port", self.port, allow_zero=True)
@@ -92,10 +165,89 @@ class NodeConfig:
             p.append(("node.min_free_disk_mb", self.min_free_disk_mb, "must be >= 0"))
         if self.network_timeout_seconds <= 0:
             p.append(("node.network_timeout_seconds", self.network_timeout_seconds, "must be > 0"))
-        if self.maximum_pdu_size != 0 and not 4096 <= self.maximum_pdu_size <= 2**32 - 1:
-            p.append(("node.maximum_pdu_size", self.maximum_pdu_size, "must be 0 (unlimited) or >= 4096"))
+        if self.maximum_pdu_size != 0 and not 4096 <= self.maximum_pdu_size <= 64 * 2**20:
+            p.append(("node.maximum_pdu_size", self.maximum_pdu_size, "must be 0 (unlimited) or 4096-67108864"))
+        if not 1 <= self.max_pending_connections <= 10000:
+            p.append(("node.max_pending_connections", self.max_pending_connections, "must be between 1 and 10000"))
+        if not 0 < self.acse_timeout_seconds <= 300:
+            p.append(("node.acse_timeout_seconds", self.acse_timeout_seconds, "must be > 0 and <= 300"))
+        if self.tls is not None:
+            p += self.tls.check("node.tls")
         if self.retention_hours < 0:
             p.append(("node.retention_hours", self.retention_hours, "must be >= 0"))
+        return p
+
+
+@dataclass
+class HttpTlsConfig:
+    """HTTPS on the endpoint (BCP 195): TLS 1.2 or later; with ``ca_certificates``, client
+    certificates signed by that CA are required as well."""
+
+    #: PEM certificate (chain) and private key of the endpoint.
+    certificate: Path
+    private_key: Path
+    #: PEM CA certificates; set = every client must present a certificate they sign.
+    ca_certificates: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    def check(self, key: str) -> list[Problem]:
+        return _check_files(key, self, ("certificate", "private_key", "ca_certificates"))
+
+
+@dataclass
+class HttpToken:
+    """A bearer token (``Authorization: Bearer <token>``) of one named client."""
+
+    name: str
+    #: Hex SHA-256 of the token (``printf %s "$TOKEN" | sha256sum``); the token itself is not stored.
+    token_sha256: str | None = None
+    #: Or a file holding the token (first line), readable by the node only.
+    token_file: Path | None = None
+
+
+@dataclass
+class HttpUser:
+    """A user of HTTP Basic authentication (over HTTPS only, in practice)."""
+
+    name: str
+    #: ``pbkdf2_sha256$<iterations>$<salt>$<hash>``, as printed by
+    #: ``python -m lungburden.dicom_node.http hash-password``.
+    password_hash: str
+
+
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+_PASSWORD_HASH = re.compile(r"^pbkdf2_sha256\$[0-9]{1,8}\$[A-Za-z0-9+/=_-]+\$[A-Za-z0-9+/=_-]+$")
+
+
+@dataclass
+class HttpAuthConfig:
+    """Who may use STOW-RS and ``/jobs``: bearer tokens and Basic users, each with a name for the
+    audit trail. Requests without credentials are served only on a loopback ``host``, or with
+    ``allow_anonymous`` (e.g. behind an authenticating reverse proxy)."""
+
+    tokens: list[HttpToken] = field(default_factory=list)
+    users: list[HttpUser] = field(default_factory=list)
+    allow_anonymous: bool = False
+
+    def check(self, key: str) -> list[Problem]:
+        p: list[Problem] = []
+        names: set[str] = set()
+        for i, t in enumerate(self.tokens):
+            k = f"{key}.tokens[{i}]"
+            if (t.token_sha256 is None) == (t.token_file is None):
+                p.append((k, t.name, "needs exactly one of token_sha256 and token_file"))
+            if t.token_sha256 is not None and not _SHA256_HEX.match(t.token_sha256):
+                p.append((f"{k}.token_sha256", t.token_sha256, "must be 64 hexadecimal digits"))
+            if t.token_file is not None and not Path(t.token_file).is_file():
+                p.append((f"{k}.token_file", str(t.token_file), "file not found"))
+            names.add(t.name)
+        for i, u in enumerate(self.users):
+            if not _PASSWORD_HASH.match(u.password_hash or ""):
+                p.append((f"{key}.users[{i}].password_hash", "...",
+                          "must be pbkdf2_sha256$<iterations>$<salt>$<hash> "
+                          "(python -m lungburden.dicom_node.http hash-password)"))
+            if not u.name or ":" in u.name:
+                p.append((f"{key}.users[{i}].name", u.name, "must be non-empty without ':'"))
         return p
 
 
@@ -108,11 +260,29 @@ class HttpConfig:
     port: int = 8081
     #: Largest accepted STOW-RS request body.
     max_request_mb: int = 2048
+    #: A request head must arrive, and a body read may stall, at most this long (RFC 9112 9.8).
+    timeout_seconds: float = 30.0
+    #: An idle kept-alive connection is closed after this long.
+    keep_alive_seconds: float = 5.0
+    #: Open connections beyond this are answered 503.
+    max_connections: int = 100
+    #: HTTPS; null = plain HTTP.
+    tls: HttpTlsConfig | None = None
+    auth: HttpAuthConfig = field(default_factory=HttpAuthConfig)
 
     def check(self) -> list[Problem]:
         p = _check_port("http.port", self.port, allow_zero=True)
         if self.max_request_mb < 1:
             p.append(("http.max_request_mb", self.max_request_mb, "must be >= 1"))
+        if not 0 < self.timeout_seconds <= 3600:
+            p.append(("http.timeout_seconds", self.timeout_seconds, "must be > 0 and <= 3600"))
+        if not 0 < self.keep_alive_seconds <= 600:
+            p.append(("http.keep_alive_seconds", self.keep_alive_seconds, "must be > 0 and <= 600"))
+        if not 1 <= self.max_connections <= 10000:
+            p.append(("http.max_connections", self.max_connections, "must be between 1 and 10000"))
+        if self.tls is not None:
+            p += self.tls.check("http.tls")
+        p += self.auth.check("http.auth")
         return p
 
 
@@ -193,11 +363,19 @@ class ProcessingConfig:
     late_instance_policy: Literal["reprocess", "ignore"] = "reprocess"
     #: Seconds without a heartbeat after which a running job of a vanished worker is re-queued.
     job_lease_seconds: float = 120.0
+    #: Result objects produced and delivered: seg (DICOM SEG), sr (TID 1500 SR, needs seg),
+    #: sc (Secondary Capture key images), pdf (Encapsulated PDF report; also report.pdf).
+    outputs: list[str] = field(default_factory=lambda: ["seg", "sr", "sc", "pdf"])
 
     def check(self) -> list[Problem]:
         p: list[Problem] = []
         if self.job_lease_seconds < 5:
             p.append(("processing.job_lease_seconds", self.job_lease_seconds, "must be >= 5"))
+        unknown = [o for o in self.outputs if o not in ("seg", "sr", "sc", "pdf")]
+        if unknown or not self.outputs:
+            p.append(("processing.outputs", self.outputs, "must be a non-empty list of seg, sr, sc, pdf"))
+        elif "sr" in self.outputs and "seg" not in self.outputs:
+            p.append(("processing.outputs", self.outputs, "sr needs seg (the SR references the SEG)"))
         if self.weights is not None and not Path(self.weights).is_file():
             p.append(("processing.weights", str(self.weights), "is not a readable file"))
         return p
@@ -241,11 +419,15 @@ class DimseDestination:
     #: Our calling AE title; null = node.ae_title.
     calling_ae_title: str | None = None
     type: str = "dimse"
+    #: DICOM TLS to the peer; null = plain TCP.
+    tls: DestinationTlsConfig | None = None
 
     def check(self, key: str) -> list[Problem]:
         p = _check_port(f"{key}.port", self.port) + _check_ae(f"{key}.ae_title", self.ae_title)
         if self.calling_ae_title is not None:
             p += _check_ae(f"{key}.calling_ae_title", self.calling_ae_title)
+        if self.tls is not None:
+            p += self.tls.check(f"{key}.tls")
         return p
 
 
@@ -293,6 +475,9 @@ class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Log file (appended); null = standard error only.
     file: Path | None = None
+    #: Audit trail (JSON lines, appended): intake, job outcomes, deliveries; UIDs and peers, no
+    #: patient data. Null = no audit trail.
+    audit_file: Path | None = None
 
     def check(self) -> list[Problem]:
         return []

@@ -50,6 +50,21 @@ class LoadLimits:
     body_part_regex: str | None = CHEST_BODY_PART_REGEX
 
 
+#: Size guard: larger Rows/Columns, frames or slices are refused before any pixel allocation.
+MAX_IMAGE_DIMENSION = 4096
+MAX_FRAMES = 4096
+#: Voxels of one loaded volume (float32: 4 GiB).
+MAX_VOXELS = 2**30
+
+
+def check_size(uid: str, rows: int, columns: int, slices: int) -> None:
+    """Raise :class:`SeriesRejected` if the volume's size exceeds the guard's limits."""
+    if not (0 < rows <= MAX_IMAGE_DIMENSION and 0 < columns <= MAX_IMAGE_DIMENSION and 0 < slices <= MAX_FRAMES
+            and rows * columns * slices <= MAX_VOXELS):
+        raise SeriesRejected(uid, f"image size {rows}x{columns}x{slices} beyond the limits "
+                                  f"({MAX_IMAGE_DIMENSION}x{MAX_IMAGE_DIMENSION}x{MAX_FRAMES}, {MAX_VOXELS} voxels)")
+
+
 @dataclass(frozen=True, eq=False)
 class CTVolume:
     """A CT series in Hounsfield units on its own voxel grid.
@@ -135,6 +150,7 @@ def check_series(datasets: Sequence[Dataset], limits: LoadLimits = LoadLimits())
     sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
     if len(sizes) > 1:
         raise SeriesRejected(uid, f"mixed in-plane sizes {sorted(sizes)}")
+    check_size(uid, *next(iter(sizes)), len(datasets))
     orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise SeriesRejected(uid, "mixed image orientations within the series")
@@ -271,6 +287,7 @@ def _hu_stack(datasets: Sequence[Dataset]) -> tuple[np.ndarray, np.ndarray, np.n
         raise ValueError("the instances do not form a regularly spaced volume")
     order = np.argsort(np.asarray(index))
     first = datasets[int(order[0])]
+    check_size(_series_uid(datasets), int(first.Rows), int(first.Columns), len(datasets))
     hu = np.empty((len(datasets), int(first.Rows), int(first.Columns)), np.float32)
     for k, i in enumerate(order):
         ds = datasets[int(i)]

@@ -38,14 +38,31 @@ class NodeService:
         self.http: NodeHttpServer | None = None
 
     def health(self) -> dict:
+        """``/health``: ``ok`` or ``degraded`` with the problems; disk, queue, dead letters, destinations.
+
+        Degraded: workers missing, free disk below ``node.min_free_disk_mb`` (or none at all), dead
+        letters waiting for ``lungburden retry``, a destination whose last attempt failed.
+        """
         workers = self.engine.workers
         free = self.spool.free_mb(max_age=5.0)
         workers_alive = workers.alive() if workers else 0
         problems = []
         if workers and workers_alive < self.config.node.workers:
             problems.append(f"{workers_alive}/{self.config.node.workers} workers alive")
-        if free < self.config.node.min_free_disk_mb:
+        if free <= 0:
+            problems.append("disk full (0 MiB free): C-STORE refused with 0xA700, results cannot be written")
+        elif free < self.config.node.min_free_disk_mb:
             problems.append(f"spool nearly full ({free:.0f} MiB free): C-STORE refused with 0xA700")
+        jobs = self.store.counts()
+        deliveries = self.store.delivery_counts()
+        destinations = self.engine.exporter.destination_states()
+        if deliveries["dead"]:
+            problems.append(f"{deliveries['dead']} dead-lettered deliveries (`lungburden retry`)")
+        for name, state in destinations.items():
+            if state["last_error_at"] and (state["last_success_at"] or 0) < state["last_error_at"]:
+                problems.append(f"destination {name} failing: {state['last_error']}")
+            elif state["busy_since"] and time.time() - state["busy_since"] > self.config.export.timeout_seconds:
+                problems.append(f"destination {name} not answering for {time.time() - state['busy_since']:.0f} s")
         stats = self.scp.stats
         return {
             "status": "ok" if not problems else "degraded",
@@ -57,12 +74,17 @@ class NodeService:
             "workers": {"configured": self.config.node.workers, "alive": workers_alive,
                         "restarts": workers.restarts if workers else 0},
             "spool_free_mb": round(free, 1),
+            "disk": {"free_mb": round(free, 1), "min_free_mb": self.config.node.min_free_disk_mb,
+                     "ok": free > 0 and free >= self.config.node.min_free_disk_mb},
             "receiving_series": len(self.store.receiving_series()),
-            "jobs": self.store.counts(),
-            "deliveries": self.store.delivery_counts(),
+            "queue_depth": jobs["queued"] + jobs["running"],
+            "dead_letters": {"deliveries": deliveries["dead"], "jobs": jobs["dead"]},
+            "jobs": jobs,
+            "deliveries": deliveries,
             "scp": {"associations": stats.associations, "stored": stats.stored, "refused": stats.refused,
                     "bytes_stored": stats.bytes_stored},
             "destinations": [d.name for d in self.config.destinations],
+            "destination_state": destinations,
         }
 
     def start(self) -> NodeService:

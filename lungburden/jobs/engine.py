@@ -12,7 +12,8 @@ Threads of a started engine:
 - ``jobs`` (with ``analysis="thread"``): runs the queued jobs in this process; with
   ``analysis="processes"`` a :class:`~lungburden.jobs.runner.WorkerPool` of ``node.workers``
   processes does;
-- ``exporter``: performs the due deliveries (:class:`~lungburden.jobs.exporters.ExportRunner`);
+- ``exporter``: performs the due deliveries, one ``exporter-<destination>`` thread per destination
+  (:class:`~lungburden.jobs.exporters.ExportRunner`);
 - ``housekeeping``: restarts dead worker processes, re-queues the jobs and deliveries whose lease
   expired, applies ``node.retention_hours``, and runs the front door's periodic tasks
   (:meth:`JobEngine.add_periodic`) one after the other.
@@ -34,6 +35,7 @@ from typing import Literal
 from lungburden.config.schema import Config
 from lungburden.jobs.assembly import SeriesAssembler
 from lungburden.jobs.exporters import Exporter, ExportRunner
+from lungburden.jobs.logs import configure_audit
 from lungburden.jobs.queue import JobStore
 from lungburden.jobs.runner import JobRunner, WorkerPool
 from lungburden.jobs.spool import Spool, purge_finished, recover
@@ -76,6 +78,7 @@ class JobEngine:
             raise ValueError(f"analysis must be processes, thread or none, not {analysis!r}")
         self.config = config
         self.analysis = analysis
+        configure_audit(config)
         self.complete_quiet_series = complete_quiet_series
         storage = config.storage_dir
         storage.mkdir(parents=True, exist_ok=True)
@@ -109,11 +112,22 @@ class JobEngine:
         self._tasks.append(PeriodicTask(name, seconds, task))
 
     # -- housekeeping --------------------------------------------------------------------------
+    def _report_lost(self, job_ids: list[int], what: str) -> None:
+        """Log the outcome of :meth:`JobStore.requeue_lost` as the store recorded it: re-queued, or
+        failed after too many worker deaths (poison input)."""
+        jobs = [j for j in (self.store.job(i) for i in job_ids) if j is not None]
+        requeued = [j.id for j in jobs if j.state == "queued"]
+        if requeued:
+            log.warning("re-queued %d jobs %s: %s", len(requeued), what, requeued)
+        for job in jobs:
+            if job.state == "failed":
+                log.error("job %d (series %s) marked failed: %s", job.id, job.series_instance_uid, job.reason)
+
     def requeue_lost(self) -> list[int]:
-        """Re-queue the jobs and deliveries whose lease expired; returns the job ids."""
+        """Re-queue the jobs and deliveries whose lease expired; returns the job ids (re-queued or failed)."""
         requeued = self.store.requeue_lost()
         if requeued:
-            log.warning("re-queued jobs of lost workers: %s", requeued)
+            self._report_lost(requeued, "of lost workers")
         return requeued
 
     def purge(self, cutoff: float) -> int:
@@ -133,7 +147,7 @@ class JobEngine:
         recover(self.spool, self.store)
         requeued = self.store.requeue_lost(check_pids=True)
         if requeued:
-            log.warning("re-queued %d jobs interrupted by a previous stop or crash: %s", len(requeued), requeued)
+            self._report_lost(requeued, "interrupted by a previous stop or crash")
 
     # -- threads -------------------------------------------------------------------------------
     def _housekeeping_loop(self) -> None:

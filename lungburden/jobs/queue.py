@@ -13,7 +13,10 @@ Job states (docs/node.md, "Queue states")::
                  └──► failed                     the pipeline rejected the series or raised (retriable)
     queued ──► superseded                         newer instances of the series arrived before it started
 
-Delivery states (one row per job and destination): ``pending`` → ``sending`` → ``done`` | ``dead``.
+Delivery states (one row per job and destination): ``pending`` → ``sending`` → ``done`` | ``dead``;
+``pending`` or ``dead`` → ``superseded`` when a later version of the series was analysed first.
+Table ``rejections`` records which delivered results were retracted at which destination by an
+IHE IOCM rejection note (:mod:`lungburden.results.kos`).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ DB_NAME = "lungburden.db"
 #: Job states, in the order ``lungburden jobs`` summarises them.
 JOB_STATES = ("queued", "running", "exporting", "done", "failed", "dead", "skipped", "superseded")
 TERMINAL_STATES = frozenset({"done", "failed", "dead", "skipped", "superseded"})
-DELIVERY_STATES = ("pending", "sending", "done", "dead")
+DELIVERY_STATES = ("pending", "sending", "done", "dead", "superseded")
 
 #: A job whose worker died this many times is failed instead of re-queued again (poison input).
 MAX_WORKER_DEATHS = 3
@@ -98,6 +101,14 @@ CREATE TABLE IF NOT EXISTS deliveries (
     PRIMARY KEY (job_id, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS rejections (
+    job_id              INTEGER NOT NULL REFERENCES jobs(id),   -- the job whose results were retracted
+    destination         TEXT NOT NULL,
+    by_job_id           INTEGER NOT NULL,                       -- the version that superseded them
+    note_sop_instance_uid TEXT NOT NULL,
+    sent_at             REAL NOT NULL,
+    PRIMARY KEY (job_id, destination)
+);
 """
 
 
@@ -240,6 +251,9 @@ class JobStore:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None or getattr(self._local, "pid", None) != os.getpid():
+            # Owner-only database (jobs name UIDs and hosts); SQLite gives its -wal/-shm files the
+            # same permissions.
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
             conn = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA journal_mode={self.journal_mode}")
@@ -519,6 +533,16 @@ class JobStore:
                     "updated_at=excluded.updated_at WHERE state<>'done'",
                     (job_id, name, now, now),
                 )
+            row = db.execute("SELECT series_instance_uid, model, version FROM jobs WHERE id=?", (job_id,)).fetchone()
+            older = [r["id"] for r in db.execute(
+                "SELECT DISTINCT j.id FROM jobs j JOIN deliveries d ON d.job_id=j.id WHERE j.series_instance_uid=? "
+                "AND j.model=? AND j.version<? AND d.state IN ('pending','dead')",
+                (row["series_instance_uid"], row["model"], row["version"]))]
+            for old in older:  # never deliver results that a newer version already replaces
+                db.execute("UPDATE deliveries SET state='superseded', last_error=?, owner=NULL, updated_at=? "
+                           "WHERE job_id=? AND state IN ('pending','dead')",
+                           (f"not delivered: superseded by job {job_id} (version {row['version']})", now, old))
+                self._settle_job(db, old, now, superseded_by=job_id)
         job = self.job(job_id)
         assert job is not None
         return job
@@ -644,9 +668,13 @@ class JobStore:
         return state
 
     @staticmethod
-    def _settle_job(db: sqlite3.Connection, job_id: int, now: float) -> None:
+    def _settle_job(db: sqlite3.Connection, job_id: int, now: float, superseded_by: int | None = None) -> None:
         states = {r["state"] for r in db.execute("SELECT state FROM deliveries WHERE job_id=?", (job_id,))}
-        if states == {"done"}:
+        if states == {"superseded"}:
+            db.execute("UPDATE jobs SET state='superseded', reason=?, finished_at=?, updated_at=? "
+                       "WHERE id=? AND state IN ('exporting','dead')",
+                       (f"superseded by job {superseded_by} before delivery", now, now, job_id))
+        elif states and states <= {"done", "superseded"}:
             db.execute("UPDATE jobs SET state='done', reason=NULL, finished_at=?, updated_at=? "
                        "WHERE id=? AND state IN ('exporting','dead')", (now, now, job_id))
         elif "dead" in states and not states & {"pending", "sending"}:
@@ -655,6 +683,36 @@ class JobStore:
             db.execute("UPDATE jobs SET state='dead', reason=?, updated_at=? WHERE id=?",
                        (f"delivery to {', '.join(dead)} failed too often (dead letter; `lungburden retry {job_id}`)",
                         now, job_id))
+
+    def unrejected_earlier_versions(self, job: Job, destination: str) -> list[Job]:
+        """Earlier versions of ``job``'s series whose results ``destination`` holds (delivery done)
+        and that no rejection note has retracted there yet."""
+        rows = self.query(
+            "SELECT j.id FROM jobs j JOIN deliveries d ON d.job_id=j.id AND d.destination=? "
+            "WHERE j.series_instance_uid=? AND j.model=? AND j.version<? AND d.state='done' AND j.result IS NOT NULL "
+            "AND NOT EXISTS (SELECT 1 FROM rejections r WHERE r.job_id=j.id AND r.destination=?) ORDER BY j.version",
+            (destination, job.series_instance_uid, job.model, job.version, destination),
+        )
+        return [j for r in rows if (j := self.job(r["id"])) is not None]
+
+    def record_rejections(self, job_ids: Sequence[int], destination: str, by_job_id: int, note_uid: str) -> None:
+        """Remember that a rejection note retracted the results of ``job_ids`` at ``destination``."""
+        now = time.time()
+        with self.transaction() as db:
+            for job_id in job_ids:
+                db.execute("INSERT OR REPLACE INTO rejections VALUES (?,?,?,?,?)",
+                           (job_id, destination, by_job_id, note_uid, now))
+
+    def rejections(self, job_id: int) -> list[dict]:
+        """Where the results of ``job_id`` were retracted: destination, by which job, note UID, time."""
+        return [dict(r) for r in self.query("SELECT * FROM rejections WHERE job_id=? ORDER BY destination", (job_id,))]
+
+    def destination_counts(self) -> dict[str, dict[str, int]]:
+        """Per destination: number of deliveries in each state."""
+        out: dict[str, dict[str, int]] = {}
+        for r in self.query("SELECT destination, state, COUNT(*) AS n FROM deliveries GROUP BY destination, state"):
+            out.setdefault(r["destination"], dict.fromkeys(DELIVERY_STATES, 0))[r["state"]] = r["n"]
+        return out
 
     def retry(self, job_ids: Sequence[int] | None = None, states: Sequence[str] = ("dead", "failed")) -> list[int]:
         """Make dead deliveries pending again (attempts reset) and re-queue failed/skipped jobs."""

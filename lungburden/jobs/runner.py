@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from lungburden.config.schema import Config
+from lungburden.jobs.logs import audit, configure_audit
 from lungburden.jobs.queue import Job, JobStore
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 
 #: Keys of result.json copied into the job record (``lungburden jobs``, ``/jobs``): no patient data.
 RESULT_KEYS = (
-    "study_instance_uid", "series_instance_uid", "model", "model_version", "burden_percent",
+    "study_instance_uid", "series_instance_uid", "model", "model_version", "burden_percent", "quality",
     "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml", "seg_sop_instance_uid",
     "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid", "slices",
 )
@@ -98,9 +99,11 @@ class JobRunner:
     @property
     def process_fn(self) -> ProcessFn:
         if self._process_fn is None:
+            from functools import partial
+
             from lungburden.pipeline import process_series
 
-            self._process_fn = process_series
+            self._process_fn = partial(process_series, outputs=self.config.processing.outputs)
         return self._process_fn
 
     def segmenter(self, model: str) -> Segmenter:
@@ -154,21 +157,35 @@ class JobRunner:
             shutil.rmtree(out_dir, ignore_errors=True)
             log.warning("job %d: %s", job.id, exc)
             self.store.job_failed(job.id, str(exc))
+            self._audit(job, "failed", str(exc))
             return
         except Exception as exc:  # noqa: BLE001 - a failed job must not kill the worker
             stop_beat.set()
             shutil.rmtree(out_dir, ignore_errors=True)
             log.error("job %d failed: %s\n%s", job.id, exc, traceback.format_exc())
             self.store.job_failed(job.id, f"processing error: {type(exc).__name__}: {exc}")
+            self._audit(job, "failed", f"processing error: {type(exc).__name__}")
             return
         finally:
             stop_beat.set()
         result = dict(getattr(outputs, "result", {}) or {})
         summary = {k: result[k] for k in RESULT_KEYS if k in result}
+        if isinstance(summary.get("quality"), dict):  # the flags; thresholds stay in result.json
+            summary["quality"] = {k: summary["quality"].get(k) for k in ("passed", "flags")}
         self.store.job_succeeded(job.id, out_dir, summary, self.destinations)
+        quality = result.get("quality") or {}
+        self._audit(job, "analysed", None, seg_sop_instance_uid=summary.get("seg_sop_instance_uid"),
+                    sr_sop_instance_uid=summary.get("sr_sop_instance_uid"),
+                    quality_flags=[f.get("code") for f in quality.get("flags", [])], destinations=self.destinations)
         log.info("job %d: series %s analysed in %.1f s (burden %s %%); delivering to %s", job.id,
                  job.series_instance_uid, time.perf_counter() - start, summary.get("burden_percent", "?"),
                  ", ".join(self.destinations) or "no destination")
+
+    @staticmethod
+    def _audit(job: Job, outcome: str, reason: str | None, **fields: object) -> None:
+        audit("job_" + outcome, job_id=job.id, study_instance_uid=job.study_instance_uid,
+              series_instance_uid=job.series_instance_uid, version=job.version, instance_count=job.instance_count,
+              model=job.model, outcome=outcome, reason=reason, **fields)
 
     def run_next(self, job_ids: list[int] | None = None) -> bool:
         job = self.store.claim_job(lease_seconds=self.config.processing.job_lease_seconds, job_ids=job_ids)
@@ -199,6 +216,7 @@ def worker_main(config: Config, parent_pid: int, index: int, log_level: int,
         return
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the node decides when to stop
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
+    configure_audit(config)
     store = JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
     runner = JobRunner(config, store, destinations=destinations)
     stopping = threading.Event()
@@ -243,6 +261,7 @@ class WorkerPool:
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
         self.restarts = 0
         self._stopping = False
+        self._clean_exits: dict[int, float] = {}
 
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
@@ -263,8 +282,12 @@ class WorkerPool:
         n = 0
         if self._stopping:
             return 0
+        now = time.monotonic()
         for i, proc in enumerate(self.processes):
             if proc is None or not proc.is_alive():
+                if proc is not None and proc.exitcode == 0 and now - self._clean_exits.setdefault(i, now) < 1.0:
+                    continue  # an orderly exit (SIGTERM to the process group): the node is likely stopping
+                self._clean_exits.pop(i, None)
                 if proc is not None:
                     log.error("worker %d exited with code %s; restarting it", i, proc.exitcode)
                 self._spawn(i)

@@ -8,7 +8,12 @@ power cut. A re-sent instance (same SOP Instance UID) replaces the earlier file 
 :class:`Intake` is shared by the C-STORE SCP and the STOW-RS endpoint: it checks the encoded
 bytes without decoding pixel data and maps each problem to a PS3.4 C-STORE status
 (Annex B.2.3): 0xA700 Out of Resources, 0xA900 Data Set does not match SOP Class,
-0xC000 Cannot understand, 0x0122 SOP Class not supported.
+0xC000 Cannot understand, 0x0122 SOP Class not supported. Image sizes beyond
+:data:`~lungburden.dicom_io.volume.MAX_IMAGE_DIMENSION` / ``MAX_FRAMES`` are refused before any
+pixel allocation. Values from the wire are logged through :func:`printable` (control characters
+escaped); free-text attributes are never logged.
+
+Files are created 0600 and folders 0700 (the storage folder too): received images are patient data.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ import pydicom
 from pydicom.tag import Tag
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage
 
+from lungburden.dicom_io.volume import MAX_FRAMES, MAX_IMAGE_DIMENSION
+from lungburden.jobs.logs import audit
 from lungburden.jobs.queue import JobStore
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,17 @@ _HEADER_TAGS = [Tag(k) for k in (
     "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
     "Rows", "Columns", "BitsAllocated", "SamplesPerPixel", "NumberOfFrames", "PixelData",
 )]
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(value: object, limit: int = 200) -> str:
+    """``value`` as text safe for a log line: control characters escaped (``\\n``, ``\\x1b``),
+    at most ``limit`` characters; for anything received from the network."""
+    text = value if isinstance(value, str) else str(value)
+    text = _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text[: limit * 4])
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def valid_uid(value: object) -> bool:
@@ -88,7 +106,13 @@ class Spool:
     def __init__(self, storage_dir: Path, min_free_disk_mb: int = 0):
         self.storage_dir = Path(storage_dir)
         self.root = self.storage_dir / "spool"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.storage_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        for folder in (self.storage_dir, self.root):
+            try:
+                os.chmod(folder, 0o700)
+            except OSError:  # not ours (e.g. a mounted volume): its own permissions apply
+                pass
         self.min_free_disk_mb = min_free_disk_mb
         self._free_cache: tuple[float, float] = (0.0, 0.0)
         self._lock = threading.Lock()
@@ -112,7 +136,8 @@ class Spool:
     def _ensure_dir(self, directory: Path) -> None:
         if directory.is_dir():
             return
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(mode=0o700, exist_ok=True)
+        directory.mkdir(mode=0o700, exist_ok=True)
         _fsync_dir(directory.parent)
         _fsync_dir(directory.parent.parent)
 
@@ -121,7 +146,7 @@ class Spool:
         final = self.path_for(study_uid, series_uid, sop_uid)
         self._ensure_dir(final.parent)
         tmp = final.parent / f".{sop_uid}.{os.getpid()}.{threading.get_ident()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
             while view:
@@ -194,16 +219,23 @@ class Intake:
         except OSError as exc:
             outcome = StoreOutcome(OUT_OF_RESOURCES, f"cannot write the instance to the spool ({exc.strerror or exc})")
         except Exception as exc:  # noqa: BLE001 - a malformed data set must never crash the node
-            log.exception("unexpected error while storing an instance from %s", source)
+            log.error("unexpected error while storing an instance from %s: %s", printable(source),
+                      printable(f"{type(exc).__name__}: {exc}"))
             outcome = StoreOutcome(PROCESSING_FAILURE, f"processing failure ({type(exc).__name__})")
+        audit("instance_received" if outcome.ok else "instance_refused", source, status=f"0x{outcome.status:04X}",
+              study_instance_uid=outcome.study_instance_uid, series_instance_uid=outcome.series_instance_uid,
+              sop_instance_uid=outcome.sop_instance_uid or expected_sop_instance, sop_class_uid=outcome.sop_class_uid,
+              outcome="stored" if outcome.ok else outcome.reason)
         if outcome.ok:
-            log.debug("stored %s (series %s) from %s", outcome.sop_instance_uid, outcome.series_instance_uid, source)
+            log.debug("stored %s (series %s) from %s", outcome.sop_instance_uid, outcome.series_instance_uid,
+                      printable(source))
             if self.on_stored is not None:
                 self.on_stored(outcome)
         else:
             log.warning(
                 "refused instance %s from %s: 0x%04X %s",
-                outcome.sop_instance_uid or expected_sop_instance or "?", source, outcome.status, outcome.reason,
+                printable(outcome.sop_instance_uid or expected_sop_instance or "?"), printable(source),
+                outcome.status, printable(outcome.reason, 300),
             )
         return outcome
 
@@ -218,13 +250,14 @@ class Intake:
             )
         try:
             ds = pydicom.dcmread(io.BytesIO(data), specific_tags=_HEADER_TAGS)
+            # Element values are converted lazily: a corrupt VR or value fails here, not later.
+            sop_class = str(ds.get("SOPClassUID", "") or "")
+            sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+            study_uid = str(ds.get("StudyInstanceUID", "") or "")
+            series_uid = str(ds.get("SeriesInstanceUID", "") or "")
         except Exception as exc:  # noqa: BLE001 - pydicom raises many types for corrupt input
             return StoreOutcome(CANNOT_UNDERSTAND, f"data set cannot be parsed ({type(exc).__name__}: {exc})"[:300],
                                 expected_sop_class or "", expected_sop_instance or "")
-        sop_class = str(ds.get("SOPClassUID", "") or "")
-        sop_uid = str(ds.get("SOPInstanceUID", "") or "")
-        study_uid = str(ds.get("StudyInstanceUID", "") or "")
-        series_uid = str(ds.get("SeriesInstanceUID", "") or "")
 
         def fail(status: int, reason: str) -> StoreOutcome:
             return StoreOutcome(status, reason, sop_class or expected_sop_class or "",
@@ -244,7 +277,10 @@ class Intake:
                                ("SeriesInstanceUID", series_uid)):
             if not valid_uid(value):
                 return fail(DATASET_MISMATCH, f"missing or invalid {keyword} {value[:70]!r}")
-        pixel_problem = self._check_pixels(ds)
+        try:
+            pixel_problem = self._check_pixels(ds)
+        except Exception as exc:  # noqa: BLE001 - corrupt header values
+            return fail(CANNOT_UNDERSTAND, f"image attributes cannot be read ({type(exc).__name__})")
         if pixel_problem:
             return fail(DATASET_MISMATCH, pixel_problem)
         path = self.spool.write(data, study_uid, series_uid, sop_uid)
@@ -264,7 +300,13 @@ class Intake:
             return "missing or invalid Rows/Columns/Bits Allocated"
         if rows < 1 or cols < 1 or bits not in (8, 16, 32):
             return f"implausible image size {rows}x{cols}, {bits} bits allocated"
+        if rows > MAX_IMAGE_DIMENSION or cols > MAX_IMAGE_DIMENSION or not 1 <= frames <= MAX_FRAMES \
+                or samples not in (1, 3):
+            return (f"image size {rows}x{cols}, {frames} frames, {samples} samples beyond the limits "
+                    f"({MAX_IMAGE_DIMENSION}x{MAX_IMAGE_DIMENSION}, {MAX_FRAMES} frames)")
         pixel_data = ds.PixelData
+        if not pixel_data:
+            return "Pixel Data (7FE0,0010) is empty"
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
         if transfer_syntax in _NATIVE or not transfer_syntax:
             expected = rows * cols * samples * frames * bits // 8
@@ -274,11 +316,20 @@ class Intake:
             from pydicom.encaps import generate_fragments
 
             try:
-                n = sum(1 for _ in generate_fragments(pixel_data))
+                # The first item is the Basic Offset Table (PS3.5 A.4), possibly empty.
+                fragments = list(generate_fragments(pixel_data))[1:]
             except Exception as exc:  # noqa: BLE001
                 return f"encapsulated Pixel Data cannot be parsed ({exc})"[:300]
-            if n < 1:
+            if not fragments:
                 return "encapsulated Pixel Data has no fragments"
+            if transfer_syntax == "1.2.840.10008.1.2.5":
+                # PS3.5 G: one fragment per frame, each a 64-byte header of 1-15 segment offsets.
+                if len(fragments) < frames:
+                    return f"RLE Pixel Data has {len(fragments)} fragments for {frames} frames"
+                for fragment in fragments[:frames]:
+                    segments = int.from_bytes(fragment[:4], "little") if len(fragment) >= 64 else 0
+                    if not 1 <= segments <= 15 or int.from_bytes(fragment[4:8], "little") != 64:
+                        return "RLE Pixel Data fragment without a valid RLE header"
         return None
 
 

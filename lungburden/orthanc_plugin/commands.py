@@ -4,12 +4,20 @@ The output loads Orthanc's DICOMweb and Python plugins, points ``PythonScript`` 
 package's ``plugin.py`` and has a ``"LungBurden"`` section with every default spelled out,
 including ``Python`` = the interpreter running this command (so the plugin's worker finds the
 installed package). Users start from it; so do the integration tests.
+
+Orthanc's REST API (and with it the plugin's ``/lungburden/...`` routes) always requires HTTP
+Basic credentials (``AuthenticationEnabled``). Without ``--user``, one user ``lungburden`` with a
+random password is generated: the password is printed once on standard error or, with
+``--credentials-file``, written to that file (mode 0600). ``--output`` writes the configuration,
+which holds the passwords, with mode 0600 too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import secrets
 import sys
 from pathlib import Path
 
@@ -30,6 +38,25 @@ def find_plugins_dir() -> Path:
         if (d / PYTHON_PLUGIN).exists():
             return d
     return PLUGIN_DIRS[0]
+
+
+#: The user generated when ``orthanc-config`` gets no ``--user``.
+GENERATED_USER = "lungburden"
+
+
+def generate_password() -> str:
+    """A random password for Orthanc's ``RegisteredUsers`` (192 bits, URL-safe)."""
+    return secrets.token_urlsafe(24)
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` to a new or truncated file readable by its owner only (mode 0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
 
 
 def default_section(python: str, work_dir: str | None = None) -> dict:
@@ -66,7 +93,11 @@ def orthanc_config(
     users: dict[str, str] | None = None,
     name: str = "lungburden-orthanc",
 ) -> dict:
-    """A complete Orthanc configuration (JSON-ready mapping) running the lungburden plugin."""
+    """A complete Orthanc configuration (JSON-ready mapping) running the lungburden plugin.
+
+    Authentication is always on: ``users`` (name -> password), or one generated user
+    :data:`GENERATED_USER`.
+    """
     storage = str(Path(storage).expanduser().absolute())
     plugins = plugins_dir or find_plugins_dir()
     return {
@@ -77,8 +108,8 @@ def orthanc_config(
         "DicomPort": dicom_port,
         "DicomAet": aet,
         "RemoteAccessAllowed": remote_access,
-        "AuthenticationEnabled": remote_access or bool(users),
-        "RegisteredUsers": dict(users or {}),
+        "AuthenticationEnabled": True,
+        "RegisteredUsers": dict(users) if users else {GENERATED_USER: generate_password()},
         "StableAge": stable_age,
         "DicomModalities": {},
         "Plugins": [str(plugins / DICOMWEB_PLUGIN), str(plugins / PYTHON_PLUGIN)],
@@ -90,17 +121,29 @@ def orthanc_config(
 
 
 def cmd_orthanc_config(args: argparse.Namespace) -> int:
-    """Print the configuration (JSON) on standard output."""
+    """Print the configuration (JSON) on standard output, or write it to ``--output`` (mode 0600)."""
+    users = dict(u.split(":", 1) for u in args.user)
     config = orthanc_config(
         http_port=args.http_port, dicom_port=args.dicom_port, storage=args.storage, aet=args.aet,
         python=args.python, plugins_dir=Path(args.plugins_dir) if args.plugins_dir else None,
-        stable_age=args.stable_age, remote_access=args.remote_access,
-        users=dict(u.split(":", 1) for u in args.user),
+        stable_age=args.stable_age, remote_access=args.remote_access, users=users,
     )
     if args.model is not None:
         config["LungBurden"]["processing"]["model"] = args.model
-    json.dump(config, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    text = json.dumps(config, indent=2) + "\n"
+    if args.output:
+        write_private(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    if not users:
+        password = config["RegisteredUsers"][GENERATED_USER]
+        if args.credentials_file:
+            write_private(Path(args.credentials_file), f"{GENERATED_USER}:{password}\n")
+            print(f"Orthanc REST API user {GENERATED_USER!r}: password written to {args.credentials_file}",
+                  file=sys.stderr)
+        else:
+            print(f"Orthanc REST API user {GENERATED_USER!r}, password {password} "
+                  "(shown once; also in RegisteredUsers of the configuration)", file=sys.stderr)
     return 0
 
 
@@ -132,8 +175,13 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                    help="seconds without a new instance before Orthanc calls a series stable (default 10)")
     p.add_argument("--model", default=None, help="segmenter (see `lungburden models`; default: the shipped one)")
     p.add_argument("--remote-access", action="store_true",
-                   help="allow HTTP access from other hosts (enables authentication: add --user)")
+                   help="allow HTTP access from other hosts (RemoteAccessAllowed; default: this host only). "
+                        "Credentials are required either way; put Orthanc behind TLS (SslEnabled) first")
     p.add_argument("--user", action="append", default=[], type=_user, metavar="NAME:PASSWORD",
-                   help="an HTTP user (enables authentication; repeatable). Orthanc replaces ${VAR} by the "
-                        "environment variable VAR, e.g. --user 'admin:${ORTHANC_PASSWORD}'")
+                   help="an HTTP user (repeatable; default: user lungburden with a generated password). Orthanc "
+                        "replaces ${VAR} by the environment variable VAR, e.g. --user 'admin:${ORTHANC_PASSWORD}'")
+    p.add_argument("--credentials-file", default=None, metavar="PATH",
+                   help="write the generated user's NAME:PASSWORD to PATH (mode 0600) instead of printing it")
+    p.add_argument("--output", "-o", default=None, metavar="PATH",
+                   help="write the configuration to PATH (mode 0600: it holds the passwords) instead of stdout")
     p.set_defaults(func=cmd_orthanc_config)

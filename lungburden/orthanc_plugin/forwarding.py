@@ -1,4 +1,7 @@
-"""Deliveries of the Orthanc plugin: store the SEG + SR into Orthanc, forward them to Orthanc's peers.
+"""Deliveries of the Orthanc plugin: store the results into Orthanc, forward them to Orthanc's peers.
+
+The results are the files of :func:`~lungburden.jobs.exporters.result_files`: SEG, SR and, where
+produced, the Secondary Capture images and the Encapsulated PDF report.
 
 Each class has the ``send(job)`` method of the node's exporters
 (:class:`~lungburden.jobs.exporters.Exporter`), so the node's
@@ -47,6 +50,13 @@ CREATE TABLE IF NOT EXISTS orthanc_jobs (
     seg_series_uid      TEXT,
     sr_series_uid       TEXT
 );
+CREATE TABLE IF NOT EXISTS orthanc_job_extras (     -- SC images, PDF report: one row per instance
+    job_id              INTEGER NOT NULL REFERENCES jobs(id),
+    orthanc_id          TEXT,
+    series_uid          TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS orthanc_job_extras_job ON orthanc_job_extras(job_id);
+CREATE INDEX IF NOT EXISTS orthanc_job_extras_series ON orthanc_job_extras(series_uid);
 CREATE INDEX IF NOT EXISTS orthanc_jobs_seg ON orthanc_jobs(seg_series_uid);
 CREATE INDEX IF NOT EXISTS orthanc_jobs_sr ON orthanc_jobs(sr_series_uid);
 """
@@ -77,6 +87,9 @@ class OrthancLinks:
         return dict(rows[0]) if rows else None
 
     def is_output_series(self, series_uid: str) -> bool:
+        extra = self.store.query("SELECT 1 FROM orthanc_job_extras WHERE series_uid=? LIMIT 1", (series_uid,))
+        if extra:
+            return True
         rows = self.store.query("SELECT 1 FROM orthanc_jobs WHERE seg_series_uid=? OR sr_series_uid=? LIMIT 1",
                                 (series_uid, series_uid))
         return bool(rows)
@@ -115,6 +128,19 @@ class OrthancLinks:
     def forget_outputs(self, job_id: int) -> None:
         with self.store.transaction() as db:
             db.execute("UPDATE orthanc_jobs SET seg_orthanc_id=NULL, sr_orthanc_id=NULL WHERE job_id=?", (job_id,))
+            db.execute("DELETE FROM orthanc_job_extras WHERE job_id=?", (job_id,))
+
+    def set_extras(self, job_id: int, extras: list[tuple[str | None, str]]) -> None:
+        """Record the other results of a job (SC, PDF, ...): ``(orthanc_id or None, series_uid)``."""
+        with self.store.transaction() as db:
+            db.execute("DELETE FROM orthanc_job_extras WHERE job_id=?", (job_id,))
+            db.executemany("INSERT INTO orthanc_job_extras (job_id, orthanc_id, series_uid) VALUES (?,?,?)",
+                           [(job_id, oid, uid) for oid, uid in extras])
+
+    def extra_ids(self, job_id: int) -> list[str]:
+        rows = self.store.query("SELECT orthanc_id FROM orthanc_job_extras WHERE job_id=? AND orthanc_id IS NOT NULL",
+                                (job_id,))
+        return [str(r["orthanc_id"]) for r in rows]
 
 
 def _call(what: str, fn, *args):  # noqa: ANN001, ANN202 - tiny adapter
@@ -124,35 +150,60 @@ def _call(what: str, fn, *args):  # noqa: ANN001, ANN202 - tiny adapter
         raise ExportError(f"{what}: {exc}") from exc
 
 
+_SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+_SR_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
+
+
 class OrthancStoreExporter:
-    """``POST /instances`` of the SEG and SR (the source study), replacing earlier results."""
+    """``POST /instances`` of every result file (the source study), replacing earlier results."""
 
     def __init__(self, client: OrthancClient, links: OrthancLinks, replace_previous: bool = True):
         self.client = client
         self.links = links
         self.replace_previous = replace_previous
 
+    def _store(self, job: Job) -> tuple[list[str], str | None, str | None, list[tuple[str | None, str]]]:
+        """Store every result file; ``(all Orthanc IDs, SEG ID, SR ID, [(ID, series UID)] of the others)``.
+
+        The series UIDs are recorded before storing, so that Orthanc's events for them are
+        recognised as results, not input.
+        """
+        paths = result_files(job)
+        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
+        classes = [str(h.SOPClassUID) for h in headers]
+        seg = next((i for i, c in enumerate(classes) if c == _SEG_CLASS), None)
+        sr = next((i for i, c in enumerate(classes) if c.startswith(_SR_CLASS_PREFIX)), None)
+        others = [i for i in range(len(paths)) if i not in (seg, sr)]
+        self.links.set_output_uids(job.id, str(headers[seg].SeriesInstanceUID) if seg is not None else "",
+                                   str(headers[sr].SeriesInstanceUID) if sr is not None else "")
+        previous = self.links.extra_ids(job.id)
+        self.links.set_extras(job.id, [(oid, uid) for oid, uid in zip(previous, [""] * len(previous), strict=True)]
+                              + [(None, str(headers[i].SeriesInstanceUID)) for i in others])
+        ids = [_call("storing into Orthanc", self.client.store_instance, p.read_bytes()) for p in paths]
+        extras = [(ids[i], str(headers[i].SeriesInstanceUID)) for i in others]
+        return ids, ids[seg] if seg is not None else None, ids[sr] if sr is not None else None, extras
+
     def store(self, job: Job) -> list[str]:
-        """Store both results (idempotent: Orthanc answers AlreadyStored) and return their Orthanc IDs."""
-        seg_path, sr_path = result_files(job)
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in (seg_path, sr_path)]
-        self.links.set_output_uids(job.id, str(headers[0].SeriesInstanceUID), str(headers[1].SeriesInstanceUID))
-        ids = [_call("storing into Orthanc", self.client.store_instance, p.read_bytes()) for p in (seg_path, sr_path)]
+        """Store every result (idempotent: Orthanc answers AlreadyStored) and return their Orthanc IDs."""
+        ids, _, _, extras = self._store(job)
+        self.links.set_extras(job.id, extras)
         return ids
 
     def send(self, job: Job) -> None:
         previous = self.links.get(job.id) or {}
-        seg_id, sr_id = self.store(job)
+        previous_extras = self.links.extra_ids(job.id)
+        ids, seg_id, sr_id, extras = self._store(job)
         if self.replace_previous:  # after storing: a failed attempt never leaves the study without results
-            for oid in (previous.get("seg_orthanc_id"), previous.get("sr_orthanc_id")):
-                if oid and oid not in (seg_id, sr_id):  # a re-run produced new UIDs
+            for oid in (previous.get("seg_orthanc_id"), previous.get("sr_orthanc_id"), *previous_extras):
+                if oid and oid not in ids:  # a re-run produced new UIDs
                     _call("deleting earlier results", self.client.delete, f"/instances/{oid}")
             for old_job, *old_ids in self.links.previous_outputs(job):
-                for oid in filter(None, old_ids):
-                    if oid not in (seg_id, sr_id):
+                for oid in filter(None, [*old_ids, *self.links.extra_ids(old_job)]):
+                    if oid not in ids:
                         _call("deleting earlier results", self.client.delete, f"/instances/{oid}")
                 self.links.forget_outputs(old_job)
-                log.info("job %d: SEG + SR of job %d (same source series) removed from Orthanc", job.id, old_job)
+                log.info("job %d: results of job %d (same source series) removed from Orthanc", job.id, old_job)
+        self.links.set_extras(job.id, extras)
         latency = self.links.set_stored(job.id, seg_id, sr_id)
         log.info("job %d: SEG + SR of series %s stored in Orthanc%s", job.id, job.series_instance_uid,
                  f" {latency:.1f} s after STABLE_SERIES" if latency is not None else "")

@@ -19,7 +19,8 @@ API from it, keep heavy work out of Orthanc's interpreter lock):
   SEG + SR with ``POST /instances`` and forwards them (see ``worker.py``);
 - REST routes read the worker's job database (SQLite, read-only) and queue re-runs:
   ``GET /lungburden/status``, ``GET /lungburden/jobs``, ``GET /lungburden/jobs/{id}``,
-  ``POST /lungburden/series/{orthanc-series-id}/rerun``.
+  ``POST /lungburden/series/{orthanc-series-id}/rerun``. Orthanc authenticates them like the
+  rest of its REST API (``AuthenticationEnabled``, on in ``lungburden orthanc-config``).
 
 Configuration: the ``"LungBurden"`` section of Orthanc's configuration (docs/orthanc-plugin.md).
 """

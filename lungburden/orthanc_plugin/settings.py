@@ -41,6 +41,7 @@ PLUGIN_KEYS: dict[str, tuple[type, ...]] = {
     "ForwardToModalities": (list,),
     "ForwardToDicomWebServers": (list,),
     "ReplacePrevious": (bool,),
+    "Weights": (str,),
 }
 #: Node YAML sections accepted inside the section.
 YAML_SECTIONS = ("node", "selection", "processing", "export", "destinations", "logging")
@@ -108,6 +109,10 @@ def parse_section(
         node.setdefault("retention_hours", DEFAULT_RETENTION_HOURS)
         node["storage_dir"] = str(work_dir)
     yaml_part["node"] = node
+    if "Weights" in section:  # shorthand of "processing": {"weights": ...}
+        processing = yaml_part.setdefault("processing", {})
+        if isinstance(processing, Mapping):
+            yaml_part["processing"] = {**processing, "weights": section["Weights"]}
     if problems:
         raise ConfigError(problems, source)
     config = config_from_mapping(yaml_part, source, base_dir=work_dir)

@@ -14,6 +14,14 @@ Content tree (see docs/conformance.md for the codes and the reasons behind them)
             finding Lung consolidation, site Lung; Volume; Volume Ratio [%]; Mean attenuation
         Measurement Group (TID 1501) "Pneumonia burden"
             finding Abnormal opacity (GGO + high opacity), site Lung; Volume; Volume Ratio [%]
+        Measurement Group (TID 1410) per finding above, same Tracking Identifier and UID:
+            Image Region SCOORD POINT on the finding's key slice (SELECTED FROM the CT image)
+
+The TID 1410 groups locate each finding in image coordinates: a point on the finding in the
+source slice where its in-plane area is largest (a point on the lung field where the finding is
+empty). They share the Tracking Unique Identifier (TID 4108) of the group whose numbers they
+locate, so viewers that merge groups by tracking UID show the numbers at that point; they carry
+no numbers of their own.
 
 Volumes are in UCUM ``cm3`` (= mL), ratios in ``%`` of the lung field volume, mean attenuation in
 ``[hnsf'U]`` (concept Attenuation Coefficient with derivation Mean). A mean that is ``None``
@@ -27,6 +35,7 @@ import warnings
 from collections.abc import Sequence
 
 import highdicom as hd
+import numpy as np
 from pydicom.sr.codedict import codes as pydicom_codes
 from pydicom.sr.coding import Code
 
@@ -45,6 +54,7 @@ from lungburden.results.seg import (
     deterministic_uid,
     device_uid,
     drop_incomplete_references,
+    segment_masks,
 )
 from lungburden.segmentation.base import AlgorithmInfo
 
@@ -83,13 +93,68 @@ def _mean_hu(mean: float | None) -> list[hd.sr.Measurement]:
     ]
 
 
+#: Key of the burden (GGO + high opacity) in :func:`key_points`.
+BURDEN_KEY = "burden"
+
+
+def key_points(masks: dict[int, np.ndarray]) -> dict[int | str, tuple[int, int, int] | None]:
+    """A voxel ``(slice, row, column)`` on each finding, in the slice where its area is largest.
+
+    Keys: the segment numbers of ``masks`` (:func:`~lungburden.results.seg.segment_masks`) and
+    :data:`BURDEN_KEY`. The voxel is the one of the finding nearest to its in-plane centroid;
+    ``None`` for an empty finding.
+    """
+    findings: dict[int | str, np.ndarray] = dict(masks)
+    findings[BURDEN_KEY] = masks[SEGMENT_GGO] | masks[SEGMENT_HIGH_OPACITY]
+    points: dict[int | str, tuple[int, int, int] | None] = {}
+    for key, mask in findings.items():
+        areas = mask.sum(axis=(1, 2))
+        if not areas.any():
+            points[key] = None
+            continue
+        k = int(np.argmax(areas))
+        rows, cols = np.nonzero(mask[k])
+        nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+        points[key] = (k, int(rows[nearest]), int(cols[nearest]))
+    return points
+
+
+def _image_region(volume: CTVolume, point: tuple[int, int, int]) -> hd.sr.ImageRegion:
+    """SCOORD POINT at the centre of voxel ``point``, SELECTED FROM its source slice (PS3.3 C.18.6)."""
+    k, row, col = point
+    source = volume.datasets[k]
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POINT,
+        graphic_data=np.array([[col + 0.5, row + 0.5]]),
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(source.SOPClassUID),
+            referenced_sop_instance_uid=str(source.SOPInstanceUID),
+        ),
+    )
+
+
+def _fallback_point(volume: CTVolume) -> tuple[int, int, int]:
+    k, rows, cols = volume.shape
+    return k // 2, rows // 2, cols // 2
+
+
 def measurement_groups(
     segmentation: hd.seg.Segmentation,
     quantities: Quantities,
     algorithm: AlgorithmInfo,
     burden_tracking_uid: str,
-) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations | hd.sr.MeasurementsAndQualitativeEvaluations]:
-    """The Imaging Measurements groups of the report (TID 1411 per segment, TID 1501 burden)."""
+    volume: CTVolume | None = None,
+    points: dict[int | str, tuple[int, int, int] | None] | None = None,
+) -> list[
+    hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+]:
+    """The Imaging Measurements groups (TID 1411 per segment, TID 1501 burden, TID 1410 locations).
+
+    The TID 1410 location groups are added when ``volume`` and ``points`` (:func:`key_points`)
+    are given.
+    """
     algorithm_id = hd.sr.AlgorithmIdentification(
         name=algorithm.name, version=algorithm.version, family=algorithm_family(algorithm)
     )
@@ -112,7 +177,7 @@ def measurement_groups(
         )
 
     q = quantities
-    return [
+    groups: list = [
         group(
             SEGMENT_LUNG_FIELD,
             codes.LUNG,
@@ -144,6 +209,36 @@ def measurement_groups(
             measurements=[_volume(q.opacity_volume_ml), _ratio(q.burden_percent)],
         ),
     ]
+    if volume is None or points is None:
+        return groups
+    lung_point = points.get(SEGMENT_LUNG_FIELD) or _fallback_point(volume)
+    for key, numbers in zip(
+        (SEGMENT_LUNG_FIELD, SEGMENT_GGO, SEGMENT_HIGH_OPACITY, BURDEN_KEY), list(groups), strict=True
+    ):
+        tracking = hd.sr.TrackingIdentifier(uid=numbers.tracking_uid, identifier=_tracking_id(numbers))
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=_image_region(volume, points.get(key) or lung_point),
+                finding_type=numbers.finding_type,
+                finding_category=_finding_category(numbers),
+                algorithm_id=algorithm_id,
+                finding_sites=lung_site,
+            )
+        )
+    return groups
+
+
+def _tracking_id(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> str:
+    item = next(i for i in group[0].ContentSequence if i.ConceptNameCodeSequence[0].CodeValue == "112039")
+    return str(item.TextValue)
+
+
+def _finding_category(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> hd.sr.CodedConcept | None:
+    for item in group[0].ContentSequence:
+        if item.ConceptNameCodeSequence[0].CodeValue == "276214006":  # Finding category
+            return hd.sr.CodedConcept.from_dataset(item.ConceptCodeSequence[0])
+    return None
 
 
 def build_measurement_report(
@@ -163,12 +258,14 @@ def build_measurement_report(
     device_serial_number: str = "1",
     institution_name: str | None = None,
     is_final: bool = False,
+    labels: np.ndarray | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode ``quantities`` as a TID 1500 Measurement Report referencing ``segmentation``.
 
     Same patient and study as the source, new series. Evidence (Current Requested Procedure
     Evidence Sequence) lists the source CT instances and the SEG. The document is COMPLETE and
-    UNVERIFIED; PRELIMINARY unless ``is_final``.
+    UNVERIFIED; PRELIMINARY unless ``is_final``. ``labels`` (the label map the SEG encodes)
+    places the TID 1410 location points; without it the masks are read back from the SEG.
     """
     if str(segmentation.StudyInstanceUID) != volume.study_instance_uid:
         raise ValueError("the segmentation belongs to another study than the volume")
@@ -181,6 +278,10 @@ def build_measurement_report(
             model_name=f"{algorithm.name} {algorithm.version}",
         ),
     )
+    if labels is not None:
+        masks = segment_masks(labels)
+    else:
+        masks = _masks_from_segmentation(volume, segmentation)
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=codes.CT_OF_CHEST,
@@ -191,6 +292,8 @@ def build_measurement_report(
             burden_tracking_uid=deterministic_uid(
                 "tracking", volume.series_instance_uid, algorithm.name, algorithm.version, "burden"
             ),
+            volume=volume,
+            points=key_points(masks),
         ),
     )
     if software_versions is None:
@@ -217,3 +320,13 @@ def build_measurement_report(
         )
     drop_incomplete_references(sr)
     return sr
+
+
+def _masks_from_segmentation(volume: CTVolume, segmentation: hd.seg.Segmentation) -> dict[int, np.ndarray]:
+    """Segment masks on the volume grid, read from the SEG frames by source instance."""
+    pixels = segmentation.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in volume.datasets],
+        segment_numbers=[SEGMENT_LUNG_FIELD, SEGMENT_GGO, SEGMENT_HIGH_OPACITY],
+    )
+    return {number: pixels[..., index].astype(bool) for index, number in enumerate(
+        (SEGMENT_LUNG_FIELD, SEGMENT_GGO, SEGMENT_HIGH_OPACITY))}
