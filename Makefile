@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
-APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools
+APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools redis-server
 DEMO_DIR ?= demo-out
 # Real CT used by tests, evaluation and benchmarks (read in place, never copied).
 LUNGBURDEN_DATA ?= $(abspath $(CURDIR)/../shared/data)
