@@ -22,7 +22,7 @@ from pydicom.uid import generate_uid
 from lungburden import __version__
 from lungburden.dicom_io.content import check_lungs, describe_input
 from lungburden.dicom_io.volume import CTVolume, LoadLimits, load_files
-from lungburden.quality import QualityReport, add_to_sr, check_input, check_result, enforce
+from lungburden.quality import QualityRefused, QualityReport, add_to_sr, check_input, check_result, enforce
 from lungburden.quantify import Quantities, quantify
 from lungburden.segmentation.base import AlgorithmInfo, Segmenter
 from lungburden.segmentation.registry import get_segmenter
@@ -69,12 +69,13 @@ class EncodedResults:
 
 @dataclass(frozen=True, eq=False)
 class AnalysisOutputs:
-    """The encoded results of one series and where they were written."""
+    """The encoded results of one series and where they were written (``seg`` and ``seg_path``
+    None for a result refused by the quality checks and reported by an SR that says so)."""
 
-    seg: Dataset
+    seg: Dataset | None
     sr: Dataset
     result: dict
-    seg_path: Path
+    seg_path: Path | None
     sr_path: Path
     result_path: Path
     sc_paths: tuple[Path, ...] = ()
@@ -252,6 +253,43 @@ def write_outputs(
     return paths
 
 
+def write_refusal(volume: CTVolume, refusal: QualityRefused, algorithm: AlgorithmInfo, model: str,
+                  out_dir: Path, uid_seed: str | None = None) -> AnalysisOutputs:
+    """Write ``sr.dcm`` (a TID 1500 report without measurements whose Qualitative Evaluations give
+    the reasons, :func:`~lungburden.results.sr.build_refusal_report`) and ``result.json``
+    (``refused``: the reason; ``outputs``: ``["sr"]``) for a result the quality checks refused."""
+    from lungburden.results.seg import write_dataset
+    from lungburden.results.sr import build_refusal_report
+
+    uids = result_uids(uid_seed) if uid_seed else {}
+    sr = build_refusal_report(volume, algorithm, series_instance_uid=uids.get("sr_series"),
+                              sop_instance_uid=uids.get("sr_sop"))
+    add_to_sr(sr, refusal.report)
+    reason = f"no measurements: quality check: {'; '.join(refusal.report.reasons)}"
+    document = {
+        "study_instance_uid": volume.study_instance_uid,
+        "series_instance_uid": volume.series_instance_uid,
+        "model": model,
+        "model_version": algorithm.version,
+        "refused": reason,
+        "outputs": ["sr"],
+        "sr_sop_instance_uid": str(sr.SOPInstanceUID),
+        "sr_series_instance_uid": str(sr.SeriesInstanceUID),
+        "slices": volume.shape[0],
+        "quality": refusal.report.to_dict(),
+        "software_version": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sr_path, result_path = out_dir / "sr.dcm", out_dir / "result.json"
+    write_dataset(sr, sr_path)
+    tmp = result_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(result_path)
+    log.warning("series %s: %s -> SR %s", volume.series_instance_uid, reason, sr.SOPInstanceUID)
+    return AnalysisOutputs(None, sr, document, None, sr_path, result_path)
+
+
 def process_series(
     files: Sequence[Path],
     out_dir: Path,
@@ -262,6 +300,7 @@ def process_series(
     uid_seed: str | None = None,
     weights: str | Path | None = None,
     outputs: Sequence[str] = OUTPUTS,
+    on_quality_failure: str = "none",
 ) -> AnalysisOutputs:
     """Load the files of one series, analyse, encode and write the results to ``out_dir``.
 
@@ -272,23 +311,30 @@ def process_series(
     Raises :class:`~lungburden.dicom_io.volume.SeriesRejected` for input that cannot be
     analysed, including a series without the lungs (:func:`~lungburden.dicom_io.content.check_lungs`)
     and a result refused by the quality checks (:class:`~lungburden.quality.QualityRefused`,
-    before and after segmentation); nothing is written in that case.
+    before and after segmentation); nothing is written in that case, unless
+    ``on_quality_failure`` is ``"sr"``: then a refused result is written as an SR without
+    measurements that gives the reasons (:func:`write_refusal`) and returned.
     """
     notify = progress or (lambda step: None)
     timings: dict[str, float] = {}
     notify("load")
     start = time.perf_counter()
     volume = load_files(list(files), limits)
-    quality = check_input(volume)
-    enforce(volume, quality)
-    content = check_lungs(volume, limits.body_part_regex)
-    timings["load"] = time.perf_counter() - start
     if segmenter is None:
         segmenter = get_segmenter(model, weights=weights)
     model_name = model or getattr(segmenter, "name", None) or segmenter.info.name
-    notify("segment")
-    result = analyze_volume(volume, segmenter, model_name)
-    enforce(volume, check_result(volume, result.labels, result.quantities, quality, content.notes))
+    try:
+        quality = check_input(volume)
+        enforce(volume, quality)
+        content = check_lungs(volume, limits.body_part_regex)
+        timings["load"] = time.perf_counter() - start
+        notify("segment")
+        result = analyze_volume(volume, segmenter, model_name)
+        enforce(volume, check_result(volume, result.labels, result.quantities, quality, content.notes))
+    except QualityRefused as exc:
+        if on_quality_failure != "sr":
+            raise
+        return write_refusal(volume, exc, segmenter.info, model_name, Path(out_dir), uid_seed)
     notify("encode")
     start = time.perf_counter()
     encoded = encode_results(result, uid_seed, outputs)

@@ -207,7 +207,8 @@ def add_to_sr(sr, report: QualityReport) -> None:
     """Append the report to a TID 1500 SR as a Qualitative Evaluations container.
 
     CODE (130550, DCM, "Imaging Series Quality") = 111237 "Usable - meets the quality control
-    standard" or 111236 "Usable - does not meet the quality control standard" (recorded flags),
+    standard", 111236 "Usable - does not meet the quality control standard" (recorded flags) or
+    111235 "Unusable - Quality renders image unusable" (a refused result, CID 7011 / DCM),
     one CODE (111052, DCM, "Quality Finding") per flag with a DICOM concept, and one TEXT
     (121106, DCM, "Comment") per flag.
     """
@@ -217,8 +218,9 @@ def add_to_sr(sr, report: QualityReport) -> None:
     rel = hd.sr.RelationshipTypeValues.CONTAINS
     items: list = [hd.sr.CodeContentItem(
         name=Code("130550", "DCM", "Imaging Series Quality"),
-        value=Code("111236", "DCM", "Usable - does not meet the quality control standard") if report.flags
-        else Code("111237", "DCM", "Usable - meets the quality control standard"),
+        value=(Code("111235", "DCM", "Unusable - Quality renders image unusable") if report.refused
+               else Code("111236", "DCM", "Usable - does not meet the quality control standard") if report.flags
+               else Code("111237", "DCM", "Usable - meets the quality control standard")),
         relationship_type=rel,
     )]
     for flag in report.flags:

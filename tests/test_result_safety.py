@@ -127,6 +127,35 @@ def test_nonsense_series_are_refused_and_nothing_is_delivered(tmp_path, kind, re
     configure_audit(_config(tmp_path))
 
 
+def test_a_refused_result_can_be_reported_by_an_sr_without_measurements(tmp_path):
+    from lungburden.results.validate import run_dciodvfy
+
+    out = tmp_path / "out"
+    config = _config(tmp_path, destinations=[{"name": "folder", "type": "folder", "path": str(out)}],
+                     processing={"on_quality_failure": "sr"})
+    store = JobStore.for_storage(config.storage_dir)
+    phantom = write_phantom(tmp_path / "phantom", slices=24, size=128)
+    _receive(config, store, _variant(phantom, tmp_path / "slope0", "slope0"))
+    (job,) = SeriesAssembler(config, store).poll(now=time.time() + 5)
+    assert JobRunner(config, store).run_next()
+    assert ExportRunner(config, store).deliver_one()
+    job = store.job(job.id)
+    assert job.state == "done" and job.reason.startswith("no measurements: quality check:"), job.reason
+    assert "RescaleSlope is 0" in job.reason and job.result["refused"] == job.reason
+    (delivered,) = [p for p in out.rglob("*") if p.is_file() and p.suffix == ".dcm"]
+    assert delivered.name == "sr.dcm"
+    sr = pydicom.dcmread(delivered)
+    assert sr.StudyInstanceUID == pydicom.dcmread(phantom[0]).StudyInstanceUID
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
+    assert "126010" not in names  # no Imaging Measurements container
+    (qc,) = [item for item in sr.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    assert qc.ContentSequence[0].ConceptCodeSequence[0].CodeValue == "111235"  # Unusable
+    assert any("RescaleSlope is 0" in item.get("TextValue", "") for item in qc.ContentSequence)
+    report = run_dciodvfy(delivered)
+    assert report.ok, report.output
+
+
 # --- 2. the lost-worker log line agrees with the job state ---------------------------------------
 
 def test_job_failed_after_worker_deaths_is_not_logged_as_requeued(tmp_path, caplog):
@@ -355,7 +384,8 @@ def test_partial_series_then_rest_is_retracted_with_a_rejection_note(tmp_path):
             referenced = {sop.ReferencedSOPInstanceUID
                           for study in note.CurrentRequestedProcedureEvidenceSequence
                           for series in study.ReferencedSeriesSequence for sop in series.ReferencedSOPSequence}
-            assert referenced == {v1.result["seg_sop_instance_uid"], v1.result["sr_sop_instance_uid"]}
+            assert referenced == {v1.result["seg_sop_instance_uid"], v1.result["sr_sop_instance_uid"],
+                                  v1.result["pdf_sop_instance_uid"], *v1.result["sc_sop_instance_uids"]}
             current = {v2.result["seg_sop_instance_uid"], v2.result["sr_sop_instance_uid"]}
             held = {uid for uid, _ in by_class[SEG] + by_class[SR]}
             assert held - current <= referenced  # nothing normal-looking without a rejection note

@@ -366,6 +366,10 @@ class ProcessingConfig:
     #: Result objects produced and delivered: seg (DICOM SEG), sr (TID 1500 SR, needs seg),
     #: sc (Secondary Capture key images), pdf (Encapsulated PDF report; also report.pdf).
     outputs: list[str] = field(default_factory=lambda: ["seg", "sr", "sc", "pdf"])
+    #: When the quality checks refuse a result (docs/hardening.md): ``none`` delivers nothing (the
+    #: job fails with the reason), ``sr`` delivers a short SR without measurements that gives the
+    #: reason (the job is done, its reason says why there are no numbers).
+    on_quality_failure: Literal["none", "sr"] = "none"
 
     def check(self) -> list[Problem]:
         p: list[Problem] = []

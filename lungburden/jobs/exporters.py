@@ -317,7 +317,7 @@ class ExportRunner:
             return job, [], None
         from lungburden.results.kos import build_rejection_note, rejected_results
 
-        source = pydicom.dcmread(job.result_dir / "seg.dcm", stop_before_pixels=True)
+        source = pydicom.dcmread(result_files(job)[0], stop_before_pixels=True)  # patient and study
         rejected = [r for j in earlier for r in rejected_results(j.result or {})]
         versions = ", ".join(str(j.version) for j in earlier)
         note = build_rejection_note(

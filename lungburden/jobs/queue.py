@@ -515,15 +515,20 @@ class JobStore:
             db.execute("UPDATE jobs SET lease_until=? WHERE id=? AND state='running'",
                        (time.time() + lease_seconds, job_id))
 
-    def job_succeeded(self, job_id: int, result_dir: Path, result: dict, destinations: Sequence[str]) -> Job:
-        """Record the outputs and create one pending delivery per destination (state ``exporting``)."""
+    def job_succeeded(self, job_id: int, result_dir: Path, result: dict, destinations: Sequence[str],
+                      reason: str | None = None) -> Job:
+        """Record the outputs and create one pending delivery per destination (state ``exporting``).
+
+        ``reason``: why the outputs hold no measurements (a result refused by the quality checks
+        and reported by an SR that says so)."""
         now = time.time()
         with self.transaction() as db:
             state = "exporting" if destinations else "done"
             db.execute(
-                "UPDATE jobs SET state=?, reason=NULL, result_dir=?, result=?, owner=NULL, lease_until=NULL, "
+                "UPDATE jobs SET state=?, reason=?, result_dir=?, result=?, owner=NULL, lease_until=NULL, "
                 "finished_at=?, updated_at=? WHERE id=?",
-                (state, str(result_dir), json.dumps(result), now if state == "done" else None, now, job_id),
+                (state, reason[:2000] if reason else None, str(result_dir), json.dumps(result),
+                 now if state == "done" else None, now, job_id),
             )
             for name in destinations:
                 db.execute(
@@ -675,7 +680,8 @@ class JobStore:
                        "WHERE id=? AND state IN ('exporting','dead')",
                        (f"superseded by job {superseded_by} before delivery", now, now, job_id))
         elif states and states <= {"done", "superseded"}:
-            db.execute("UPDATE jobs SET state='done', reason=NULL, finished_at=?, updated_at=? "
+            db.execute("UPDATE jobs SET state='done', reason=CASE WHEN reason LIKE 'no measurements:%' "
+                       "THEN reason END, finished_at=?, updated_at=? "
                        "WHERE id=? AND state IN ('exporting','dead')", (now, now, job_id))
         elif "dead" in states and not states & {"pending", "sending"}:
             dead = [r["destination"] for r in

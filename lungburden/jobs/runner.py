@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 RESULT_KEYS = (
     "study_instance_uid", "series_instance_uid", "model", "model_version", "burden_percent", "quality",
     "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml", "seg_sop_instance_uid",
-    "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid", "slices",
+    "seg_series_instance_uid", "sr_sop_instance_uid", "sr_series_instance_uid", "sc_series_instance_uid",
+    "sc_sop_instance_uids", "pdf_series_instance_uid", "pdf_sop_instance_uid", "slices", "refused",
 )
 
 
@@ -103,7 +104,8 @@ class JobRunner:
 
             from lungburden.pipeline import process_series
 
-            self._process_fn = partial(process_series, outputs=self.config.processing.outputs)
+            self._process_fn = partial(process_series, outputs=self.config.processing.outputs,
+                                       on_quality_failure=self.config.processing.on_quality_failure)
         return self._process_fn
 
     def segmenter(self, model: str) -> Segmenter:
@@ -172,7 +174,10 @@ class JobRunner:
         summary = {k: result[k] for k in RESULT_KEYS if k in result}
         if isinstance(summary.get("quality"), dict):  # the flags; thresholds stay in result.json
             summary["quality"] = {k: summary["quality"].get(k) for k in ("passed", "flags")}
-        self.store.job_succeeded(job.id, out_dir, summary, self.destinations)
+        refused = result.get("refused")
+        if refused:
+            log.warning("job %d: %s; delivering an SR that says so", job.id, refused)
+        self.store.job_succeeded(job.id, out_dir, summary, self.destinations, reason=refused)
         quality = result.get("quality") or {}
         self._audit(job, "analysed", None, seg_sop_instance_uid=summary.get("seg_sop_instance_uid"),
                     sr_sop_instance_uid=summary.get("sr_sop_instance_uid"),

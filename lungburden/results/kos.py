@@ -3,7 +3,8 @@
 When a later, more complete version of a source series supersedes results already delivered,
 the node sends a Key Object Selection Document (PS3.3 A.35.4, SOP Class 1.2.840.10008.5.1.4.1.1.88.59)
 with Document Title (113001, DCM, "Rejected for Quality Reasons") whose Current Requested
-Procedure Evidence Sequence and content tree reference the superseded SEG and SR (IHE RAD TF
+Procedure Evidence Sequence and content tree reference the superseded SEG, SR, Secondary Captures
+and PDF (IHE RAD TF
 IOCM, "Rejection Note"). It belongs to the same study (patient and study attributes copied from
 the new results), in its own series. Its UIDs are derived from the rejected SOP Instance UIDs,
 so re-sending the note stores the same instance again.
@@ -22,6 +23,8 @@ from pydicom.uid import generate_uid
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR_STORAGE = "1.2.840.10008.5.1.4.1.1.88.34"
 KEY_OBJECT_SELECTION_STORAGE = "1.2.840.10008.5.1.4.1.1.88.59"
+SECONDARY_CAPTURE_STORAGE = "1.2.840.10008.5.1.4.1.1.7"
+ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
 #: The IOCM rejection note title (CID 7010 Key Object Selection Document Titles).
 REJECTED_FOR_QUALITY_REASONS = Code("113001", "DCM", "Rejected for Quality Reasons")
 
@@ -41,14 +44,17 @@ class RejectedInstance:
 
 
 def rejected_results(result: dict) -> list[RejectedInstance]:
-    """The SEG and SR named by a job's result summary (``seg_*`` / ``sr_*`` UIDs of result.json)."""
+    """The results named by a job's result summary (the UIDs of result.json): SEG, SR, the
+    Secondary Captures and the Encapsulated PDF, each when the summary names it."""
     study = result["study_instance_uid"]
-    return [
-        RejectedInstance(SEGMENTATION_STORAGE, result["seg_sop_instance_uid"], result["seg_series_instance_uid"],
-                         study),
-        RejectedInstance(COMPREHENSIVE_3D_SR_STORAGE, result["sr_sop_instance_uid"], result["sr_series_instance_uid"],
-                         study),
-    ]
+    rejected = [RejectedInstance(sop_class, result[f"{key}_sop_instance_uid"], result[f"{key}_series_instance_uid"],
+                                 study)
+                for key, sop_class in (("seg", SEGMENTATION_STORAGE), ("sr", COMPREHENSIVE_3D_SR_STORAGE),
+                                       ("pdf", ENCAPSULATED_PDF_STORAGE))
+                if result.get(f"{key}_sop_instance_uid")]
+    rejected += [RejectedInstance(SECONDARY_CAPTURE_STORAGE, uid, result["sc_series_instance_uid"], study)
+                 for uid in result.get("sc_sop_instance_uids") or []]
+    return rejected
 
 
 def rejection_note_uids(rejected: Sequence[RejectedInstance]) -> tuple[str, str]:

@@ -43,6 +43,7 @@ import lungburden
 from lungburden.dicom_io.volume import CTVolume
 from lungburden.quantify import Quantities
 from lungburden.results import codes
+from lungburden.results.sr_zones import zone_group
 from lungburden.results.seg import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
@@ -209,8 +210,12 @@ def measurement_groups(
             measurements=[_volume(q.opacity_volume_ml), _ratio(q.burden_percent)],
         ),
     ]
+    # Groups without a segment of their own (lung zones): numbers here, locations at the end.
+    extra: list = []
+    if q.zones is not None:
+        extra.append(zone_group(q.zones, algorithm_id, deterministic_uid("tracking", burden_tracking_uid, "zones")))
     if volume is None or points is None:
-        return groups
+        return groups + extra
     lung_point = points.get(SEGMENT_LUNG_FIELD) or _fallback_point(volume)
     for key, numbers in zip(
         (SEGMENT_LUNG_FIELD, SEGMENT_GGO, SEGMENT_HIGH_OPACITY, BURDEN_KEY), list(groups), strict=True
@@ -220,6 +225,18 @@ def measurement_groups(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
                 referenced_region=_image_region(volume, points.get(key) or lung_point),
+                finding_type=numbers.finding_type,
+                finding_category=_finding_category(numbers),
+                algorithm_id=algorithm_id,
+                finding_sites=lung_site,
+            )
+        )
+    groups.extend(extra)
+    for numbers in extra:  # located at the burden's key point, like the burden group
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(uid=numbers.tracking_uid, identifier=_tracking_id(numbers)),
+                referenced_region=_image_region(volume, points.get(BURDEN_KEY) or lung_point),
                 finding_type=numbers.finding_type,
                 finding_category=_finding_category(numbers),
                 algorithm_id=algorithm_id,
@@ -269,21 +286,12 @@ def build_measurement_report(
     """
     if str(segmentation.StudyInstanceUID) != volume.study_instance_uid:
         raise ValueError("the segmentation belongs to another study than the volume")
-    observer = hd.sr.ObserverContext(
-        observer_type=pydicom_codes.DCM.Device,
-        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=device_uid(algorithm),
-            name=algorithm.name,
-            manufacturer_name=manufacturer,
-            model_name=f"{algorithm.name} {algorithm.version}",
-        ),
-    )
     if labels is not None:
         masks = segment_masks(labels)
     else:
         masks = _masks_from_segmentation(volume, segmentation)
     report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        observation_context=_observation_context(algorithm, manufacturer),
         procedure_reported=codes.CT_OF_CHEST,
         imaging_measurements=measurement_groups(
             segmentation,
@@ -296,12 +304,41 @@ def build_measurement_report(
             points=key_points(masks),
         ),
     )
+    return _document(report, [*volume.datasets, segmentation], algorithm, series_number=series_number,
+                     instance_number=instance_number, series_instance_uid=series_instance_uid,
+                     sop_instance_uid=sop_instance_uid, series_description=series_description,
+                     manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
+                     software_versions=software_versions, device_serial_number=device_serial_number,
+                     institution_name=institution_name, is_final=is_final)
+
+
+def _observation_context(algorithm: AlgorithmInfo, manufacturer: str) -> hd.sr.ObservationContext:
+    """TID 1002/1004: the algorithm as the device observer."""
+    observer = hd.sr.ObserverContext(
+        observer_type=pydicom_codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(algorithm),
+            name=algorithm.name,
+            manufacturer_name=manufacturer,
+            model_name=f"{algorithm.name} {algorithm.version}",
+        ),
+    )
+    return hd.sr.ObservationContext(observer_device_context=observer)
+
+
+def _document(report: hd.sr.MeasurementReport, evidence: Sequence, algorithm: AlgorithmInfo, *,
+              series_number: int, instance_number: int, series_instance_uid: str | None,
+              sop_instance_uid: str | None, series_description: str, manufacturer: str,
+              manufacturer_model_name: str, software_versions: str | Sequence[str] | None,
+              device_serial_number: str, institution_name: str | None, is_final: bool) -> hd.sr.Comprehensive3DSR:
+    """``report`` in a Comprehensive 3D SR of the evidence's patient and study, new series;
+    COMPLETE and UNVERIFIED, PRELIMINARY unless ``is_final``."""
     if software_versions is None:
         software_versions = (lungburden.__version__, algorithm.version)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name.*")
         sr = hd.sr.Comprehensive3DSR(
-            evidence=[*volume.datasets, segmentation],
+            evidence=list(evidence),
             content=report,
             series_instance_uid=series_instance_uid or hd.UID(),
             series_number=series_number,
@@ -320,6 +357,41 @@ def build_measurement_report(
         )
     drop_incomplete_references(sr)
     return sr
+
+
+def build_refusal_report(
+    volume: CTVolume,
+    algorithm: AlgorithmInfo,
+    *,
+    series_number: int = 9002,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
+    series_description: str = "Pneumonia burden not reported (lungburden)",
+    manufacturer: str = MANUFACTURER,
+    manufacturer_model_name: str = MANUFACTURER_MODEL_NAME,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 Measurement Report without measurements, for a series whose result the quality
+    checks refused: procedure, observer and evidence (the source CT) as in
+    :func:`build_measurement_report`; the reasons follow as Qualitative Evaluations
+    (:func:`lungburden.quality.add_to_sr`). Tells the reporting system that the series was
+    received and why it has no numbers."""
+    # TID 1500 needs Imaging Measurements, Derived Imaging Measurements or Qualitative Evaluations
+    # (the reasons, added after this); highdicom builds the first only: a placeholder group is
+    # built and its container removed.
+    placeholder = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(identifier="no measurements"))
+    report = hd.sr.MeasurementReport(observation_context=_observation_context(algorithm, manufacturer),
+                                     procedure_reported=codes.CT_OF_CHEST, imaging_measurements=[placeholder])
+    root = report[0]
+    root.ContentSequence = hd.sr.ContentSequence(
+        [item for item in root.ContentSequence
+         if item.ConceptNameCodeSequence[0].CodeValue != pydicom_codes.DCM.ImagingMeasurements.value],
+        is_root=False)
+    return _document(report, volume.datasets, algorithm, series_number=series_number, instance_number=1,
+                     series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+                     series_description=series_description, manufacturer=manufacturer,
+                     manufacturer_model_name=manufacturer_model_name, software_versions=None,
+                     device_serial_number="1", institution_name=None, is_final=False)
 
 
 def _masks_from_segmentation(volume: CTVolume, segmentation: hd.seg.Segmentation) -> dict[int, np.ndarray]:
