@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "lungburden.training.commands",
     "lungburden.dicom_node.commands",
     "lungburden.orthanc_plugin.commands",
+    "lungburden.archive.commands",
 )
 
 
