@@ -275,3 +275,31 @@ def test_scan_above_the_apices_shows_shoulder_girdle_and_neck():
     # midline (the body ellipse alone gives ~16 mm there).
     assert min(front(0, c) - front(0, 128) for c in (74, 182)) > 13
     assert "neck=55.0" in small(seed=4, neck_mm=55.0).key() and "neck" not in small(seed=4).key()
+
+
+def test_zone_involvement_agrees_with_truth_within_two_points(sick, tmp_path):
+    """Zones from the written series (DICOM geometry, automatic left/right split) against the
+    phantom's own lungs cut in thirds of their height in mm, and against the same anatomy on
+    2.5 mm slices: every zone within 2 points."""
+    out = write_phantom_series(sick, tmp_path / "series", sick.spec)
+    vol = load_files(sorted(out.glob("CT*.dcm")))
+    labels = np.asarray(nib.load(out / "labels.nii.gz").dataobj)
+    measured = quantify(labels, vol.hu, vol.affine).zones
+    truth = json.loads((out / "truth.json").read_text())["zones"]
+    assert truth["total_score"] == measured.total_score and len(truth["zones"]) == 6
+    dz = sick.spec.slice_spacing_mm
+    z = sick.affine[2, 0] * np.arange(sick.labels.shape[0]) + sick.affine[2, 3]  # slice centres (mm)
+    for lung, mask in (("right", (sick.labels > 0) & ~sick.left_lung), ("left", sick.left_lung)):
+        present = mask.any(axis=(1, 2))
+        top, bottom = z[present].max() + dz / 2, z[present].min() - dz / 2
+        cuts = (top - (top - bottom) / 3, top - 2 * (top - bottom) / 3)
+        for name, inside in (("upper", z > cuts[0]), ("middle", (z <= cuts[0]) & (z > cuts[1])),
+                             ("lower", z <= cuts[1])):
+            zone_lung = mask & inside[:, None, None]
+            expected = 100.0 * np.count_nonzero(zone_lung & (sick.labels >= L.GGO)) / np.count_nonzero(zone_lung)
+            assert measured.zone(lung, name).involvement_percent == pytest.approx(expected, abs=2.0)
+    thin_spec = small(seed=11, burden_percent=30.0, contrast=True, slices=48, slice_spacing_mm=2.5)
+    thin = phantom_quantities(generate_phantom(thin_spec)).zones
+    for a, b in zip(measured.zones, thin.zones, strict=True):
+        assert (a.lung, a.zone) == (b.lung, b.zone)
+        assert a.involvement_percent == pytest.approx(b.involvement_percent, abs=2.0)

@@ -75,3 +75,47 @@ def test_lungs_joined_by_airway_are_split_at_the_plane():
     q = quantify(labels, np.zeros(labels.shape, np.float32), _axial_affine())
     # The plane lies between the lungs, so each lung keeps its own voxels (+ part of the bridge).
     assert 3.0 < q.left_lung_volume_ml < 3.2 and 4.0 < q.right_lung_volume_ml < 4.2
+
+
+# --------------------------------------------------------------------------- lung zones
+
+
+def test_zone_score_bands():
+    from lungburden.quantify import zone_score
+
+    assert [zone_score(p) for p in (0.0, 0.1, 4.99, 5.0, 25.0, 25.5, 50.0, 50.5, 75.0, 75.1, 100.0)] == [
+        0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5]
+    assert zone_score(3.0, opacity_voxels=0) == 0
+
+
+def test_zones_are_equal_height_thirds_of_each_lung():
+    """Each lung's extent along z is cut into thirds; lungs of different heights get their own cuts."""
+    labels = np.zeros((30, 40, 60), np.uint8)
+    labels[:, 10:30, 5:25] = L.LUNG  # right lung: 30 slices -> zones of 10 slices
+    labels[6:30, 10:30, 35:50] = L.LUNG  # left lung: slices 6-29 -> zones of 8 slices
+    labels[0:10, 10:20, 5:25] = L.GGO  # right upper zone: half of it
+    labels[22:30, 10:30, 35:50] = L.HIGH_OPACITY  # left lower zone: all of it
+    labels[13, 10, 35] = L.GGO  # one voxel on the last slice of the left upper zone (slices 6-13)
+    affine = _axial_affine(2.0)
+    affine[2, 0], affine[2, 3] = -2.0, 100.0  # first slice most superior, as CTVolume
+    q = quantify(labels, np.zeros(labels.shape, np.float32), affine)
+    zones = {(z.lung, z.zone): z for z in q.zones.zones}
+    assert [z.lung_volume_ml for z in q.zones.zones] == pytest.approx(
+        [8.0, 8.0, 8.0, 4.8, 4.8, 4.8])  # voxel 0.002 mL: 10 x 20 x 20 and 8 x 20 x 15 voxels
+    assert zones["right", "upper"].involvement_percent == 50.0 and zones["right", "upper"].score == 3
+    assert zones["right", "middle"].score == 0 and zones["right", "lower"].score == 0
+    assert zones["left", "upper"].involvement_percent == pytest.approx(100 / 2400, abs=1e-3)
+    assert zones["left", "upper"].score == 1
+    assert zones["left", "lower"].involvement_percent == 100.0 and zones["left", "lower"].score == 5
+    assert q.zones.total_score == 3 + 1 + 5
+    # The same anatomy on a reversed slice order (first slice most inferior) gives the same zones.
+    flipped = affine.copy()
+    flipped[2, 0], flipped[2, 3] = 2.0, 100.0 - 2.0 * 29
+    q2 = quantify(labels[::-1].copy(), np.zeros(labels.shape, np.float32), flipped)
+    assert q2.zones == q.zones
+
+
+def test_empty_lung_has_empty_zones():
+    q = quantify(np.zeros((3, 4, 4), np.uint8), np.zeros((3, 4, 4), np.float32), np.eye(4))
+    assert q.zones.total_score == 0 and len(q.zones.zones) == 6
+    assert all(z.lung_volume_ml == 0.0 and z.score == 0 for z in q.zones.zones)

@@ -39,6 +39,7 @@ from lungburden.results.validate import (
     read_seg_with_dcmqi,
     read_sr_with_dcmqi,
     run_dciodvfy,
+    zone_values,
 )
 from lungburden.segmentation.base import AlgorithmInfo
 
@@ -53,7 +54,7 @@ KNOWN_WARNINGS = [
 ]
 
 #: Quantities fields the SR carries (the aerated-parenchyma mean HU has no segment; see sr.py).
-SR_FIELDS = [f for f in Quantities.__dataclass_fields__ if f != "lung_mean_hu"]
+SR_FIELDS = [f for f in Quantities.__dataclass_fields__ if f not in ("lung_mean_hu", "zones")]
 
 
 def _require_tool(name: str) -> None:
@@ -237,7 +238,7 @@ def test_synthetic_sr_content(synthetic):
     report = hd.sr.MeasurementReport.from_sequence([sr])
     groups = report.get_volumetric_roi_measurement_groups()
     assert len(groups) == 3
-    assert len(report.get_image_measurement_groups()) == 1  # the burden group (TID 1501)
+    assert len(report.get_image_measurement_groups()) == 2  # burden and lung zones (TID 1501)
     tracking = {str(s.TrackingUID): int(s.SegmentNumber) for s in seg.SegmentSequence}
     for group in groups:
         assert group.referenced_segment.referenced_sop_instance_uid == seg.SOPInstanceUID
@@ -303,7 +304,7 @@ def test_synthetic_tools_roundtrip(synthetic, tmp_path):
             assert np.array_equal(masks[number], mask), number
     values = read_sr_with_dcmqi(sr_path, tmp_path / "sr")
     q = synthetic.quantities.to_dict()
-    assert values == pytest.approx({k: q[k] for k in SR_FIELDS})
+    assert values == pytest.approx({**{k: q[k] for k in SR_FIELDS}, **zone_values(synthetic.quantities.zones)})
 
 
 # --------------------------------------------------------------------------- real study
@@ -398,8 +399,9 @@ def test_real_dcmqi_sr_numbers_equal_quantify(real):
     _require_tool("tid1500reader")
     values = read_sr_with_dcmqi(real.sr_path, real.out / "dcmqi-sr")
     q = real.quantities.to_dict()
-    assert set(values) == set(SR_FIELDS)
-    assert values == pytest.approx({k: q[k] for k in SR_FIELDS}, rel=1e-12)
+    expected = {**{k: q[k] for k in SR_FIELDS}, **zone_values(real.quantities.zones)}
+    assert set(values) == set(expected)
+    assert values == pytest.approx(expected, rel=1e-12)
 
 
 def test_real_build_time(real):

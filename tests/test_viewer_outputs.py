@@ -28,7 +28,7 @@ from lungburden.quantify import quantify
 from lungburden.results import codes
 from lungburden.results.pdf import pdf_bytes_of
 from lungburden.results.seg import write_dataset
-from lungburden.results.validate import read_sr_with_dcmqi, run_dciodvfy
+from lungburden.results.validate import read_sr_with_dcmqi, run_dciodvfy, zone_values
 
 
 def _conformant(path) -> None:
@@ -67,7 +67,7 @@ def test_sr_groups_have_image_coordinates(analysis, encoded):
     located = {
         tracking_uid(g): g for g in groups if any(i.ValueType == "SCOORD" for i in g.ContentSequence)
     }
-    assert len(with_numbers) == 4 and len(located) == 4
+    assert len(with_numbers) == 5 and len(located) == 5  # lung, GGO, high opacity, burden, lung zones
     source_uids = [ds.SOPInstanceUID for ds in analysis.volume.datasets]
     for group in with_numbers:
         location = located[tracking_uid(group)]  # same Tracking UID: viewers merge the two
@@ -88,7 +88,7 @@ def test_sr_groups_have_image_coordinates(analysis, encoded):
         assert wanted[k, row, col], code  # the point lies on the finding
         assert wanted[k].sum() == wanted.sum(axis=(1, 2)).max()  # in its largest slice
     report = hd.sr.MeasurementReport.from_sequence([sr])
-    assert len(report.get_planar_roi_measurement_groups()) == 4
+    assert len(report.get_planar_roi_measurement_groups()) == 5
     assert len(report.get_volumetric_roi_measurement_groups()) == 3
 
 
@@ -100,7 +100,7 @@ def test_sr_valid_and_dcmqi_numbers(analysis, encoded, tmp_path):
     _conformant(path)
     values = read_sr_with_dcmqi(path, tmp_path / "dcmqi")
     q = analysis.quantities.to_dict()
-    assert values == pytest.approx({k: q[k] for k in SR_FIELDS})
+    assert values == pytest.approx({**{k: q[k] for k in SR_FIELDS}, **zone_values(analysis.quantities.zones)})
 
 
 @pytest.mark.integration

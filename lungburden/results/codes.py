@@ -57,3 +57,21 @@ MEAN = codes.SCT.Mean
 CUBIC_CENTIMETER = codes.UCUM.CubicCentimeter
 PERCENT = codes.UCUM.Percent  # "%"
 HOUNSFIELD_UNIT = codes.UCUM.HounsfieldUnit  # "[hnsf'U]"
+
+# --- Lung zones (CID 6171 Zone of Lung) and the severity score ---------------------------------------
+#: SCT 281392002 / 281393007 / 281394001 "Upper / Middle / Lower zone of lung" (CID 6171), with
+#: Laterality (CID 244) as the finding site of each zone's numbers (zones, not lobes).
+UPPER_ZONE_OF_LUNG = codes.SCT.UpperZoneOfLung
+MIDDLE_ZONE_OF_LUNG = codes.SCT.MiddleZoneOfLung
+LOWER_ZONE_OF_LUNG = codes.SCT.LowerZoneOfLung
+LUNG_ZONES = {"upper": UPPER_ZONE_OF_LUNG, "middle": MIDDLE_ZONE_OF_LUNG, "lower": LOWER_ZONE_OF_LUNG}
+#: SCT 246262008 "Score" with UCUM "1" (no units): the 0-5 score of a zone, the 0-30 total.
+SCORE = codes.SCT.Score
+NO_UNITS = codes.UCUM.NoUnits
+
+# --- Comparison with a prior study ---------------------------------------------------------------------
+#: DCM 121018 "Procedure Study Instance UID" (TID 1005): the prior study a group's numbers belong to.
+PROCEDURE_STUDY_INSTANCE_UID = codes.DCM.ProcedureStudyInstanceUID
+#: SCT 385673002 "Interval" in UCUM "d": days from the prior study to the current one.
+INTERVAL = codes.SCT.Interval
+DAY = codes.UCUM.Day

@@ -22,6 +22,7 @@ from lungburden.dicom_io.volume import CTVolume
 from lungburden.quantify import Quantities
 from lungburden.results.sc import DISCLAIMER, key_slices, overlay
 from lungburden.results.seg import MANUFACTURER, MANUFACTURER_MODEL_NAME, algorithm_equipment
+from lungburden.results.trend_plot import render_trend
 from lungburden.segmentation.base import AlgorithmInfo
 
 ENCAPSULATED_PDF_STORAGE = "1.2.840.10008.5.1.4.1.1.104.1"
@@ -63,8 +64,13 @@ def render_pdf(
     *,
     created: datetime | None = None,
     image_count: int = 3,
+    trend: Sequence[tuple[int, float]] | None = None,
 ) -> bytes:
-    """The one-page A4 report as PDF bytes (deterministic for the same inputs and ``created``)."""
+    """The one-page A4 report as PDF bytes (deterministic for the same inputs and ``created``).
+
+    Below the table of values: the involvement per lung zone and, with ``trend`` ((days, burden %)
+    oldest first, the current study last), a small plot of the burden over time.
+    """
     q = quantities
     created = created or datetime.now()
     pdf = FPDF(format="A4", unit="mm")
@@ -104,7 +110,9 @@ def render_pdf(
             row = table.row()
             for value in values:
                 row.cell(value)
-    pdf.ln(4)
+    pdf.ln(3)
+    _zones_and_trend(pdf, q, trend)
+    pdf.ln(3)
     slices = _opacity_slices(labels, image_count) or [volume.shape[0] // 2]
     width = (pdf.epw - 4 * (len(slices) - 1)) / len(slices)
     y = pdf.get_y()
@@ -135,6 +143,40 @@ def render_pdf(
     pdf.set_font("helvetica", "", 9)
     pdf.multi_cell(0, 4.5, LIMITS, new_x="LMARGIN", new_y="NEXT")
     return bytes(pdf.output())
+
+
+def _zones_and_trend(pdf: FPDF, q: Quantities, trend: Sequence[tuple[int, float]] | None) -> None:
+    """The lung-zone table (left) and the burden trend plot (right) in one band of the page."""
+    if q.zones is None and not trend:
+        return
+    top = pdf.get_y()
+    bottom = top
+    if q.zones is not None:
+        pdf.set_font("helvetica", "B", 9)
+        pdf.cell(100, 5, "Involvement by lung zone (% of the zone; score 0-5)", new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font("helvetica", "", 9)
+        with pdf.table(width=100, col_widths=(30, 35, 35), text_align=("LEFT", "RIGHT", "RIGHT"),
+                       line_height=4.5, align="LEFT") as table:
+            for values in [("Zone", "Right lung", "Left lung")] + [
+                (name, *(f"{z.involvement_percent:.1f} % ({z.score})"
+                         for z in (q.zones.zone("right", name), q.zones.zone("left", name))))
+                for name in ("upper", "middle", "lower")
+            ]:
+                row = table.row()
+                for value in values:
+                    row.cell(value)
+        pdf.set_font("helvetica", "", 8)
+        pdf.multi_cell(100, 4, f"Total zone score {q.zones.total_score}/30. Zones: equal-height thirds of each "
+                       "lung along the patient axis, not anatomical lobes.", new_x="LMARGIN", new_y="NEXT")
+        bottom = pdf.get_y()
+    if trend:
+        x = pdf.l_margin + 106
+        pdf.set_xy(x, top)
+        pdf.set_font("helvetica", "B", 9)
+        pdf.cell(pdf.epw - 106, 5, "Burden over time (% of the lung)")
+        pdf.image(_png(render_trend(trend, width=480, height=180)), x=x, y=top + 6, w=pdf.epw - 106)
+        bottom = max(bottom, top + 6 + (pdf.epw - 106) * 180 / 480)
+    pdf.set_xy(pdf.l_margin, bottom)
 
 
 def build_encapsulated_pdf(

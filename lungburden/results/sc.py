@@ -33,6 +33,7 @@ from lungburden.results.seg import (
     algorithm_equipment,
     drop_incomplete_references,
 )
+from lungburden.results.trend_plot import render_trend, zone_lines
 from lungburden.segmentation.base import AlgorithmInfo
 
 #: Lung window (width, level) in HU.
@@ -161,10 +162,17 @@ def render_coronal(volume: CTVolume, labels: np.ndarray, quantities: Quantities)
     return _with_band(resized, _legend_lines(quantities), "Coronal")
 
 
-def render_summary(quantities: Quantities, algorithm: AlgorithmInfo, size: int = 512) -> np.ndarray:
-    """A text image with the numbers, the model and the disclaimer (no patient data)."""
+def render_summary(
+    quantities: Quantities,
+    algorithm: AlgorithmInfo,
+    size: int = 512,
+    trend: Sequence[tuple[int, float]] | None = None,
+) -> np.ndarray:
+    """A text image with the numbers, the lung zones, the model and the disclaimer (no patient
+    data); with ``trend`` ((days, burden %) oldest first, the current study last) a burden trend
+    plot below. ``size`` columns; taller than ``size`` when zones or a trend are shown."""
     q = quantities
-    canvas = Image.new("RGB", (size, size), (0, 0, 0))
+    canvas = Image.new("RGB", (size, 2 * size), (0, 0, 0))
     draw = ImageDraw.Draw(canvas)
     big, small = _font(size // 20), _font(size // 32)
 
@@ -191,6 +199,12 @@ def render_summary(quantities: Quantities, algorithm: AlgorithmInfo, size: int =
         colour = {"GGO": GGO_RGB, "High opacity": HIGH_OPACITY_RGB}.get(name, (255, 255, 255))
         for x, text in zip(columns, (name, *values), strict=True):
             draw.text((x, y), text, fill=colour, font=small)
+    if q.zones is not None:
+        y += size // 14
+        draw.text((size // 24, y), "Involvement by lung zone (score 0-5)", fill=(170, 170, 170), font=small)
+        for line in zone_lines(q.zones):
+            y += size // 22
+            draw.text((size // 24, y), line, fill=(255, 255, 255), font=small)
     y += size // 10
     for line in (
         f"Model: {algorithm.name} {algorithm.version}",
@@ -201,7 +215,15 @@ def render_summary(quantities: Quantities, algorithm: AlgorithmInfo, size: int =
     ):
         draw.text((size // 24, y), line, fill=(255, 255, 255), font=small)
         y += size // 22
-    return np.asarray(canvas)
+    if trend:
+        y += size // 48
+        draw.text((size // 24, y), "Burden over time (% of the lung)", fill=(170, 170, 170), font=small)
+        y += size // 22
+        plot = render_trend(trend, width=size - size // 12, height=size // 3)
+        canvas.paste(Image.fromarray(plot), (size // 24, y))
+        y += plot.shape[0]
+    height = max(size, y + size // 48)
+    return np.asarray(canvas)[: height + (height % 2)]
 
 
 def _orientation_letter(vector: np.ndarray) -> str:
@@ -227,8 +249,10 @@ def build_secondary_captures(
     slice_count: int = 8,
     manufacturer: str = MANUFACTURER,
     institution_name: str | None = None,
+    trend: Sequence[tuple[int, float]] | None = None,
 ) -> list[Dataset]:
-    """The SC series: key axial slices (:func:`key_slices`), a coronal view and a summary.
+    """The SC series: key axial slices (:func:`key_slices`), a coronal view and a summary
+    (with the burden ``trend`` of :func:`render_summary` when there are priors).
 
     ``sop_instance_uids`` (one per image, at least ``slice_count + 2``) makes the instances
     deterministic; the series UID likewise through ``series_instance_uid``.
@@ -242,7 +266,7 @@ def build_secondary_captures(
         images.append((render_axial(volume, labels, k, quantities), axial, volume.datasets[k], f"Axial {k + 1}"))
     coronal = (_orientation_letter(volume.affine[:3, 2]), _orientation_letter(volume.affine[:3, 0]))
     images.append((render_coronal(volume, labels, quantities), coronal, None, "Coronal"))
-    images.append((render_summary(quantities, algorithm), axial, None, "Summary"))
+    images.append((render_summary(quantities, algorithm, trend=trend), axial, None, "Summary"))
     if sop_instance_uids is not None and len(sop_instance_uids) < len(images):
         raise ValueError(f"{len(images)} SOP Instance UIDs needed, {len(sop_instance_uids)} given")
     patient_study = {arg: source.get(keyword) or None for arg, keyword in _PATIENT_STUDY.items()}

@@ -43,7 +43,6 @@ import lungburden
 from lungburden.dicom_io.volume import CTVolume
 from lungburden.quantify import Quantities
 from lungburden.results import codes
-from lungburden.results.sr_zones import zone_group
 from lungburden.results.seg import (
     MANUFACTURER,
     MANUFACTURER_MODEL_NAME,
@@ -57,6 +56,7 @@ from lungburden.results.seg import (
     drop_incomplete_references,
     segment_masks,
 )
+from lungburden.results.sr_zones import zone_group
 from lungburden.segmentation.base import AlgorithmInfo
 
 #: Tracking identifier (TID 4108) of the burden group, which has no segment of its own.
@@ -235,7 +235,9 @@ def measurement_groups(
     for numbers in extra:  # located at the burden's key point, like the burden group
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(uid=numbers.tracking_uid, identifier=_tracking_id(numbers)),
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=numbers.tracking_uid, identifier=_tracking_id(numbers)
+                ),
                 referenced_region=_image_region(volume, points.get(BURDEN_KEY) or lung_point),
                 finding_type=numbers.finding_type,
                 finding_category=_finding_category(numbers),

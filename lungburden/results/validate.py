@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lungburden.results.sr_zones import ZONES_TRACKING_ID
+
 #: Finding codes (CodeValue) of the SR groups -> the Quantities field prefix they carry.
 _FINDING_GROUPS = {
     "39607008": "lung",  # Lung (lung field group)
@@ -182,6 +184,9 @@ def read_sr_with_dcmqi(path: str | Path, workdir: str | Path) -> dict[str, float
     metadata = run_tid1500reader(path, workdir)
     values: dict[str, float] = {}
     for group in metadata.get("Measurements", []):
+        if group.get("TrackingIdentifier") == ZONES_TRACKING_ID:
+            values.update(_zone_values(group))
+            continue
         prefix = _FINDING_GROUPS.get(group.get("Finding", {}).get("CodeValue", ""))
         if prefix is None:
             continue
@@ -200,3 +205,29 @@ def read_sr_with_dcmqi(path: str | Path, workdir: str | Path) -> dict[str, float
         if prefix == "lung" and len(volumes) == 3:
             values["left_lung_volume_ml"], values["right_lung_volume_ml"] = volumes[1], volumes[2]
     return values
+
+
+#: Zone keys of :func:`read_sr_with_dcmqi`, in the order of the SR group (right lung first).
+ZONE_KEYS: tuple[str, ...] = tuple(f"zone_{lung}_{zone}" for lung in ("right", "left")
+                                   for zone in ("upper", "middle", "lower"))
+
+
+def _zone_values(group: dict) -> dict[str, float]:
+    """``zone_<lung>_<zone>_percent`` / ``_score`` and ``zones_total_score`` of the "Lung zones"
+    group, by the order of its measurements (dcmqi does not report per-measurement sites)."""
+    ratios = [float(i["value"]) for i in group.get("measurementItems", []) if i["quantity"]["CodeValue"] == "113288"]
+    scores = [float(i["value"]) for i in group.get("measurementItems", []) if i["quantity"]["CodeValue"] == "246262008"]
+    out = {f"{key}_percent": value for key, value in zip(ZONE_KEYS, ratios, strict=False)}
+    out.update({f"{key}_score": value for key, value in zip(ZONE_KEYS, scores, strict=False)})
+    if len(scores) == len(ZONE_KEYS) + 1:
+        out["zones_total_score"] = scores[-1]
+    return out
+
+
+def zone_values(zones) -> dict[str, float]:
+    """The keys of :func:`_zone_values` from a :class:`~lungburden.quantify.ZoneInvolvement`."""
+    out: dict[str, float] = {"zones_total_score": float(zones.total_score)}
+    for zone in zones.zones:
+        out[f"zone_{zone.lung}_{zone.zone}_percent"] = zone.involvement_percent
+        out[f"zone_{zone.lung}_{zone.zone}_score"] = float(zone.score)
+    return out
