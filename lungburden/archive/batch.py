@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -98,7 +99,11 @@ class BatchSummary:
     task_s: list[float] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("engine_overhead_s", "task_s")}
+        out = {k: v for k, v in self.__dict__.items() if k not in ("engine_overhead_s", "task_s")}
+        for name in ("engine_overhead_s", "task_s"):
+            values = getattr(self, name)
+            out[f"{name}_median"] = round(statistics.median(values), 3) if values else None
+        return out
 
 
 # -- engines -------------------------------------------------------------------------------------
