@@ -14,7 +14,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "lungburden"
 
 #: Packages whose modules a runtime install (without the ``train`` extra) imports.
-RUNTIME = ("config", "dicom_io", "segmentation", "results", "jobs", "dicom_node", "orthanc_plugin", "phantom")
+RUNTIME = ("config", "dicom_io", "segmentation", "results", "jobs", "dicom_node", "orthanc_plugin", "phantom",
+           "archive")
 
 
 def _module_name(path: Path) -> str:
