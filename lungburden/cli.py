@@ -107,7 +107,9 @@ def cmd_phantom(args: argparse.Namespace) -> int:
         contrast=args.contrast, burden_percent=args.burden, neck_mm=args.neck,
     )
     phantom = generate_phantom(spec)
-    out = write_phantom_series(phantom, Path(args.out_dir), spec)
+    identity = {k: v for k, v in (("PatientID", args.patient_id), ("PatientName", args.patient_name),
+                                  ("IssuerOfPatientID", args.issuer), ("StudyDate", args.study_date)) if v}
+    out = write_phantom_series(phantom, Path(args.out_dir), spec, identity or None)
     print(f"phantom series (seed {spec.seed}, {spec.slices} slices of {spec.slice_spacing_mm} mm) written to {out}")
     return 0
 
@@ -147,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neck", type=float, default=20.0, metavar="MM",
                    help="how far the scan range reaches above the lung apices (default 20; 40-70 adds more of the "
                         "shoulder girdle and the root of the neck)")
+    p.add_argument("--patient-id", default=None, help="Patient ID (default PHANTOM-SEED<seed>)")
+    p.add_argument("--patient-name", default=None, help="Patient's Name (default PHANTOM^SEED<seed>)")
+    p.add_argument("--issuer", default=None, help="Issuer of Patient ID (default none)")
+    p.add_argument("--study-date", default=None, metavar="YYYYMMDD", help="Study Date (default from the seed)")
     p.set_defaults(func=cmd_phantom)
 
     p = sub.add_parser("models", help="list the available segmenters")

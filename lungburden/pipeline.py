@@ -11,7 +11,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from lungburden import __version__
 from lungburden.dicom_io.content import check_lungs, describe_input
 from lungburden.dicom_io.volume import CTVolume, LoadLimits, load_files
+from lungburden.followup.trend import FollowUp
 from lungburden.quality import QualityRefused, QualityReport, add_to_sr, check_input, check_result, enforce
 from lungburden.quantify import Quantities, quantify
 from lungburden.segmentation.base import AlgorithmInfo, Segmenter
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Called with a short step name ("load", "segment", ...) when a step starts.
 ProgressCallback = Callable[[str], None]
+#: Finds the priors of an analysed series (:class:`lungburden.followup.priors.PriorFinder`).
+PriorsFn = Callable[[CTVolume, AlgorithmInfo], FollowUp]
 
 
 @dataclass(frozen=True, eq=False)
@@ -43,6 +46,8 @@ class AnalysisResult:
     algorithm: AlgorithmInfo
     model: str
     timings_s: dict[str, float] = field(default_factory=dict)
+    #: The patient's priors and the change since the most recent one (:mod:`lungburden.followup`).
+    followup: FollowUp | None = None
 
 
 #: The result objects a run can produce (``processing.outputs``): DICOM SEG, TID 1500 SR,
@@ -146,8 +151,9 @@ def encode_results(
     sr = build_measurement_report(
         result.volume, seg, result.quantities, result.algorithm,
         series_instance_uid=uids.get("sr_series"), sop_instance_uid=uids.get("sr_sop"),
-        labels=result.labels,
+        labels=result.labels, followup=result.followup,
     )
+    trend = result.followup.trend(result.quantities) if result.followup and result.followup.priors else None
     sc: list[Dataset] = []
     if "sc" in outputs:
         from lungburden.results.sc import build_secondary_captures
@@ -156,14 +162,15 @@ def encode_results(
             result.volume, result.labels, result.quantities, result.algorithm,
             series_instance_uid=uids.get("sc_series"),
             sop_instance_uids=[uids[f"sc_sop_{n}"] for n in range(SC_SLICES + 2)] if uids else None,
-            slice_count=SC_SLICES,
+            slice_count=SC_SLICES, trend=trend,
         )
     pdf = pdf_bytes = None
     if "pdf" in outputs:
         from lungburden.results.pdf import build_encapsulated_pdf, render_pdf
 
         created = datetime.now()
-        pdf_bytes = render_pdf(result.volume, result.labels, result.quantities, result.algorithm, created=created)
+        pdf_bytes = render_pdf(result.volume, result.labels, result.quantities, result.algorithm, created=created,
+                               trend=trend)
         pdf = build_encapsulated_pdf(
             result.volume, pdf_bytes, result.algorithm, created=created,
             series_instance_uid=uids.get("pdf_series"), sop_instance_uid=uids.get("pdf_sop"),
@@ -195,6 +202,7 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset, input_inf
         "weights": result.algorithm.weights_file,
         "weights_sha256": result.algorithm.weights_sha256,
         **result.quantities.to_dict(),
+        **(result.followup.to_dict(result.quantities) if result.followup is not None else {}),
         "seg_sop_instance_uid": str(seg.SOPInstanceUID),
         "seg_series_instance_uid": str(seg.SeriesInstanceUID),
         "sr_sop_instance_uid": str(sr.SOPInstanceUID),
@@ -301,6 +309,7 @@ def process_series(
     weights: str | Path | None = None,
     outputs: Sequence[str] = OUTPUTS,
     on_quality_failure: str = "none",
+    priors: PriorsFn | None = None,
 ) -> AnalysisOutputs:
     """Load the files of one series, analyse, encode and write the results to ``out_dir``.
 
@@ -314,6 +323,9 @@ def process_series(
     before and after segmentation); nothing is written in that case, unless
     ``on_quality_failure`` is ``"sr"``: then a refused result is written as an SR without
     measurements that gives the reasons (:func:`write_refusal`) and returned.
+
+    ``priors``: finds the patient's prior studies and their numbers (:mod:`lungburden.followup`);
+    the outputs then carry the priors, the change since the most recent one and a trend plot.
     """
     notify = progress or (lambda step: None)
     timings: dict[str, float] = {}
@@ -335,6 +347,11 @@ def process_series(
         if on_quality_failure != "sr":
             raise
         return write_refusal(volume, exc, segmenter.info, model_name, Path(out_dir), uid_seed)
+    if priors is not None:
+        notify("priors")
+        start = time.perf_counter()
+        result = replace(result, followup=priors(volume, result.algorithm))
+        timings["priors"] = time.perf_counter() - start
     notify("encode")
     start = time.perf_counter()
     encoded = encode_results(result, uid_seed, outputs)

@@ -104,16 +104,17 @@ def write_ct_series(out_dir: Path, slices: int = 20, study_uid: str | None = Non
 
 
 def write_phantom(out_dir: Path, seed: int = 3, slices: int = 24, size: int = 256,
-                  slice_spacing_mm: float = 10.0, **spec: Any) -> list[Path]:
+                  slice_spacing_mm: float = 10.0, identity: dict[str, str] | None = None, **spec: Any) -> list[Path]:
     """A phantom chest CT series from :mod:`lungburden.phantom` (realistic input for the pipeline).
 
-    ``spec``: more :class:`~lungburden.phantom.PhantomSpec` fields. Returns the DICOM files, sorted.
+    ``spec``: more :class:`~lungburden.phantom.PhantomSpec` fields; ``identity``: patient and study
+    date attributes (:func:`~lungburden.phantom.write_phantom_series`). Returns the DICOM files, sorted.
     """
     from lungburden.phantom import PhantomSpec, generate_phantom, write_phantom_series
 
     phantom_spec = PhantomSpec(seed=seed, slices=slices, rows=size, cols=size, slice_spacing_mm=slice_spacing_mm,
                                **spec)
-    write_phantom_series(generate_phantom(phantom_spec), out_dir, phantom_spec)
+    write_phantom_series(generate_phantom(phantom_spec), out_dir, phantom_spec, identity)
     return sorted(p for p in Path(out_dir).rglob("*") if p.is_file() and is_dicom(p))
 
 

@@ -475,6 +475,40 @@ DESTINATION_TYPES: dict[str, type] = {c.TYPE: c for c in (DimseDestination, Dico
 
 
 @dataclass
+class FollowupConfig:
+    """Comparison with the patient's prior chest CTs (README "Follow-up"): QIDO-RS search of
+    ``url``, numbers from a lungburden SR of the same model version, else WADO-RS retrieval,
+    analysis and STOW-RS of the prior's results back to ``url``."""
+
+    enabled: bool = False
+    #: DICOMweb base URL of the PACS that holds the priors (e.g. http://pacs:8042/dicom-web).
+    url: str | None = None
+    username: str | None = None
+    password: str | None = None
+    #: How far back priors are searched (days before the current study's date).
+    lookback_days: int = 365
+    #: At most this many priors, the most recent first.
+    max_priors: int = 3
+    #: Store the results of an analysed prior into the PACS (so it is read, not analysed, next time).
+    store_results: bool = True
+    timeout_seconds: float = 120.0
+
+    def check(self) -> list[Problem]:
+        p: list[Problem] = []
+        if self.enabled and not self.url:
+            p.append(("followup.url", self.url, "is needed when followup.enabled is true"))
+        if self.url and not re.match(r"^https?://", self.url):
+            p.append(("followup.url", self.url, "must be an http:// or https:// DICOMweb base URL"))
+        if self.lookback_days < 1:
+            p.append(("followup.lookback_days", self.lookback_days, "must be >= 1"))
+        if not 1 <= self.max_priors <= 20:
+            p.append(("followup.max_priors", self.max_priors, "must lie in 1..20"))
+        if self.timeout_seconds <= 0:
+            p.append(("followup.timeout_seconds", self.timeout_seconds, "must be > 0"))
+        return p
+
+
+@dataclass
 class LoggingConfig:
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Log file (appended); null = standard error only.
@@ -498,16 +532,17 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     destinations: list[Destination] = field(default_factory=list)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    followup: FollowupConfig = field(default_factory=FollowupConfig)
     #: Where the configuration came from (not a YAML key).
     source: str = field(default="<defaults>", compare=False)
 
     SECTIONS: ClassVar[tuple[str, ...]] = (
-        "node", "http", "selection", "processing", "export", "destinations", "logging",
+        "node", "http", "selection", "processing", "export", "destinations", "logging", "followup",
     )
 
     def check(self) -> list[Problem]:
         p: list[Problem] = []
-        for name in ("node", "http", "selection", "processing", "export", "logging"):
+        for name in ("node", "http", "selection", "processing", "export", "logging", "followup"):
             p += getattr(self, name).check()
         seen: set[str] = set()
         for i, dest in enumerate(self.destinations):

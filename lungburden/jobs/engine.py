@@ -58,6 +58,14 @@ class PeriodicTask:
     last: float = 0.0
 
 
+def node_priors(config: Config, model: str):
+    """The prior finder of ``config.followup`` for ``model`` (None when it is off); imported on the
+    first job, so that a node without follow-up never loads it."""
+    from lungburden.followup.priors import node_priors as make
+
+    return make(config, model)
+
+
 class JobEngine:
     """Store, spool, assembly, analysis, delivery and housekeeping of one storage folder.
 
@@ -87,8 +95,9 @@ class JobEngine:
         self.assembler = SeriesAssembler(config, self.store)
         self.model = self.assembler.model
         self.exporter = ExportRunner(config, self.store)
-        self.runner = JobRunner(config, self.store)
-        self.workers = WorkerPool(config, config.node.workers) if analysis == "processes" else None
+        self.runner = JobRunner(config, self.store, priors_factory=node_priors)
+        self.workers = (WorkerPool(config, config.node.workers, priors_factory=node_priors)
+                        if analysis == "processes" else None)
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
         self._tasks: list[PeriodicTask] = []

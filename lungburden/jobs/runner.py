@@ -44,6 +44,12 @@ RESULT_KEYS = (
 )
 
 
+#: Makes the prior finder (:data:`lungburden.pipeline.PriorsFn`) of a configuration and model, or
+#: None when follow-up is off (:func:`lungburden.followup.priors.node_priors`). Passed in by the
+#: engine: the runner does not import the follow-up package (it uses archive mode, which uses this).
+PriorsFactory = Callable[[Config, str], object]
+
+
 class ProcessFn(Protocol):
     """The contract of :func:`lungburden.pipeline.process_series` (what a worker calls per job)."""
 
@@ -84,10 +90,13 @@ class JobRunner:
     """
 
     def __init__(self, config: Config, store: JobStore, process_fn: ProcessFn | None = None,
-                 destinations: Sequence[str] | None = None):
+                 destinations: Sequence[str] | None = None, priors_factory: PriorsFactory | None = None):
         self.config = config
         self.store = store
         self._process_fn = process_fn
+        #: Makes the prior finder of a model (``followup``); None: no priors.
+        self.priors_factory = priors_factory
+        self._priors: dict[str, object] = {}
         self._segmenters: dict[str, Segmenter] = {}
         self.destinations: list[str] = (
             [d.name for d in config.destinations] if destinations is None else list(destinations)
@@ -115,6 +124,14 @@ class JobRunner:
 
             self._segmenters[model] = get_segmenter(model, weights=self.config.processing.weights)
         return self._segmenters[model]
+
+    def priors(self, model: str):
+        """The prior finder for ``model`` (made once), or None without ``priors_factory``/followup."""
+        if self.priors_factory is None:
+            return None
+        if model not in self._priors:
+            self._priors[model] = self.priors_factory(self.config, model)
+        return self._priors[model]
 
     def preload(self, model: str) -> None:
         """Import the pipeline and load the segmenter ``model`` now rather than for the first job."""
@@ -151,9 +168,11 @@ class JobRunner:
             segmenter = self.segmenter(job.model)
             log.info("job %d: analysing series %s version %d (%d instances, model %s)", job.id,
                      job.series_instance_uid, job.version, len(job.files), job.model)
+            priors = self.priors(job.model)
             outputs = self.process_fn(list(job.files), out_dir, model=job.model,
                                       limits=self.config.selection.to_limits(), segmenter=segmenter,
-                                      uid_seed=uid_seed(job, job.model, segmenter.info))
+                                      uid_seed=uid_seed(job, job.model, segmenter.info),
+                                      **({"priors": priors} if priors is not None else {}))
         except SeriesRejected as exc:
             stop_beat.set()
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -212,7 +231,7 @@ class JobRunner:
 
 
 def worker_main(config: Config, parent_pid: int, index: int, log_level: int,
-                destinations: Sequence[str] | None = None) -> None:
+                destinations: Sequence[str] | None = None, priors_factory: PriorsFactory | None = None) -> None:
     """Entry point of a worker process; SIGTERM stops it (a job in progress is re-queued).
 
     ``destinations``: as for :class:`JobRunner`."""
@@ -223,7 +242,7 @@ def worker_main(config: Config, parent_pid: int, index: int, log_level: int,
     logging.basicConfig(level=log_level, format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s")
     configure_audit(config)
     store = JobStore.for_storage(config.storage_dir, config.node.db_journal_mode)
-    runner = JobRunner(config, store, destinations=destinations)
+    runner = JobRunner(config, store, destinations=destinations, priors_factory=priors_factory)
     stopping = threading.Event()
     runner.should_stop = stopping.is_set
 
@@ -258,9 +277,11 @@ class WorkerPool:
     ``destinations``: the deliveries created for each analysed job (as for :class:`JobRunner`).
     """
 
-    def __init__(self, config: Config, count: int, destinations: Sequence[str] | None = None):
+    def __init__(self, config: Config, count: int, destinations: Sequence[str] | None = None,
+                 priors_factory: PriorsFactory | None = None):
         self.config = config
         self.count = count
+        self.priors_factory = priors_factory
         self.destinations = None if destinations is None else list(destinations)
         self._ctx = multiprocessing.get_context("spawn")
         self.processes: list[multiprocessing.process.BaseProcess | None] = [None] * count
@@ -271,7 +292,8 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         proc = self._ctx.Process(
             target=worker_main,
-            args=(self.config, os.getpid(), index, logging.getLogger().getEffectiveLevel(), self.destinations),
+            args=(self.config, os.getpid(), index, logging.getLogger().getEffectiveLevel(), self.destinations,
+                  self.priors_factory),
             name=f"lungburden-worker-{index}",
             daemon=True,
         )

@@ -45,11 +45,22 @@ class PhantomUIDs:
     instances: tuple[str, ...] = field(repr=False)
 
 
-def phantom_uids(spec: PhantomSpec) -> PhantomUIDs:
+#: The patient and study attributes a phantom series may be given (follow-up tests, demos).
+IDENTITY_KEYWORDS: tuple[str, ...] = ("PatientID", "PatientName", "IssuerOfPatientID", "PatientBirthDate",
+                                      "StudyDate")
+
+
+def _identity_key(identity: dict[str, str] | None) -> str:
+    return "".join(f";{k}={identity[k]}" for k in sorted(identity)) if identity else ""
+
+
+def phantom_uids(spec: PhantomSpec, identity: dict[str, str] | None = None) -> PhantomUIDs:
+    """UIDs of the phantom series; an ``identity`` (see :func:`write_phantom_series`) enters every
+    UID, so the same seed as another patient or on another date is another study."""
     from pydicom.uid import generate_uid
 
-    seed = f"seed={spec.seed}"
-    key = spec.key()
+    seed = f"seed={spec.seed}" + _identity_key(identity)
+    key = spec.key() + _identity_key(identity)
     return PhantomUIDs(
         study=generate_uid(entropy_srcs=[_UID_ROOT, seed, "study"]),
         series=generate_uid(entropy_srcs=[_UID_ROOT, key, "series"]),
@@ -66,14 +77,14 @@ def _ds(value: float) -> str:
     return text
 
 
-def _series_datasets(phantom: Phantom, spec: PhantomSpec) -> list:
+def _series_datasets(phantom: Phantom, spec: PhantomSpec, identity: dict[str, str] | None = None) -> list:
     """One CT Image Storage dataset per slice (PS3.3 A.3), in the phantom's slice order."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
     import lungburden
 
-    uids = phantom_uids(spec)
+    uids = phantom_uids(spec, identity)
     aff = phantom.affine
     ps = float(np.linalg.norm(aff[:3, 1]))
     dz = float(np.linalg.norm(aff[:3, 0]))
@@ -183,25 +194,36 @@ def _series_datasets(phantom: Phantom, spec: PhantomSpec) -> list:
         ds.RescaleType = "HU"
         ds.LossyImageCompression = "00"
         ds.PixelData = stored[k].tobytes()
+        for keyword, value in (identity or {}).items():
+            setattr(ds, keyword, value)
+            if keyword == "StudyDate":
+                ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = ds.InstanceCreationDate = value
         out.append(ds)
     return out
 
 
-def write_phantom_series(phantom: Phantom, out_dir: str | Path, spec: PhantomSpec | None = None) -> Path:
+def write_phantom_series(phantom: Phantom, out_dir: str | Path, spec: PhantomSpec | None = None,
+                         identity: dict[str, str] | None = None) -> Path:
     """Write the phantom into ``out_dir``: ``CT000001.dcm``... (one CT Image Storage instance
     per slice, Explicit VR Little Endian, 12-bit stored values with intercept -1024),
     ``labels.nii.gz`` (label map, RAS affine = LPS affine with x and y negated, array axes as in
     CTVolume) and ``truth.json`` (:class:`Quantities` + UIDs + seed). Returns ``out_dir``.
 
     ``CT<6 digits>.dcm`` files of an earlier phantom beyond this one's slice count are removed.
+    ``identity``: attributes of :data:`IDENTITY_KEYWORDS` replacing the synthetic patient and
+    study date (the same patient's studies on several dates, two patients of the same name);
+    they enter the UIDs. Without it the series is exactly the seed's.
     """
+    unknown = sorted(set(identity or {}) - set(IDENTITY_KEYWORDS))
+    if unknown:
+        raise ValueError(f"unknown identity attributes {unknown}; known: {', '.join(IDENTITY_KEYWORDS)}")
     import nibabel as nib
 
     spec = phantom.spec if spec is None else spec
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = set()
-    for k, ds in enumerate(_series_datasets(phantom, spec)):
+    for k, ds in enumerate(_series_datasets(phantom, spec, identity)):
         name = f"CT{k + 1:06d}.dcm"
         ds.save_as(out / name, enforce_file_format=True)
         names.add(name)
@@ -215,7 +237,7 @@ def write_phantom_series(phantom: Phantom, out_dir: str | Path, spec: PhantomSpe
     img.set_qform(ras, code=1)
     img.header["descrip"] = b"lungburden phantom labels 0-3"
     nib.save(img, out / "labels.nii.gz")
-    uids = phantom_uids(spec)
+    uids = phantom_uids(spec, identity)
     truth = phantom_quantities(phantom).to_dict()
     truth.update(study_instance_uid=uids.study, series_instance_uid=uids.series, seed=spec.seed)
     (out / "truth.json").write_text(json.dumps(truth, indent=2) + "\n")

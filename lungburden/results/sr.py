@@ -41,6 +41,7 @@ from pydicom.sr.coding import Code
 
 import lungburden
 from lungburden.dicom_io.volume import CTVolume
+from lungburden.followup.trend import FollowUp
 from lungburden.quantify import Quantities
 from lungburden.results import codes
 from lungburden.results.seg import (
@@ -56,6 +57,7 @@ from lungburden.results.seg import (
     drop_incomplete_references,
     segment_masks,
 )
+from lungburden.results.sr_followup import coding_scheme_identification, followup_groups
 from lungburden.results.sr_zones import zone_group
 from lungburden.segmentation.base import AlgorithmInfo
 
@@ -146,6 +148,7 @@ def measurement_groups(
     burden_tracking_uid: str,
     volume: CTVolume | None = None,
     points: dict[int | str, tuple[int, int, int] | None] | None = None,
+    followup: FollowUp | None = None,
 ) -> list[
     hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
     | hd.sr.MeasurementsAndQualitativeEvaluations
@@ -214,6 +217,9 @@ def measurement_groups(
     extra: list = []
     if q.zones is not None:
         extra.append(zone_group(q.zones, algorithm_id, deterministic_uid("tracking", burden_tracking_uid, "zones")))
+    if followup is not None:  # priors and the change since the most recent one (sr_followup.py)
+        extra += followup_groups(followup, followup.change(q), algorithm_id,
+                                 lambda key: deterministic_uid("tracking", burden_tracking_uid, key))
     if volume is None or points is None:
         return groups + extra
     lung_point = points.get(SEGMENT_LUNG_FIELD) or _fallback_point(volume)
@@ -278,8 +284,11 @@ def build_measurement_report(
     institution_name: str | None = None,
     is_final: bool = False,
     labels: np.ndarray | None = None,
+    followup: FollowUp | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """Encode ``quantities`` as a TID 1500 Measurement Report referencing ``segmentation``.
+
+    ``followup``: the priors and the change since the most recent one (:mod:`.sr_followup`).
 
     Same patient and study as the source, new series. Evidence (Current Requested Procedure
     Evidence Sequence) lists the source CT instances and the SEG. The document is COMPLETE and
@@ -304,14 +313,18 @@ def build_measurement_report(
             ),
             volume=volume,
             points=key_points(masks),
+            followup=followup,
         ),
     )
-    return _document(report, [*volume.datasets, segmentation], algorithm, series_number=series_number,
-                     instance_number=instance_number, series_instance_uid=series_instance_uid,
-                     sop_instance_uid=sop_instance_uid, series_description=series_description,
-                     manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
-                     software_versions=software_versions, device_serial_number=device_serial_number,
-                     institution_name=institution_name, is_final=is_final)
+    sr = _document(report, [*volume.datasets, segmentation], algorithm, series_number=series_number,
+                   instance_number=instance_number, series_instance_uid=series_instance_uid,
+                   sop_instance_uid=sop_instance_uid, series_description=series_description,
+                   manufacturer=manufacturer, manufacturer_model_name=manufacturer_model_name,
+                   software_versions=software_versions, device_serial_number=device_serial_number,
+                   institution_name=institution_name, is_final=is_final)
+    if followup is not None and followup.priors:
+        sr.CodingSchemeIdentificationSequence = [coding_scheme_identification()]
+    return sr
 
 
 def _observation_context(algorithm: AlgorithmInfo, manufacturer: str) -> hd.sr.ObservationContext:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lungburden.results.sr_followup import CHANGE_TRACKING_ID, PRIOR_TRACKING_PREFIX
 from lungburden.results.sr_zones import ZONES_TRACKING_ID
 
 #: Finding codes (CodeValue) of the SR groups -> the Quantities field prefix they carry.
@@ -184,9 +185,12 @@ def read_sr_with_dcmqi(path: str | Path, workdir: str | Path) -> dict[str, float
     metadata = run_tid1500reader(path, workdir)
     values: dict[str, float] = {}
     for group in metadata.get("Measurements", []):
-        if group.get("TrackingIdentifier") == ZONES_TRACKING_ID:
+        tracking = str(group.get("TrackingIdentifier", ""))
+        if tracking == ZONES_TRACKING_ID:
             values.update(_zone_values(group))
             continue
+        if tracking == CHANGE_TRACKING_ID or tracking.startswith(PRIOR_TRACKING_PREFIX):
+            continue  # numbers of prior studies (lungburden.results.sr_followup)
         prefix = _FINDING_GROUPS.get(group.get("Finding", {}).get("CodeValue", ""))
         if prefix is None:
             continue

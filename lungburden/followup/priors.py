@@ -1,0 +1,258 @@
+"""Find the patient's prior chest CTs in a PACS and get their numbers (DICOMweb, PS3.18).
+
+For the study just analysed:
+
+1. **Who**: the current series' Patient ID (0010,0020), Issuer of Patient ID (0010,0021) and
+   Patient's Birth Date. Without a Patient ID, or with one that holds QIDO-RS wildcard
+   characters, no search is made and the reason is recorded.
+2. **Search** (QIDO-RS, PS3.18 10.6): studies with that exact Patient ID, ModalitiesInStudy CT,
+   StudyDate within ``lookback_days`` before the current study; the current study and studies
+   not strictly earlier (date and time) are left out. Each candidate must carry the same Patient
+   ID; the same Issuer of Patient ID when either study has one (a prior without an issuer while
+   the current study has one, or the reverse, is ambiguous and skipped); and the same birth
+   date where both have one. The most recent ``max_priors`` are used.
+3. **Numbers**: a lungburden SR in the prior study whose device observer is the current
+   algorithm name and version (:func:`lungburden.results.sr_read.read_sr_numbers`), read by
+   WADO-RS; its patient identifiers are checked again. Otherwise the prior's CT series is chosen
+   with the node's selection rules on its WADO-RS metadata
+   (:func:`lungburden.archive.search.list_study`), retrieved, analysed and its results stored
+   back by STOW-RS (:func:`lungburden.archive.tasks.analyse_series`: the one pipeline, the node's
+   deterministic UIDs), so the next study of the patient reads its SR instead.
+
+Nothing of the patient is logged: UIDs and counts only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from pydicom.dataset import Dataset
+
+from lungburden.archive.search import ArchiveQuery, list_study
+from lungburden.archive.tasks import SeriesTask, analyse_series
+from lungburden.config.schema import FollowupConfig, SelectionConfig
+from lungburden.dicom_io.volume import CTVolume
+from lungburden.followup.trend import FROM_ANALYSIS, FROM_SR, FollowUp, PriorResult, parse_da
+from lungburden.jobs.exporters import dicomweb_client
+from lungburden.results.sr_read import read_sr_numbers
+from lungburden.segmentation.base import AlgorithmInfo
+
+log = logging.getLogger(__name__)
+
+_WILDCARDS = ("*", "?", "\\")
+
+
+@dataclass(frozen=True)
+class PatientKey:
+    """The identifiers that decide whether two studies belong to the same patient."""
+
+    patient_id: str
+    issuer: str
+    birth_date: str
+
+    @classmethod
+    def of(cls, ds: Dataset) -> PatientKey:
+        def text(keyword: str) -> str:
+            value = ds.get(keyword)
+            return "" if value is None else str(value).strip()
+
+        return cls(text("PatientID"), text("IssuerOfPatientID"), text("PatientBirthDate"))
+
+    def problem(self) -> str | None:
+        """Why these identifiers cannot be used to search (None: they can)."""
+        if not self.patient_id:
+            return "the current study has no Patient ID: priors not searched"
+        if any(c in self.patient_id for c in _WILDCARDS):
+            return "the Patient ID holds wildcard characters (ambiguous in a search): priors not searched"
+        return None
+
+    def mismatch(self, other: PatientKey) -> str | None:
+        """Why ``other`` is not (certainly) the same patient; None when it is."""
+        if other.patient_id != self.patient_id:
+            return "another Patient ID"
+        if self.issuer != other.issuer:
+            if not self.issuer or not other.issuer:
+                return "Issuer of Patient ID present on one study only (ambiguous)"
+            return "another Issuer of Patient ID"
+        if self.birth_date and other.birth_date and self.birth_date != other.birth_date:
+            return "same Patient ID with another birth date (ambiguous)"
+        return None
+
+
+@dataclass
+class PriorStats:
+    """What one search cost (seconds) and did; for result.json timings and the tests."""
+
+    search_s: float = 0.0
+    from_sr: int = 0
+    analysed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    return "" if value is None else str(value).strip()
+
+
+class PriorFinder:
+    """The priors of a series (:data:`lungburden.pipeline.PriorsFn`) from the PACS of ``config``."""
+
+    def __init__(self, config: FollowupConfig, selection: SelectionConfig | None = None,
+                 model: str | None = None, weights: str | None = None):
+        self.config = config
+        self.selection = selection or SelectionConfig()
+        self.model = model
+        self.weights = weights
+        self.last = PriorStats()
+
+    def client(self):
+        return dicomweb_client(str(self.config.url), self.config.username, self.config.password,
+                               timeout=self.config.timeout_seconds)
+
+    def __call__(self, volume: CTVolume, algorithm: AlgorithmInfo) -> FollowUp:
+        source = volume.datasets[0]
+        study_date = _text(source, "StudyDate")
+        self.last = PriorStats()
+        key = PatientKey.of(source)
+        problem = key.problem()
+        if problem is None and not study_date:
+            problem = "the current study has no Study Date: priors not searched"
+        if problem is not None:
+            log.info("study %s: %s", volume.study_instance_uid, problem)
+            return FollowUp(study_date, note=problem)
+        try:
+            return self._find(volume, algorithm, key, study_date)
+        except Exception as exc:  # noqa: BLE001 - the current result is delivered without priors
+            log.warning("study %s: priors not available (%s)", volume.study_instance_uid, type(exc).__name__)
+            return FollowUp(study_date, note=f"priors not available: {type(exc).__name__}: {exc}"[:300])
+
+    def _candidates(self, client, volume: CTVolume, key: PatientKey, study_date: str
+                    ) -> tuple[list[Dataset], list[str], str | None]:
+        """Earlier studies of the patient (most recent first), skipped ones with reasons, or a refusal."""
+        current = parse_da(study_date)
+        start = current - timedelta(days=self.config.lookback_days)
+        found = client.search_for_studies(search_filters={
+            "PatientID": key.patient_id, "ModalitiesInStudy": "CT",
+            "StudyDate": f"{start:%Y%m%d}-{current:%Y%m%d}",
+        }, fields=["PatientID", "IssuerOfPatientID", "PatientBirthDate", "StudyDate", "StudyTime"])
+        current_time = _text(volume.datasets[0], "StudyTime")
+        studies, skipped = [], []
+        for ds in (Dataset.from_json(item) for item in found):
+            uid = _text(ds, "StudyInstanceUID")
+            if uid == volume.study_instance_uid:
+                continue
+            when = (_text(ds, "StudyDate"), _text(ds, "StudyTime"))
+            if not when[0] or when >= (study_date, current_time):
+                continue
+            reason = key.mismatch(PatientKey.of(ds))
+            if reason == "another Patient ID":
+                continue  # the search matched loosely; not this patient
+            if reason is not None:
+                if "ambiguous" in reason and "birth date" in reason:
+                    return [], [], f"prior study {uid}: {reason}: priors not used"
+                skipped.append(f"{uid}: {reason}")
+                continue
+            studies.append(ds)
+        studies.sort(key=lambda d: (_text(d, "StudyDate"), _text(d, "StudyTime")), reverse=True)
+        return studies[: self.config.max_priors], skipped, None
+
+    def _find(self, volume: CTVolume, algorithm: AlgorithmInfo, key: PatientKey, study_date: str) -> FollowUp:
+        client = self.client()
+        start = time.perf_counter()
+        studies, skipped, refusal = self._candidates(client, volume, key, study_date)
+        self.last.search_s = time.perf_counter() - start
+        if refusal is not None:
+            log.info("study %s: %s", volume.study_instance_uid, refusal)
+            return FollowUp(study_date, note=refusal)
+        current = parse_da(study_date)
+        priors: list[PriorResult] = []
+        for ds in studies:
+            uid = _text(ds, "StudyInstanceUID")
+            began = time.perf_counter()
+            try:
+                prior = self._from_sr(client, uid, key, algorithm, current) or self._analyse(client, uid, current)
+            except _Skip as exc:
+                skipped.append(f"{uid}: {exc}")
+                continue
+            self.last.seconds[uid] = time.perf_counter() - began
+            if prior is None:
+                skipped.append(f"{uid}: no analysable chest CT series")
+                continue
+            priors.append(prior)
+        log.info("study %s: %d priors (%d from SR, %d analysed), %d skipped", volume.study_instance_uid,
+                 len(priors), self.last.from_sr, self.last.analysed, len(skipped))
+        note = None if priors else "no prior chest CT of this patient in the look-back window"
+        return FollowUp(study_date, tuple(priors), note, tuple(skipped))
+
+    def _from_sr(self, client, study_uid: str, key: PatientKey, algorithm: AlgorithmInfo,
+                 current: date) -> PriorResult | None:
+        """The prior's numbers from a lungburden SR of the same algorithm version, if there is one."""
+        wanted = f"{algorithm.name} {algorithm.version}"
+        for series in client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
+            series_uid = _text(Dataset.from_json(series), "SeriesInstanceUID")
+            for inst in client.search_for_instances(study_uid, series_uid):
+                sop_uid = _text(Dataset.from_json(inst), "SOPInstanceUID")
+                sr = client.retrieve_instance(study_uid, series_uid, sop_uid)
+                numbers = read_sr_numbers(sr)
+                if numbers is None or numbers.device_model_name != wanted:
+                    continue
+                reason = key.mismatch(PatientKey.of(sr))
+                if reason is not None:
+                    raise _Skip(f"its lungburden SR names {reason}")
+                self.last.from_sr += 1
+                return self._prior(study_uid, numbers.source_series_instance_uid or "", _text(sr, "StudyDate"),
+                                   current, numbers.values, FROM_SR, sop_uid)
+        return None
+
+    def _analyse(self, client, study_uid: str, current: date) -> PriorResult | None:
+        """Choose, retrieve, analyse and store the prior's CT series (archive mode's unit of work)."""
+        rules = self.selection.to_rules()
+        listing = list_study(client, study_uid, ArchiveQuery(modality="CT"), rules,
+                             self.selection.prefer_one_reconstruction)
+        chosen = [e for e in listing.entries if e.selected]
+        if not chosen:
+            return None
+        entry = chosen[0]
+        task = SeriesTask(url=str(self.config.url), study_instance_uid=study_uid,
+                          series_instance_uid=entry.series_instance_uid, model=self.model, weights=self.weights,
+                          outputs=("seg", "sr"), store=self.config.store_results, min_slices=rules.min_slices,
+                          timeout_s=self.config.timeout_seconds)
+        outcome = analyse_series(task, self.config.username, self.config.password)
+        if outcome.status != "done" or outcome.result is None:
+            raise _Skip(f"analysis of series {entry.series_instance_uid} failed: {outcome.reason}")
+        self.last.analysed += 1
+        study = client.search_for_studies(search_filters={"StudyInstanceUID": study_uid}, fields=["StudyDate"])
+        study_date = _text(Dataset.from_json(study[0]), "StudyDate") if study else ""
+        return self._prior(study_uid, entry.series_instance_uid, study_date, current, outcome.result,
+                           FROM_ANALYSIS, outcome.result.get("sr_sop_instance_uid"))
+
+    @staticmethod
+    def _prior(study_uid: str, series_uid: str, study_date: str, current: date, values: dict, source: str,
+               sr_uid: str | None) -> PriorResult:
+        def value(name: str) -> float:
+            return round(float(values.get(name, 0.0)), 3)
+
+        return PriorResult(
+            study_instance_uid=study_uid, series_instance_uid=series_uid, study_date=study_date,
+            days_before=(current - parse_da(study_date)).days,
+            lung_volume_ml=value("lung_volume_ml"), ggo_volume_ml=value("ggo_volume_ml"),
+            high_opacity_volume_ml=value("high_opacity_volume_ml"), opacity_volume_ml=value("opacity_volume_ml"),
+            burden_percent=value("burden_percent"), ggo_percent=value("ggo_percent"),
+            high_opacity_percent=value("high_opacity_percent"), source=source, sr_sop_instance_uid=sr_uid,
+        )
+
+
+class _Skip(Exception):
+    """This prior cannot be used (the message says why)."""
+
+
+def node_priors(config, model: str | None = None) -> PriorFinder | None:
+    """The prior finder of a node/plugin configuration (:class:`~lungburden.config.schema.Config`),
+    or None when ``followup.enabled`` is off."""
+    if not config.followup.enabled:
+        return None
+    weights = str(config.processing.weights) if config.processing.weights else None
+    return PriorFinder(config.followup, config.selection, model or config.processing.model, weights)

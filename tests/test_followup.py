@@ -1,0 +1,200 @@
+"""Follow-up: the patient's priors in a real Orthanc (QIDO-RS, WADO-RS, STOW-RS), never another
+patient's, the change since the most recent prior in result.json and the SR, and a prior without
+a lungburden SR analysed once (its results are stored, so the next run reads them).
+
+Three studies of one patient (rising then falling burden) and one of another patient with the
+same name, as small phantoms analysed with the fast ``threshold`` model.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pydicom
+import pytest
+from ct_builders import write_phantom
+from orthanc import OrthancServer, orthanc_available
+
+from lungburden.config import config_from_mapping
+from lungburden.followup.priors import PatientKey, PriorFinder
+from lungburden.followup.trend import FROM_ANALYSIS, FROM_SR, FollowUp, PriorResult, compare
+from lungburden.quantify import quantify
+from lungburden.results.sr_followup import CHANGE_TRACKING_ID, PRIOR_TRACKING_PREFIX
+from lungburden.results.validate import run_dciodvfy
+
+NAME = "DOE^JANE"
+#: (key, seed, Patient ID, Study Date, burden %): A is the patient, B another one of the same name.
+STUDIES = (
+    ("a1", 31, "PAT-A", "20240105", 5.0),
+    ("b1", 32, "PAT-B", "20240110", 45.0),
+    ("a2", 33, "PAT-A", "20240112", 35.0),
+    ("a3", 34, "PAT-A", "20240120", 15.0),
+)
+
+
+def _key(pid: str, issuer: str = "", birth: str = "") -> PatientKey:
+    return PatientKey(pid, issuer, birth)
+
+
+def test_patient_matching_rules():
+    current = _key("PAT-A", "HOSP", "19600101")
+    assert current.mismatch(_key("PAT-A", "HOSP", "19600101")) is None
+    assert current.mismatch(_key("PAT-A", "HOSP", "")) is None  # birth date on one side only
+    assert current.mismatch(_key("PAT-B", "HOSP")) == "another Patient ID"
+    assert current.mismatch(_key("PAT-A", "OTHER")) == "another Issuer of Patient ID"
+    assert "ambiguous" in current.mismatch(_key("PAT-A", ""))
+    assert "ambiguous" in _key("PAT-A").mismatch(_key("PAT-A", "HOSP"))
+    assert "ambiguous" in current.mismatch(_key("PAT-A", "HOSP", "19700101"))
+    assert "no Patient ID" in _key("").problem()
+    assert "wildcard" in _key("PAT*").problem()
+    assert _key("PAT-A").problem() is None
+
+
+def test_change_and_trend():
+    labels_free = PriorResult("1.2", "1.2.1", "20240101", 10, 5000.0, 400.0, 100.0, 500.0, 10.0, 8.0, 2.0, FROM_SR)
+    import numpy as np
+
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[:, 1:7, 1:7] = 1
+    labels[:3, 1:4, 1:7] = 2
+    current = quantify(labels, np.zeros(labels.shape, np.float32), np.eye(4))
+    change = compare(current, labels_free)
+    assert change.burden_points == pytest.approx(current.burden_percent - 10.0, abs=1e-3)
+    assert change.ggo_volume_ml == pytest.approx(current.ggo_volume_ml - 400.0, abs=1e-3)
+    assert change.days == 10 and change.direction == "increased"
+    follow = FollowUp("20240111", (labels_free,))
+    assert follow.trend(current) == [(-10, 10.0), (0, current.burden_percent)]
+    doc = follow.to_dict(current)
+    assert doc["priors"][0]["study_instance_uid"] == "1.2" and doc["change_since_prior"]["days"] == 10
+    assert FollowUp("20240111", note="none").to_dict(current) == {"priors": [], "change_since_prior": None,
+                                                                  "priors_note": "none"}
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc holding the four studies; A1 already has a lungburden SR (analysed by the node)."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"))
+    server.start()
+    root = tmp_path_factory.mktemp("followup")
+    studies = {}
+    for key, seed, pid, date, burden in STUDIES:
+        files = write_phantom(root / key, seed=seed, slices=20, size=192, burden_percent=burden,
+                              identity={"PatientID": pid, "PatientName": NAME, "StudyDate": date})
+        for path in files:
+            server.upload(path)
+        studies[key] = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    yield server, studies, root
+    server.stop()
+
+
+def _config(server: OrthancServer, storage, followup: bool = True):
+    return config_from_mapping({
+        "node": {"storage_dir": str(storage)},
+        "selection": {"min_slices": 16},
+        "processing": {"model": "threshold", "outputs": ["seg", "sr", "sc", "pdf"]},
+        "export": {"max_attempts": 3, "backoff_initial_seconds": 0.2, "backoff_max_seconds": 1},
+        "destinations": [{"name": "pacs", "type": "dicomweb", "url": server.dicomweb_url}],
+        "followup": {"enabled": followup, "url": server.dicomweb_url, "lookback_days": 60, "max_priors": 3},
+    })
+
+
+def _pull(config, server: OrthancServer, study_uid: str) -> dict:
+    """``lungburden pull`` in this process: WADO-RS, the node's job engine, STOW-RS back."""
+    from lungburden.dicom_node.pull import process_jobs, retrieve
+    from lungburden.jobs.engine import JobEngine
+
+    engine = JobEngine(config, analysis="none")
+    report = retrieve(engine, server.dicomweb_url, study_uid)
+    (job,) = process_jobs(engine, [j.id for j in report.jobs], timeout=120)
+    assert job.state == "done", job.reason
+    return json.loads((engine.runner.result_dir(job) / "result.json").read_text())
+
+
+def _srs(server: OrthancServer, study_uid: str) -> list[str]:
+    return [i for s in server.series_in_study(study_uid) for i in s["Instances"]
+            if server.get(f"/instances/{i}/simplified-tags").get("Modality") == "SR"]
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_priors_from_pacs(pacs, tmp_path):
+    server, studies, root = pacs
+    a1 = _pull(_config(server, tmp_path / "node-a1", followup=False), server, studies["a1"])
+    assert "priors" not in a1 and len(_srs(server, studies["a1"])) == 1
+    assert _srs(server, studies["a2"]) == []  # A2: no lungburden SR yet
+
+    start = time.perf_counter()
+    result = _pull(_config(server, tmp_path / "node"), server, studies["a3"])
+    first_run = time.perf_counter() - start
+    priors = result["priors"]
+    # The patient's two earlier studies, most recent first; B (same name, other ID) is never used.
+    assert [p["study_instance_uid"] for p in priors] == [studies["a2"], studies["a1"]]
+    assert studies["b1"] not in json.dumps(result)
+    assert [p["days_before"] for p in priors] == [8, 15]
+    assert [p["source"] for p in priors] == [FROM_ANALYSIS, FROM_SR]
+    # A1's numbers are those of its own analysis, read back from its SR.
+    for name in ("burden_percent", "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml"):
+        assert priors[1][name] == pytest.approx(a1[name], abs=1e-3), name
+    change = result["change_since_prior"]
+    assert change["prior_study_instance_uid"] == studies["a2"] and change["days"] == 8
+    assert change["burden_points"] == pytest.approx(result["burden_percent"] - priors[0]["burden_percent"], abs=1e-3)
+    assert change["ggo_volume_ml"] == pytest.approx(result["ggo_volume_ml"] - priors[0]["ggo_volume_ml"], abs=1e-3)
+    assert change["direction"] == "decreased"  # 35 % -> 15 % phantom burden
+    assert priors[0]["burden_percent"] > priors[1]["burden_percent"]  # 5 % -> 35 %: rising first
+    # A2 was analysed once and its results stored: it now has exactly one lungburden SR.
+    assert len(_srs(server, studies["a2"])) == 1
+    assert _srs(server, studies["b1"]) == []
+
+    # The SR carries the comparison: the prior studies referenced, their values, the change.
+    sr_file = next((tmp_path / "node" / "results").glob("job-*/sr.dcm"))
+    sr = pydicom.dcmread(sr_file)
+    assert run_dciodvfy(sr_file).errors == []
+    groups = [g for c in sr.ContentSequence if c.ConceptNameCodeSequence[0].CodeValue == "126010"
+              for g in c.ContentSequence]
+
+    def items(group):
+        return {i.ConceptNameCodeSequence[0].CodeValue: i for i in group.ContentSequence}
+
+    by_tracking = {str(items(g)["112039"].TextValue): items(g) for g in groups  # the groups with numbers
+                   if any(i.ValueType == "NUM" for i in g.ContentSequence)}
+    prior_group = by_tracking[PRIOR_TRACKING_PREFIX + "2024-01-12"]
+    assert prior_group["121018"].UID == studies["a2"]  # Procedure Study Instance UID
+    assert float(prior_group["113288"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        priors[0]["burden_percent"])
+    change_group = by_tracking[CHANGE_TRACKING_ID]
+    assert change_group["121018"].UID == studies["a2"]
+    assert float(change_group["CHG-BURDEN"].MeasuredValueSequence[0].NumericValue) == pytest.approx(
+        change["burden_points"])
+    assert float(change_group["385673002"].MeasuredValueSequence[0].NumericValue) == 8
+
+    # The next run reads both priors from their SRs: nothing is analysed again.
+    config = _config(server, tmp_path / "again")
+    finder = PriorFinder(config.followup, config.selection, "threshold")
+    from lungburden.dicom_io.volume import load_files
+    from lungburden.segmentation.registry import get_segmenter
+
+    volume = load_files(sorted((root / "a3").glob("CT*.dcm")))
+    start = time.perf_counter()
+    again = finder(volume, get_segmenter("threshold").info)
+    second_run = time.perf_counter() - start
+    assert [p.source for p in again.priors] == [FROM_SR, FROM_SR]
+    assert finder.last.analysed == 0 and len(_srs(server, studies["a2"])) == 1
+    assert again.priors[0].burden_percent == pytest.approx(priors[0]["burden_percent"], abs=1e-3)
+    print(f"\npriors: first run {first_run:.1f} s (A2 analysed {result['timings_s'].get('priors', 0):.1f} s), "
+          f"priors from SRs {second_run:.2f} s; per prior {finder.last.seconds}")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_missing_patient_id_refuses_with_a_reason(pacs, tmp_path):
+    server = pacs[0]
+    files = write_phantom(tmp_path / "anon", seed=35, slices=20, size=192, burden_percent=5.0,
+                          identity={"PatientID": "", "PatientName": NAME, "StudyDate": "20240125"})
+    from lungburden.dicom_io.volume import load_files
+    from lungburden.segmentation.registry import get_segmenter
+
+    config = _config(server, tmp_path / "node")
+    follow = PriorFinder(config.followup, config.selection, "threshold")(load_files(files),
+                                                                         get_segmenter("threshold").info)
+    assert follow.priors == () and "no Patient ID" in follow.note
