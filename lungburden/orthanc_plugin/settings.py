@@ -44,7 +44,7 @@ PLUGIN_KEYS: dict[str, tuple[type, ...]] = {
     "Weights": (str,),
 }
 #: Node YAML sections accepted inside the section.
-YAML_SECTIONS = ("node", "selection", "processing", "export", "destinations", "logging")
+YAML_SECTIONS = ("node", "selection", "processing", "export", "destinations", "logging", "followup")
 #: Keys of the YAML ``node`` section that apply in plugin mode.
 NODE_KEYS = ("ae_title", "retention_hours", "db_journal_mode")
 DEFAULT_RETENTION_HOURS = 24.0
