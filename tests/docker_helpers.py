@@ -29,7 +29,10 @@ REPO = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
 BASE_IMAGE = "debian:bookworm-slim"
-DEBIAN_CLIENT = "/usr/bin/docker"  # Debian's docker.io client: the daemon's version, BuildKit built in
+DEBIAN_CLIENT = "/usr/bin/docker"
+# The port pip's local folders are served on during builds: a fixed one, so that the build
+# arguments, and with them Docker's build cache, are the same from one run to the next.
+SERVE_PORT = 38761  # Debian's docker.io client: the daemon's version, BuildKit built in
 
 
 class DockerUnavailable(Exception):
@@ -203,7 +206,10 @@ class PipSource:
 
     def start(self) -> PipSource:
         handler = functools.partial(_QuietHandler, directory=str(self.served))
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", SERVE_PORT), handler)
+        except OSError:  # taken (another build at the same time): any port, at the cost of the cache
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         return self
 
