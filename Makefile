@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools redis-server
+# tests/test_docker.py: the Docker daemon, compose, and debootstrap for the base image.
+APT_PACKAGES += docker.io docker-compose debootstrap
 DEMO_DIR ?= demo-out
 # Real CT used by tests, evaluation and benchmarks (read in place, never copied).
 LUNGBURDEN_DATA ?= $(abspath $(CURDIR)/../shared/data)
@@ -21,7 +23,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-# Debian packages the integration tests talk to (real Orthanc, DCMTK, dciodvfy).
+# Debian packages the integration tests talk to (real Orthanc, DCMTK, dciodvfy, Docker).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
