@@ -7,12 +7,15 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools redis-server
 # tests/test_docker.py: the Docker daemon, compose, and debootstrap for the base image.
 APT_PACKAGES += docker.io docker-compose debootstrap
+# tests/test_viewer_browser.py: headless Chromium; npm (from Debian where Node.js has none) fetches OHIF.
+APT_PACKAGES += chromium
+OHIF_CACHE ?= $(HOME)/.cache/lungburden-ohif
 DEMO_DIR ?= demo-out
 # Real CT used by tests, evaluation and benchmarks (read in place, never copied).
 LUNGBURDEN_DATA ?= $(abspath $(CURDIR)/../shared/data)
 export LUNGBURDEN_DATA
 
-.PHONY: install demo test lint system-deps clean
+.PHONY: install demo test lint system-deps viewer-deps clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,10 +29,15 @@ install: $(STAMP)
 # Debian packages the integration tests talk to (real Orthanc, DCMTK, dciodvfy, Docker).
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+
+# The published OHIF viewer (npm package @ohif/app, its built dist/), cached outside the repository.
+viewer-deps: install system-deps
+	LUNGBURDEN_OHIF_CACHE=$(OHIF_CACHE) $(PY) tests/viewer/ohif.py
 
 demo: install
 	rm -rf $(DEMO_DIR)
@@ -40,9 +48,9 @@ demo: install
 lint: install
 	$(VENV)/bin/ruff check lungburden tests benchmarks
 
-test: install system-deps
+test: install system-deps viewer-deps
 	$(VENV)/bin/ruff check lungburden tests benchmarks
-	$(VENV)/bin/python -m pytest -q -ra
+	LUNGBURDEN_OHIF_CACHE=$(OHIF_CACHE) $(VENV)/bin/python -m pytest -q -ra
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info
