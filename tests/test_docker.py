@@ -16,6 +16,7 @@ or the Debian packages are missing (``make system-deps``). Build or run errors f
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 import subprocess
@@ -124,7 +125,7 @@ def test_images_are_labelled_unprivileged_with_health_checks_and_no_build_tools(
         assert docker_host.docker("run", "--rm", "--entrypoint", "sh", images.orthanc, "-c",
                                   f"command -v {tool}", check=False).returncode != 0
     # the version in the Dockerfile's and compose file's defaults is the package's
-    assert f"ARG VERSION={lungburden.__version__}\n" in DOCKERFILE.read_text()
+    assert set(re.findall(r"ARG VERSION=(\S+)", DOCKERFILE.read_text())) == {lungburden.__version__}
     assert set(re.findall(r"LUNGBURDEN_TAG:-([^}]+)}", COMPOSE_FILE.read_text())) == {lungburden.__version__}
     # without a password the Orthanc image refuses to start (EX_CONFIG)
     refused = docker_host.docker("run", "--rm", images.orthanc, check=False)
@@ -294,9 +295,18 @@ def _assert_same_as_analyze(orthanc: OrthancRest, series: dict[str, list[str]], 
 def test_compose_pacs_receives_seg_and_sr_of_the_node_equal_to_analyze(docker_host, stack, arrived, analyzed):
     _assert_same_as_analyze(stack.orthanc("pacs"), arrived["pacs"], analyzed)
     # the node's job and its delivery back to the PACS, as `lungburden jobs` reports them
-    jobs = docker_host.docker("exec", stack.container("node"), "lungburden", "jobs", "--config",
-                              "/etc/lungburden/lungburden.yaml").stdout
-    assert re.search(r"\bdone\b", jobs), jobs
+    def node_jobs() -> list[tuple]:
+        listing = json.loads(docker_host.docker("exec", stack.container("node"), "lungburden", "jobs", "--json",
+                                                "--config", "/etc/lungburden/lungburden.yaml").stdout)
+        return [(j["id"], j["state"], j["series_instance_uid"]) for j in listing["jobs"]]
+
+    jobs = node_jobs()
+    assert [state for _, state, _ in jobs] == ["done"], jobs
+    # an upgrade recreates the container: the job database and the spool live on in the volume
+    old_container = stack.container("node")
+    stack.run("up", "-d", "--no-build", "--no-deps", "--force-recreate", "node")
+    assert stack.container("node") != old_container
+    assert node_jobs() == jobs
 
 
 def test_plugin_image_stores_seg_and_sr_equal_to_analyze(docker_host, stack, arrived, analyzed):
