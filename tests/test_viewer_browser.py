@@ -348,12 +348,10 @@ def test_sr_shows_volumes_and_burden(viewer, case):
             time.sleep(0.7)
             texts = browser.evaluate(SVG_TEXT)
             seen.extend(t for t in texts if t not in seen)
-            if step == 0:
-                browser.save_screenshot(folder / "sr-first-measurement.png")
+            browser.save_screenshot(folder / f"sr-measurement-{step + 1}.png")
             centre = viewer.element_centre(arrows)
             assert centre is not None, "OHIF's SR viewport has no measurement navigation"
             browser.click(*centre)
-        browser.save_screenshot(folder / "sr-last-measurement.png")
         (folder / "sr-text.txt").write_text("\n".join(seen) + "\n")
         shown = [(name, float(value), unit) for name, value, unit in NUMBER.findall(" ".join(seen))]
         missing = [

@@ -98,28 +98,42 @@ def _mean_hu(mean: float | None) -> list[hd.sr.Measurement]:
 
 #: Key of the burden (GGO + high opacity) in :func:`key_points`.
 BURDEN_KEY = "burden"
+#: Key of the point of the groups without a segment of their own (lung zones, follow-up).
+CONTEXT_KEY = "context"
 
 
 def key_points(masks: dict[int, np.ndarray]) -> dict[int | str, tuple[int, int, int] | None]:
     """A voxel ``(slice, row, column)`` on each finding, in the slice where its area is largest.
 
-    Keys: the segment numbers of ``masks`` (:func:`~lungburden.results.seg.segment_masks`) and
-    :data:`BURDEN_KEY`. The voxel is the one of the finding nearest to its in-plane centroid;
-    ``None`` for an empty finding.
+    Keys: the segment numbers of ``masks`` (:func:`~lungburden.results.seg.segment_masks`),
+    :data:`BURDEN_KEY` and :data:`CONTEXT_KEY` (a second voxel of the burden, in its slice). The
+    voxel is the one of the finding nearest to its in-plane centroid that lies at least a sixth
+    of the image height above or below the points already placed in the same slice (viewers
+    write each point's numbers beside it, so points at similar heights make overlapping labels);
+    if none does, the one farthest in height from them. ``None`` for an empty finding.
     """
     findings: dict[int | str, np.ndarray] = dict(masks)
     findings[BURDEN_KEY] = masks[SEGMENT_GGO] | masks[SEGMENT_HIGH_OPACITY]
+    min_gap = masks[SEGMENT_LUNG_FIELD].shape[1] / 6
     points: dict[int | str, tuple[int, int, int] | None] = {}
     for key, mask in findings.items():
         areas = mask.sum(axis=(1, 2))
-        if not areas.any():
-            points[key] = None
-            continue
-        k = int(np.argmax(areas))
-        rows, cols = np.nonzero(mask[k])
-        nearest = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
-        points[key] = (k, int(rows[nearest]), int(cols[nearest]))
+        points[key] = _separated_point(mask, int(np.argmax(areas)), points, min_gap) if areas.any() else None
+    anchor = points[BURDEN_KEY]
+    burden = findings[BURDEN_KEY]
+    points[CONTEXT_KEY] = _separated_point(burden, anchor[0], points, min_gap) if anchor else None
     return points
+
+
+def _separated_point(mask: np.ndarray, k: int, taken: dict, min_gap: float) -> tuple[int, int, int]:
+    rows, cols = np.nonzero(mask[k])
+    order = np.argsort((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2, kind="stable")
+    others = np.array([p[1] for p in taken.values() if p is not None and p[0] == k])
+    if len(others):
+        gap = np.abs(rows[:, None] - others[None, :]).min(axis=1)  # labels are written line below line
+        apart = order[gap[order] >= min_gap]
+        order = apart if len(apart) else order[np.argsort(-gap[order], kind="stable")]
+    return (k, int(rows[order[0]]), int(cols[order[0]]))
 
 
 def _image_region(volume: CTVolume, point: tuple[int, int, int]) -> hd.sr.ImageRegion:
@@ -238,13 +252,13 @@ def measurement_groups(
             )
         )
     groups.extend(extra)
-    for numbers in extra:  # located at the burden's key point, like the burden group
+    for numbers in extra:  # located on the opacity, in the burden's key slice
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
                     uid=numbers.tracking_uid, identifier=_tracking_id(numbers)
                 ),
-                referenced_region=_image_region(volume, points.get(BURDEN_KEY) or lung_point),
+                referenced_region=_image_region(volume, points.get(CONTEXT_KEY) or lung_point),
                 finding_type=numbers.finding_type,
                 finding_category=_finding_category(numbers),
                 algorithm_id=algorithm_id,
