@@ -109,8 +109,13 @@ class DockerHost:
         raise RuntimeError(f"dockerd not answering after {timeout} s:\n{log_path.read_text(errors='replace')[-4000:]}")
 
     def close(self) -> None:
-        """Stop the daemon if this object started it (images and build cache stay on disk)."""
+        """Stop the daemon if this object started it and no container runs on it any more (another
+        run on this machine may have found it answering and use it); images and cache stay on disk."""
         if self.daemon is not None and self.daemon.poll() is None:
+            running = self.docker("ps", "-q", check=False)
+            if running.returncode == 0 and running.stdout.strip():
+                self.daemon = None
+                return
             self.daemon.terminate()
             try:
                 self.daemon.wait(timeout=60)
@@ -134,10 +139,15 @@ class DockerHost:
         return True
 
     def build(self, target: str, tag: str, build_args: dict[str, str], secrets: dict[str, str],
-              log_path: Path) -> float:
-        """``docker build --target`` from the repository root; returns the seconds it took."""
+              log_path: Path, cache_from: str | None = None) -> float:
+        """``docker build --target`` from the repository root; returns the seconds it took.
+
+        The image carries its cache metadata (``BUILDKIT_INLINE_CACHE``), so that the next target
+        reuses its layers explicitly (``cache_from``): torch is installed once per run."""
         args = [self.client, "build", "--network", "host", "-f", str(DOCKERFILE), "--target", target, "-t", tag,
-                "--progress", "plain"]
+                "--progress", "plain", "--build-arg", "BUILDKIT_INLINE_CACHE=1"]
+        if cache_from:
+            args += ["--cache-from", cache_from]
         for key, value in build_args.items():
             args += ["--build-arg", f"{key}={value}"]
         for name, path in secrets.items():

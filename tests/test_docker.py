@@ -87,7 +87,8 @@ def images(docker_host: DockerHost, tmp_path_factory):
         log = workdir / "build.log"
         try:
             _note("build node s", docker_host.build("node", built.node, args, pip.secrets(), log))
-            _note("build orthanc s", docker_host.build("orthanc", built.orthanc, args, pip.secrets(), log))
+            _note("build orthanc s", docker_host.build("orthanc", built.orthanc, args, pip.secrets(), log,
+                                                       cache_from=built.node))
         except BaseException:
             for ref in (built.node, built.orthanc):
                 docker_host.docker("image", "rm", ref, check=False)
@@ -302,6 +303,8 @@ def test_compose_pacs_receives_seg_and_sr_of_the_node_equal_to_analyze(docker_ho
 
     jobs = node_jobs()
     assert [state for _, state, _ in jobs] == ["done"], jobs
+    assert docker_host.docker("exec", stack.container("pacs"), "lungburden-healthcheck", "orthanc",
+                              check=False).returncode == 0
     # an upgrade recreates the container: the job database and the spool live on in the volume
     old_container = stack.container("node")
     stack.run("up", "-d", "--no-build", "--no-deps", "--force-recreate", "node")
