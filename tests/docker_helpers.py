@@ -100,6 +100,8 @@ class DockerHost:
             if self.daemon.poll() is not None:
                 text = log_path.read_text(errors="replace")
                 self.daemon = None
+                if self.answers():  # another run started one at the same moment
+                    return
                 if re.search(r"operation not permitted|permission denied|must be run as root", text, re.I):
                     raise DockerUnavailable(f"dockerd cannot start here:\n{text[-2000:]}")
                 raise RuntimeError(f"dockerd exited:\n{text[-4000:]}")
