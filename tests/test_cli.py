@@ -11,7 +11,7 @@ import pydicom
 import pytest
 
 from lungburden.cli import main
-from lungburden.results.validate import read_seg_with_dcmqi, read_sr_with_dcmqi, run_dciodvfy
+from lungburden.results.validate import read_seg_with_dcmqi, read_sr_with_dcmqi, result_values, run_dciodvfy
 
 RESULT_KEYS = {
     "study_instance_uid",
@@ -44,10 +44,7 @@ def check_outputs(out: Path, workdir: Path) -> dict:
     assert result["series_instance_uid"] not in (seg.SeriesInstanceUID, sr.SeriesInstanceUID)
     # SR numbers (read by dcmqi) equal result.json.
     sr_values = read_sr_with_dcmqi(out / "sr.dcm", workdir / "sr")
-    expected = dict(result, zones_total_score=result["zones"]["total_score"])
-    for zone in result["zones"]["zones"]:  # the zone group, by the keys of read_sr_with_dcmqi
-        expected[f"zone_{zone['lung']}_{zone['zone']}_percent"] = zone["involvement_percent"]
-        expected[f"zone_{zone['lung']}_{zone['zone']}_score"] = zone["score"]
+    expected = result_values(result)
     for key, value in sr_values.items():
         assert value == pytest.approx(expected[key], abs=1e-3), key
     assert {"lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml", "burden_percent"} <= set(sr_values)

@@ -235,3 +235,17 @@ def zone_values(zones) -> dict[str, float]:
         out[f"zone_{zone.lung}_{zone.zone}_percent"] = zone.involvement_percent
         out[f"zone_{zone.lung}_{zone.zone}_score"] = float(zone.score)
     return out
+
+
+def result_values(result: dict) -> dict:
+    """``result`` (the content of result.json) with the lung-zone figures added under the keys
+    of :func:`read_sr_with_dcmqi` (``zone_<lung>_<zone>_percent`` / ``_score``,
+    ``zones_total_score``), so that the numbers read from the SR compare key by key."""
+    values = dict(result)
+    zones = result.get("zones")
+    if zones:
+        values["zones_total_score"] = zones["total_score"]
+        for zone in zones["zones"]:
+            values[f"zone_{zone['lung']}_{zone['zone']}_percent"] = zone["involvement_percent"]
+            values[f"zone_{zone['lung']}_{zone['zone']}_score"] = zone["score"]
+    return values
