@@ -33,6 +33,23 @@ def storescu(port: int, paths: list[Path] | Path, aet: str = "STORESCU", called:
                           timeout=timeout)
 
 
+def sr_numbers(ds) -> list[tuple[str, str, float, str]]:
+    """Every NUM content item of an SR: (parent concept, concept code, value, unit), in document order."""
+    out = []
+
+    def walk(items, parent: str) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
+            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+                mv = item.MeasuredValueSequence[0]
+                out.append((parent, name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue))
+            if "ContentSequence" in item:
+                walk(item.ContentSequence, name)
+
+    walk(ds.ContentSequence, "")
+    return out
+
+
 class InProcessNodes:
     """Nodes started in the test process without workers (the receive side only), stopped together.
 

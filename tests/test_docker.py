@@ -29,7 +29,7 @@ import pytest
 import requests
 from ct_builders import write_phantom
 from docker_helpers import COMPOSE_FILE, DOCKERFILE, REPO, DockerHost, DockerUnavailable, PipSource
-from node_helpers import storescu
+from node_helpers import sr_numbers, storescu
 from processes import free_port
 
 import lungburden
@@ -246,23 +246,6 @@ def analyzed(sent) -> Path:
     return out
 
 
-def _sr_numbers(ds: pydicom.Dataset) -> list[tuple[str, str, float, str]]:
-    """Every NUM content item of an SR: (parent concept, concept code, value, unit), in document order."""
-    out = []
-
-    def walk(items, parent: str) -> None:
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
-            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
-                mv = item.MeasuredValueSequence[0]
-                out.append((parent, name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence, name)
-
-    walk(ds.ContentSequence, "")
-    return out
-
-
 @pytest.fixture(scope="module")
 def arrived(stack, sent) -> dict[str, dict[str, list[str]]]:
     """service -> the study's series in that Orthanc once SEG and SR are there (both polled together)."""
@@ -286,8 +269,8 @@ def _assert_same_as_analyze(orthanc: OrthancRest, series: dict[str, list[str]], 
     assert len(series["SEG"]) == 1 and len(series["SR"]) == 1, series
     assert len(series["CT"]) == 24
     stored_sr, cli_sr = orthanc.dataset(series["SR"][0]), pydicom.dcmread(analyzed / "sr.dcm")
-    numbers = _sr_numbers(stored_sr)
-    assert numbers and numbers == _sr_numbers(cli_sr)
+    numbers = sr_numbers(stored_sr)
+    assert numbers and numbers == sr_numbers(cli_sr)
     stored_seg, cli_seg = orthanc.dataset(series["SEG"][0]), pydicom.dcmread(analyzed / "seg.dcm")
     assert int(stored_seg.NumberOfFrames) == int(cli_seg.NumberOfFrames)
     assert stored_seg.PixelData == cli_seg.PixelData

@@ -21,7 +21,7 @@ import pydicom
 import pytest
 import requests
 from ct_builders import write_phantom
-from node_helpers import storescu
+from node_helpers import sr_numbers, storescu
 from orthanc import PYTHON_PLUGIN, OrthancServer, find_plugin, orthanc_available
 from pydicom.uid import MRImageStorage, generate_uid
 
@@ -297,23 +297,6 @@ class PluginOrthanc:
         return out
 
 
-def _sr_numbers(ds: pydicom.Dataset) -> list[tuple[str, str, float, str]]:
-    """Every NUM content item of an SR: (parent concept, concept code, value, unit), in document order."""
-    out = []
-
-    def walk(items, parent: str) -> None:
-        for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else ""
-            if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
-                mv = item.MeasuredValueSequence[0]
-                out.append((parent, name, float(mv.NumericValue), mv.MeasurementUnitsCodeSequence[0].CodeValue))
-            if "ContentSequence" in item:
-                walk(item.ContentSequence, name)
-
-    walk(ds.ContentSequence, "")
-    return out
-
-
 def _rewrite(files: list[Path], out_dir: Path, **changes) -> list[Path]:
     """Copies of a series in a new study (new study, frame of reference, series and SOP UIDs) with changes."""
     out_dir.mkdir(parents=True)
@@ -388,8 +371,8 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
     stored_sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(
         plugin_orthanc.server.instance_file(job["orthanc"]["sr"])))
     cli_sr = pydicom.dcmread(tmp_path / "cli" / "sr.dcm")
-    numbers = _sr_numbers(stored_sr)
-    assert numbers and numbers == _sr_numbers(cli_sr)
+    numbers = sr_numbers(stored_sr)
+    assert numbers and numbers == sr_numbers(cli_sr)
     assert job["result"]["burden_percent"] == pytest.approx(expected["burden_percent"])
     assert job["result"]["lung_volume_ml"] == pytest.approx(expected["lung_volume_ml"])
     assert str(stored_sr.StudyInstanceUID) == study_uid
