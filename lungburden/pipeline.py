@@ -223,6 +223,13 @@ def result_document(result: AnalysisResult, seg: Dataset, sr: Dataset, input_inf
 SC_DIR, PDF_DICOM, PDF_FILE = "sc", "report.dcm", "report.pdf"
 
 
+def write_result_document(document: dict, path: Path) -> None:
+    """``result.json``, appearing atomically (written beside, then renamed)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(document, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def write_outputs(
     seg: Dataset, sr: Dataset, document: dict, out_dir: Path, encoded: EncodedResults | None = None
 ) -> tuple[Path, Path, Path]:
@@ -255,9 +262,7 @@ def write_outputs(
         tmp_pdf = out_dir / (PDF_FILE + ".tmp")
         tmp_pdf.write_bytes(encoded.pdf_bytes)
         tmp_pdf.replace(out_dir / PDF_FILE)
-    tmp = paths[2].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(paths[2])
+    write_result_document(document, paths[2])
     return paths
 
 
@@ -291,9 +296,7 @@ def write_refusal(volume: CTVolume, refusal: QualityRefused, algorithm: Algorith
     out_dir.mkdir(parents=True, exist_ok=True)
     sr_path, result_path = out_dir / "sr.dcm", out_dir / "result.json"
     write_dataset(sr, sr_path)
-    tmp = result_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(document, indent=2) + "\n")
-    tmp.replace(result_path)
+    write_result_document(document, result_path)
     log.warning("series %s: %s -> SR %s", volume.series_instance_uid, reason, sr.SOPInstanceUID)
     return AnalysisOutputs(None, sr, document, None, sr_path, result_path)
 
