@@ -29,6 +29,19 @@ COMMAND_MODULES = (
 
 
 
+def _priors_line(document: dict) -> str:
+    """The summary line of the priors (empty when they were not searched)."""
+    if "priors" not in document:
+        return ""
+    change = document.get("change_since_prior")
+    if change is None:
+        return f"  Priors            none ({document.get('priors_note') or 'none found'})\n"
+    latest = document["priors"][0]
+    return (f"  Priors            {len(document['priors'])}, the most recent of {latest['study_date']} "
+            f"({change['days']} days before, from {latest['source']}): burden {change['burden_points']:+.2f} points "
+            f"({change['direction']})\n")
+
+
 def _print_summary(document: dict, out_dir: Path) -> None:
     def ml(key: str) -> str:
         return f"{document[key]:9.1f} mL"
@@ -42,14 +55,42 @@ def _print_summary(document: dict, out_dir: Path) -> None:
         f"  GGO               {ml('ggo_volume_ml')}  {document['ggo_percent']:6.2f} % of lung\n"
         f"  High opacity      {ml('high_opacity_volume_ml')}  {document['high_opacity_percent']:6.2f} % of lung\n"
         f"  Pneumonia burden  {document['burden_percent']:9.2f} %\n"
+        f"{_priors_line(document)}"
         f"  SEG     {out_dir / 'seg.dcm'}\n"
         f"  SR      {out_dir / 'sr.dcm'}\n"
         f"  result  {out_dir / 'result.json'}"
     )
 
 
+#: The ``analyze`` option of each configuration key its priors options set.
+_PRIOR_OPTIONS = {"followup.url": "--priors-from", "followup.lookback_days": "--lookback-days",
+                  "followup.max_priors": "--max-priors", "processing.weights": "--weights",
+                  "selection.min_slices": "--min-slices"}
+
+
+def _prior_finder(args: argparse.Namespace):
+    """The node's prior finder (:func:`lungburden.followup.priors.node_priors`) of the options'
+    ``followup`` settings; credentials from the DICOMweb environment variables of archive mode.
+    Raises :class:`~lungburden.config.ConfigError` for invalid values."""
+    from lungburden.archive.tasks import credentials
+    from lungburden.config import config_from_mapping
+    from lungburden.followup.priors import node_priors
+
+    username, password = credentials()
+    processing = {key: value for key, value in (("model", args.model), ("weights", args.weights)) if value}
+    config = config_from_mapping({
+        "selection": {"min_slices": args.min_slices},
+        "processing": processing,
+        "followup": {"enabled": True, "url": args.priors_from, "username": username, "password": password,
+                     "lookback_days": args.lookback_days, "max_priors": args.max_priors,
+                     "store_results": not args.no_store_priors},
+    }, source="analyze options")
+    return node_priors(config, args.model)
+
+
 def cmd_analyze(args: argparse.Namespace) -> int:
-    """Find the series under INPUT_DIR, select one, analyse it and write SEG, SR and result.json."""
+    """Find the series under INPUT_DIR, select one, analyse it and write SEG, SR and result.json;
+    with ``--priors-from``, compare it with the patient's prior studies in that PACS."""
     from lungburden.dicom_io.selection import SelectionRules, select_series
     from lungburden.dicom_io.series import discover_series
     from lungburden.dicom_io.volume import LoadLimits, SeriesRejected
@@ -71,10 +112,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         which = f"series {args.series}" if args.series else "analysable CT series"
         print(f"error: found no {which} under {input_dir}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from lungburden.config import ConfigError
     from lungburden.segmentation.registry import get_segmenter
 
+    priors = None
+    if args.priors_from:
+        try:
+            priors = _prior_finder(args)
+        except ConfigError as exc:
+            for key, value, message in exc.problems:
+                print(f"error: {_PRIOR_OPTIONS.get(key, key)} {message} (got {value!r})", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
-        segmenter = get_segmenter(args.model, weights=args.weights)
+        if priors is not None:  # the segmenter an analysed prior uses too (loaded once)
+            from lungburden.archive.tasks import segmenter_for
+
+            segmenter = segmenter_for(priors.model, priors.weights)
+        else:
+            segmenter = get_segmenter(args.model, weights=args.weights)
     except (KeyError, ValueError, OSError) as exc:  # unknown model, unreadable or foreign weights
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -87,7 +142,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(f"analysing {candidate.describe()}", file=sys.stderr)
         try:
             outputs = process_series(candidate.files, Path(args.out), model=args.model, limits=limits,
-                                     progress=progress, segmenter=segmenter)
+                                     progress=progress, segmenter=segmenter, priors=priors)
         except SeriesRejected as exc:
             print(f"not analysed: {exc}", file=sys.stderr)
             continue
@@ -124,6 +179,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from lungburden.config.schema import FollowupConfig
+
     parser = argparse.ArgumentParser(prog="lungburden", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"lungburden {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -137,6 +194,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="network weights file, e.g. site-tuned weights (default: the shipped weights)")
     p.add_argument("--series", default=None, help="analyse this SeriesInstanceUID instead of the selected one")
     p.add_argument("--min-slices", type=int, default=16, help="reject series with fewer slices (default 16)")
+    g = p.add_argument_group("follow-up", "compare with the patient's prior chest CTs in a PACS (docs/followup.md); "
+                                          "credentials from $LUNGBURDEN_DICOMWEB_USERNAME and _PASSWORD")
+    g.add_argument("--priors-from", default=None, metavar="URL",
+                   help="DICOMweb base URL of the PACS holding the priors, e.g. http://pacs:8042/dicom-web")
+    g.add_argument("--lookback-days", type=int, default=FollowupConfig.lookback_days, metavar="DAYS",
+                   help=f"priors dated at most this many days earlier (default {FollowupConfig.lookback_days})")
+    g.add_argument("--max-priors", type=int, default=FollowupConfig.max_priors, metavar="N",
+                   help=f"at most N priors, the most recent first (default {FollowupConfig.max_priors})")
+    g.add_argument("--no-store-priors", action="store_true",
+                   help="do not store the results of a prior analysed here (no lungburden SR of it in the PACS) "
+                        "back into the PACS")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("phantom", help="write a synthetic chest CT series with ground truth")

@@ -1,13 +1,17 @@
 """Real components of the archive-mode tests and benchmark: a Redis broker (Debian ``redis-server``)
-with its own configuration on a free loopback port, ``lungburden worker`` processes, and the
-archive's studies (phantoms, a non-chest CT, a series with a missing slice, a short series).
+with its own configuration on a free loopback port, ``lungburden worker`` processes, the
+archive's studies (phantoms, a non-chest CT, a series with a missing slice, a short series),
+``lungburden batch`` and its results table.
 """
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,19 +72,20 @@ class ArchiveWorker(ManagedProcess):
     stop_timeout = 30.0
 
     def __init__(self, workdir: Path, broker: str, name: str, concurrency: int = 1,
-                 visibility_timeout: float = 3600.0):
+                 visibility_timeout: float = 3600.0, env: dict[str, str] | None = None):
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         super().__init__(self.workdir / f"{name}.log")
         self.broker, self.node_name = broker, name
         self.concurrency, self.visibility_timeout = concurrency, visibility_timeout
+        self.env = dict(env or {})  # e.g. the archive's credentials (LUNGBURDEN_DICOMWEB_USERNAME, ...)
 
     def command(self) -> list[str]:
         return [LUNGBURDEN, "worker", "--broker", self.broker, "--concurrency", str(self.concurrency),
                 "--hostname", f"{self.node_name}@%h", "--visibility-timeout", str(self.visibility_timeout)]
 
     def environment(self) -> dict[str, str]:
-        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+        return {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
 
     def ready(self) -> bool:
         return " ready." in self.log_text()
@@ -142,3 +147,18 @@ def build_archive(root: Path, seeds: tuple[int, ...] = (3, 4, 5), size: int = 12
         study("missing-slice", [f for f in gap if f.exists()], "failed")
         study("short", write_phantom(root / "short", seed=42, slices=8, size=size), "skipped")
     return studies
+
+
+def batch(orthanc, table: Path, *extra: str, model: str = "threshold", timeout: float = 240.0
+          ) -> tuple[int, dict, str]:
+    """``lungburden batch`` on ``orthanc`` (an :class:`orthanc.OrthancServer`): exit status, summary, log."""
+    proc = subprocess.run([LUNGBURDEN, "batch", "--url", orthanc.dicomweb_url, "--table", str(table), "--model", model,
+                           "--no-progress", *extra], capture_output=True, text=True, timeout=timeout)
+    summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
+    return proc.returncode, summary, proc.stderr
+
+
+def rows(table: Path) -> dict[str, dict]:
+    """The rows of a CSV results table by Series Instance UID."""
+    with table.open(newline="") as f:
+        return {r["series_instance_uid"]: r for r in csv.DictReader(f)}

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 import subprocess
@@ -19,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from archive_helpers import LUNGBURDEN, ArchiveWorker, RedisServer, build_archive, redis_available
+from archive_helpers import LUNGBURDEN, ArchiveWorker, RedisServer, batch, build_archive, redis_available, rows
 from orthanc import OrthancServer, orthanc_available
 
 pytestmark = pytest.mark.skipif(not (orthanc_available() and redis_available()),
@@ -32,18 +31,6 @@ COMPARED = ("lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml", "burden
 def upload(orthanc: OrthancServer, folder: Path) -> None:
     for path in sorted(folder.glob("*.dcm")):
         orthanc.upload(path)
-
-
-def batch(orthanc: OrthancServer, table: Path, *extra: str, timeout: float = 240.0) -> tuple[int, dict, str]:
-    proc = subprocess.run([LUNGBURDEN, "batch", "--url", orthanc.dicomweb_url, "--table", str(table), "--model", MODEL,
-                           "--no-progress", *extra], capture_output=True, text=True, timeout=timeout)
-    summary = json.loads(proc.stdout) if proc.stdout.strip().startswith("{") else {}
-    return proc.returncode, summary, proc.stderr
-
-
-def rows(table: Path) -> dict[str, dict]:
-    with table.open(newline="") as f:
-        return {r["series_instance_uid"]: r for r in csv.DictReader(f)}
 
 
 def results_in(orthanc: OrthancServer, study_uid: str) -> dict[str, list[int]]:

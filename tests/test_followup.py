@@ -1,6 +1,8 @@
 """Follow-up: the patient's priors in a real Orthanc (QIDO-RS, WADO-RS, STOW-RS), never another
 patient's, the change since the most recent prior in result.json and the SR, and a prior without
-a lungburden SR analysed once (its results are stored, so the next run reads them).
+a lungburden SR analysed once (its results are stored, so the next run reads them); the same
+priors for ``lungburden analyze --priors-from`` on local files and in the results table of
+``lungburden batch --priors``.
 
 Three studies of one patient (rising then falling burden) and one of another patient with the
 same name, as small phantoms analysed with the fast ``threshold`` model.
@@ -13,11 +15,13 @@ import time
 
 import pydicom
 import pytest
+from archive_helpers import batch, rows
 from ct_builders import write_phantom
 from orthanc import OrthancServer, orthanc_available
 
+from lungburden.archive.tasks import SeriesTask
 from lungburden.config import config_from_mapping
-from lungburden.followup.priors import PatientKey, PriorFinder
+from lungburden.followup.priors import PatientKey, PriorFinder, task_priors
 from lungburden.followup.trend import FROM_ANALYSIS, FROM_SR, FollowUp, PriorResult, compare
 from lungburden.quantify import quantify
 from lungburden.results.sr_followup import CHANGE_TRACKING_ID, PRIOR_TRACKING_PREFIX
@@ -198,3 +202,93 @@ def test_missing_patient_id_refuses_with_a_reason(pacs, tmp_path):
     follow = PriorFinder(config.followup, config.selection, "threshold")(load_files(files),
                                                                          get_segmenter("threshold").info)
     assert follow.priors == () and "no Patient ID" in follow.note
+
+
+def test_series_task_carries_the_priors_through_json():
+    """A Celery worker gets the priors settings in the task's JSON (credentials stay out of it)."""
+    task = SeriesTask("http://pacs:8042/dicom-web", "1.2.3", "1.2.3.4", "threshold", min_slices=20,
+                      priors_url="http://priors:8042/dicom-web", lookback_days=30, max_priors=2, store_priors=False)
+    sent = json.dumps(task.to_json())
+    assert SeriesTask.from_json(json.loads(sent)) == task
+    finder = task_priors(SeriesTask.from_json(json.loads(sent)), "user", "secret")
+    assert "secret" not in sent and finder.config.password == "secret"
+    assert (finder.config.url, finder.config.lookback_days, finder.config.max_priors, finder.config.store_results) == (
+        "http://priors:8042/dicom-web", 30, 2, False)
+    assert (finder.model, finder.selection.min_slices, finder.config.timeout_seconds) == ("threshold", 20, 120.0)
+    assert task_priors(SeriesTask("http://pacs:8042/dicom-web", "1.2.3", "1.2.3.4")) is None
+
+
+def _walk(ds):
+    """Every content item of an SR, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _walk(item)
+
+
+def _analyze(folder, out, *extra: str) -> dict:
+    """``lungburden analyze`` (in this process) with the ``threshold`` model; its result.json."""
+    from lungburden.cli import main
+
+    assert main(["analyze", str(folder), "--out", str(out), "--model", "threshold", *extra]) == 0
+    return json.loads((out / "result.json").read_text())
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_analyze_with_priors_from_pacs(pacs, tmp_path, capsys):
+    """Local files analysed, priors from the PACS: the patient's two earlier studies with their
+    own numbers and the change; the other patient of the same name has none and is never used."""
+    server, studies, root = pacs
+    instances = len(server.get("/instances"))
+    reference = {key: _analyze(root / key, tmp_path / f"plain-{key}") for key in ("a1", "a2")}
+    source = ("--priors-from", server.dicomweb_url, "--no-store-priors")
+    result = _analyze(root / "a3", tmp_path / "a3", *source, "--lookback-days", "60")
+    priors = result["priors"]
+    assert [p["study_instance_uid"] for p in priors] == [studies["a2"], studies["a1"]]
+    assert [(p["study_date"], p["days_before"]) for p in priors] == [("20240112", 8), ("20240105", 15)]
+    for prior, key in zip(priors, ("a2", "a1"), strict=True):
+        for name in ("burden_percent", "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml"):
+            assert prior[name] == pytest.approx(reference[key][name], abs=1e-3), (key, name)
+    change = result["change_since_prior"]
+    assert change["prior_study_instance_uid"] == studies["a2"] and change["days"] == 8
+    assert change["burden_points"] == pytest.approx(result["burden_percent"] - reference["a2"]["burden_percent"],
+                                                    abs=1e-3)
+    assert change["direction"] == "decreased" and "priors_skipped" not in result and "priors_note" not in result
+    assert studies["b1"] not in json.dumps(result)
+    assert "Priors            2, the most recent of 20240112 (8 days before" in capsys.readouterr().out
+    texts = {str(i.TextValue) for i in _walk(pydicom.dcmread(tmp_path / "a3" / "sr.dcm")) if "TextValue" in i}
+    assert CHANGE_TRACKING_ID in texts and PRIOR_TRACKING_PREFIX + "2024-01-12" in texts  # as from the node
+
+    # The look-back and the number of priors are the options': only A2 is 10 days back at most.
+    near = _analyze(root / "a3", tmp_path / "near", *source, "--lookback-days", "10", "--max-priors", "3")
+    assert [p["study_instance_uid"] for p in near["priors"]] == [studies["a2"]]
+    # Another patient of the same name: no prior (A's studies are never used).
+    other = _analyze(root / "b1", tmp_path / "b1", *source)
+    assert other["priors"] == [] and other["change_since_prior"] is None and other["priors_note"]
+    assert not any(studies[k] in json.dumps(other) for k in ("a1", "a2", "a3"))
+    assert len(server.get("/instances")) == instances  # --no-store-priors: nothing stored
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_batch_with_priors_writes_the_prior_columns(pacs, tmp_path):
+    """``batch --priors`` (local pool of two, four series at once): each row names the patient's
+    most recent prior and the change since it, computed from the rows of those studies."""
+    server, studies, _ = pacs
+    instances = len(server.get("/instances"))
+    table = tmp_path / "results.csv"
+    code, summary, log = batch(server, table, "--priors", "--no-store", "--engine", "local", "--workers", "2",
+                               "--max-in-flight", "4")
+    assert code == 0 and summary["done"] == 4, log
+    by_study = {r["study_instance_uid"]: r for r in rows(table).values()}
+    a1, a2, a3, b1 = (by_study[studies[k]] for k in ("a1", "a2", "a3", "b1"))
+    for row in (a1, b1):
+        assert row["prior_count"] == "0" and row["prior_study_instance_uid"] == "" and row["priors_note"]
+    for row, prior, date, count in ((a2, a1, "20240105", "1"), (a3, a2, "20240112", "2")):
+        assert (row["prior_count"], row["prior_study_instance_uid"], row["prior_study_date"]) == (
+            count, prior["study_instance_uid"], date)
+        assert float(row["change_burden_points"]) == pytest.approx(
+            float(row["burden_percent"]) - float(prior["burden_percent"]), abs=1e-3)
+    assert float(a3["change_burden_points"]) < 0 < float(a2["change_burden_points"])
+    assert studies["b1"] not in (a1["priors_note"] + a2["prior_study_instance_uid"] + a3["prior_study_instance_uid"])
+    assert len(server.get("/instances")) == instances  # --no-store: the priors were not stored either

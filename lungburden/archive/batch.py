@@ -16,15 +16,25 @@ and model version is not analysed again, and (when storing back) neither is a se
 SR for that version is already in the archive (the SR's Series Instance UID is deterministic,
 :func:`~lungburden.archive.tasks.expected_result_uids`). Series that failed for a transient
 reason are tried again; those whose input the pipeline refused only with ``retry_failed``.
+
+With priors (``priors_url``, :mod:`lungburden.followup`), each task searches the patient's prior
+studies and reads or analyses them on its worker. The coordinator then hands out the studies
+oldest first and one series of a patient at a time (patients by Patient ID and issuer, held in
+memory only): a patient's earlier study in the same run is finished, and with ``store`` its SR
+stored, before a later study looks for it, so the later one reads its numbers and every study's
+results are the same whatever the number of workers. The results table gets the prior columns
+(:data:`~lungburden.archive.table.PRIOR_COLUMNS`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import statistics
 import sys
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -32,19 +42,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from lungburden.archive.search import ArchiveQuery, SeriesEntry, list_study, search_studies
-from lungburden.archive.table import ResultsTable
+from lungburden.archive.table import ResultsTable, prior_columns
 from lungburden.archive.tasks import (
     DEFAULT_QUEUE,
     TASK_NAME,
     SeriesOutcome,
     SeriesTask,
-    analyse_series,
     expected_result_uids,
     model_name,
     segmenter_for,
     worker_name,
 )
+from lungburden.archive.worker import run_series
+from lungburden.config.schema import FollowupConfig
 from lungburden.dicom_io.selection import SelectionRules
+from lungburden.followup.priors import PatientKey
 from lungburden.jobs.exporters import dicomweb_client
 
 log = logging.getLogger(__name__)
@@ -81,6 +93,13 @@ class BatchOptions:
     retry_failed: bool = False
     #: Progress bar (None: when stderr is a terminal).
     progress_bar: bool | None = None
+    #: DICOMweb base URL where each series' priors are searched (None: no priors; usually ``url``),
+    #: how far back, how many, and whether analysed priors' results are stored there (only with
+    #: ``store``).
+    priors_url: str | None = None
+    lookback_days: int = FollowupConfig.lookback_days
+    max_priors: int = FollowupConfig.max_priors
+    store_priors: bool = FollowupConfig.store_results
 
 
 @dataclass
@@ -117,7 +136,7 @@ class LocalEngine:
         self.pending: dict[Future, SeriesTask] = {}
 
     def submit(self, task: SeriesTask) -> None:
-        self.pending[self.pool.submit(analyse_series, task, self.username, self.password)] = task
+        self.pending[self.pool.submit(run_series, task, self.username, self.password)] = task
 
     def collect(self, timeout: float) -> list[SeriesOutcome]:
         if not self.pending:
@@ -141,7 +160,7 @@ class CeleryEngine:
     """One Celery task per series on the broker's queue; outcomes from the result backend."""
 
     def __init__(self, broker: str, backend: str | None, queue: str):
-        from lungburden.archive.tasks import make_app
+        from lungburden.archive.worker import make_app
 
         self.app = make_app(broker, backend)
         self.queue = queue
@@ -230,6 +249,7 @@ def _row(entry: SeriesEntry, status: str, reason: str | None, outcome: SeriesOut
     }
     if outcome is not None:
         row.update(outcome.result or {})
+        row.update(prior_columns(outcome.result or {}))
         row.update(status=status, reason=reason, stored=outcome.stored, retryable=outcome.retryable,
                    worker=outcome.worker,
                    seconds=outcome.timings_s.get("total"))
@@ -241,14 +261,74 @@ class _Work:
     entry: SeriesEntry
     task: SeriesTask | None = None
     row: dict | None = None
+    #: The patient (a digest of Patient ID and issuer) whose series run one at a time; None: any time.
+    lane: str | None = None
+
+
+class _Lanes:
+    """One series of a patient in flight at a time, the others waiting in the plan's order."""
+
+    def __init__(self) -> None:
+        self.busy: set[str] = set()
+        self.queued: dict[str, deque[_Work]] = {}
+        self.ready: deque[_Work] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self.ready) + sum(len(q) for q in self.queued.values())
+
+    def admit(self, work: _Work) -> bool:
+        """True: hand ``work`` out now; False: it waits for its patient's series in flight."""
+        if work.lane is None:
+            return True
+        if work.lane in self.busy:
+            self.queued.setdefault(work.lane, deque()).append(work)
+            return False
+        self.busy.add(work.lane)
+        return True
+
+    def release(self, work: _Work) -> None:
+        """``work`` finished: its patient's next series (if any) is ready."""
+        if work.lane is None:
+            return
+        queue = self.queued.get(work.lane)
+        if queue:
+            self.ready.append(queue.popleft())
+            if not queue:
+                del self.queued[work.lane]
+        else:
+            self.busy.discard(work.lane)
+
+
+#: The QIDO-RS study attributes that order the studies and group them by patient (with priors).
+_PATIENT_FIELDS = ("PatientID", "IssuerOfPatientID", "PatientBirthDate", "StudyTime")
+
+
+def _lane(study) -> str | None:
+    """A digest of the study's Patient ID and issuer (None when priors cannot be searched for it)."""
+    key = PatientKey.of(study)
+    if key.problem() is not None:
+        return None
+    return hashlib.sha256(f"{key.patient_id}\\{key.issuer}".encode()).hexdigest()
+
+
+def _chronological(study) -> tuple[str, str, str]:
+    return tuple(str(study.get(k, "") or "").strip() for k in ("StudyDate", "StudyTime", "StudyInstanceUID"))
 
 
 def _plan(options: BatchOptions, table: ResultsTable, summary: BatchSummary) -> Iterator[_Work]:
-    """The series considered, study by study: a task to run or a row to record (or nothing)."""
+    """The series considered, study by study: a task to run or a row to record (or nothing).
+
+    With priors, the studies are first all found and then taken oldest first."""
     client = dicomweb_client(options.url, options.username, options.password, timeout=options.timeout_s)
     algorithm = segmenter_for(options.model, options.weights).info
     name = model_name(options.model)
-    for study_uid in search_studies(client, options.query):
+    studies = search_studies(client, options.query, _PATIENT_FIELDS if options.priors_url else ())
+    if options.priors_url:
+        studies = iter(sorted(studies, key=_chronological))
+    for study in studies:
+        study_uid = str(study.StudyInstanceUID)
+        lane = _lane(study) if options.priors_url else None
         try:
             listing = list_study(client, study_uid, options.query, options.rules, options.prefer_one_reconstruction)
         except Exception as exc:  # noqa: BLE001 - one unreadable study must not stop the archive
@@ -284,7 +364,9 @@ def _plan(options: BatchOptions, table: ResultsTable, summary: BatchSummary) -> 
                 continue
             yield _Work(entry, task=SeriesTask(
                 options.url, entry.study_instance_uid, entry.series_instance_uid, options.model, options.weights,
-                tuple(options.outputs), options.store, options.rules.min_slices, options.attempts, options.timeout_s))
+                tuple(options.outputs), options.store, options.rules.min_slices, options.attempts, options.timeout_s,
+                options.priors_url, options.lookback_days, options.max_priors, options.store and options.store_priors),
+                lane=lane)
 
 
 def make_engine(options: BatchOptions) -> LocalEngine | CeleryEngine:
@@ -305,7 +387,8 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     engine = make_engine(options)
     limit = options.max_in_flight or (options.workers if options.engine == "local" else 8)
     progress = Progress(options.progress_bar)
-    entries: dict[str, tuple[SeriesEntry, float]] = {}
+    entries: dict[str, tuple[_Work, float]] = {}
+    lanes = _Lanes()
     log.info("batch on %s by %s: engine %s, at most %d series at once", options.url, worker_name(),
              options.engine, limit)
 
@@ -318,27 +401,34 @@ def run_batch(options: BatchOptions) -> BatchSummary:
     exhausted = False
     try:
         while True:
-            while not exhausted and len(engine.pending) < limit:
-                work = next(plan, None)
+            while len(engine.pending) < limit:
+                work = lanes.ready.popleft() if lanes.ready else None
                 if work is None:
-                    exhausted = True
-                    break
-                progress.found()
-                if work.row is not None:
-                    record(work.row)
-                elif work.task is not None:
-                    engine.submit(work.task)
-                    entries[work.entry.series_instance_uid] = (work.entry, time.monotonic())
-                    summary.submitted += 1
-            if exhausted and not engine.pending:
+                    if exhausted or lanes.waiting >= 4 * limit:  # read ahead of waiting series, not further
+                        break
+                    work = next(plan, None)
+                    if work is None:
+                        exhausted = True
+                        break
+                    progress.found()
+                    if work.row is not None:
+                        record(work.row)
+                        continue
+                    if work.task is None or not lanes.admit(work):
+                        continue
+                engine.submit(work.task)
+                entries[work.entry.series_instance_uid] = (work, time.monotonic())
+                summary.submitted += 1
+            if exhausted and not engine.pending and not lanes.waiting:
                 break
             for outcome in engine.collect(timeout=1.0):
-                entry, handed_out = entries.pop(outcome.series_instance_uid)
+                work, handed_out = entries.pop(outcome.series_instance_uid)
+                lanes.release(work)
                 total = outcome.timings_s.get("total")
                 if total is not None:
                     summary.task_s.append(total)
                     summary.engine_overhead_s.append(max(0.0, time.monotonic() - handed_out - total))
-                record(_row(entry, outcome.status, outcome.reason, outcome))
+                record(_row(work.entry, outcome.status, outcome.reason, outcome))
     finally:
         table.write()
         progress.close()

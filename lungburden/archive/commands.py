@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from lungburden.exit_codes import EXIT_BAD_INPUT, EXIT_CONFIG, EXIT_FAILED, EXIT_OK
@@ -62,6 +63,16 @@ def cmd_batch(args: argparse.Namespace) -> int:
                          study_description_regex=args.study_description,
                          series_description_regex=args.series_description, study_uids=study_uids)
     rules = config.selection.to_rules()
+    followup = config.followup
+    priors_url = args.priors_from or (args.url if args.priors else None) or (followup.url if followup.enabled else None)
+    followup = replace(followup, enabled=bool(priors_url), url=priors_url,
+                       lookback_days=followup.lookback_days if args.lookback_days is None else args.lookback_days,
+                       max_priors=followup.max_priors if args.max_priors is None else args.max_priors)
+    for key, value, message in followup.check():
+        flag = {"followup.url": "--priors-from", "followup.lookback_days": "--lookback-days",
+                "followup.max_priors": "--max-priors"}.get(key, key)
+        print(f"error: {flag} {message} (got {value!r})", file=sys.stderr)
+        return EXIT_BAD_INPUT
     username = args.username or os.environ.get(USERNAME_ENV)
     password = os.environ.get(PASSWORD_ENV)
     options = BatchOptions(
@@ -72,6 +83,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
         backend=args.result_backend, queue=args.queue, max_in_flight=args.max_in_flight,
         timeout_s=args.timeout, username=username, password=password,
         retry_failed=args.retry_failed, progress_bar=False if args.no_progress else None,
+        priors_url=followup.url, lookback_days=followup.lookback_days, max_priors=followup.max_priors,
+        store_priors=followup.store_results,
     )
     try:
         summary = run_batch(options)
@@ -84,7 +97,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run a Celery worker of archive mode (WADO-RS in, STOW-RS out; any number of machines)."""
-    from lungburden.archive.tasks import make_app
+    from lungburden.archive.worker import make_app
     from lungburden.segmentation.base import requested_precision
 
     try:
@@ -143,6 +156,15 @@ def add_subcommands(sub) -> None:
     p.add_argument("--retry-failed", action="store_true",
                    help="analyse again the series whose input was refused in an earlier run")
     p.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    g = p.add_argument_group("follow-up", "compare each series with the patient's prior chest CTs (docs/followup.md); "
+                                          "also on with the configuration's followup section")
+    g.add_argument("--priors", action="store_true", help="search the priors in the archive (--url)")
+    g.add_argument("--priors-from", default=None, metavar="URL",
+                   help="search the priors in this DICOMweb archive instead (implies --priors)")
+    g.add_argument("--lookback-days", type=int, default=None, metavar="DAYS",
+                   help="priors dated at most this many days earlier (default: followup.lookback_days, 365)")
+    g.add_argument("--max-priors", type=int, default=None, metavar="N",
+                   help="at most N priors, the most recent first (default: followup.max_priors, 3)")
     p.set_defaults(func=cmd_batch)
 
     p = sub.add_parser("worker", help="run a Celery worker for `lungburden batch --engine celery`")

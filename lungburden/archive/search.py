@@ -130,20 +130,22 @@ def _paged(search: Callable[[int, int], list[dict]], page_size: int) -> Iterator
         offset += len(page)
 
 
-def search_studies(client, query: ArchiveQuery) -> Iterator[str]:
-    """Study Instance UIDs matching ``query`` (QIDO-RS ``/studies``, paged), in the archive's order."""
+def search_studies(client, query: ArchiveQuery, fields: tuple[str, ...] = ()) -> Iterator[Dataset]:
+    """The studies matching ``query`` (QIDO-RS ``/studies``, paged), in the archive's order: each
+    its QIDO-RS attributes (Study Instance UID, Study Date, description, modalities, ``fields``)."""
     description = re.compile(query.study_description_regex) if query.study_description_regex else None
-    fields = ["StudyDescription", "StudyDate", "ModalitiesInStudy"]
+    fields = ("StudyDescription", "StudyDate", "ModalitiesInStudy", *fields)
     if query.study_uids:
         for uid in query.study_uids:
             found = with_retries(lambda uid=uid: client.search_for_studies(
-                search_filters={"StudyInstanceUID": uid}, fields=fields), f"QIDO-RS study {uid}")
+                search_filters={"StudyInstanceUID": uid}, fields=list(fields)), f"QIDO-RS study {uid}")
             if not found:
                 log.warning("study %s: not found in the archive", uid)
                 continue
             ds = Dataset.from_json(found[0])
             if description is None or description.search(_text(ds, "StudyDescription")):
-                yield uid
+                ds.StudyInstanceUID = uid
+                yield ds
         return
     filters: dict[str, str] = {}
     if query.modality:
@@ -152,13 +154,13 @@ def search_studies(client, query: ArchiveQuery) -> Iterator[str]:
         filters["StudyDate"] = query.date_range() or ""
 
     def page(offset: int, limit: int) -> list[dict]:
-        return with_retries(lambda: client.search_for_studies(search_filters=filters, fields=fields, offset=offset,
-                                                              limit=limit), "QIDO-RS studies")
+        return with_retries(lambda: client.search_for_studies(search_filters=filters, fields=list(fields),
+                                                              offset=offset, limit=limit), "QIDO-RS studies")
 
     for ds in _paged(page, query.page_size):
         if description is not None and not description.search(_text(ds, "StudyDescription")):
             continue
-        yield str(ds.StudyInstanceUID)
+        yield ds
 
 
 def _metadata_candidate(client, study_uid: str, series_uid: str) -> SeriesCandidate:

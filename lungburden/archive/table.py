@@ -2,8 +2,9 @@
 
 Columns: :data:`COLUMNS` (UIDs, acquisition date, kernel, slice thickness, every quantity of
 result.json, model name/version/weights hash, status ``done``/``skipped``/``failed`` and the
-reason). No patient data. A CSV table grows by one appended line per finished series (a crash
-loses nothing written); at the end of a run it is rewritten with the last row of each series.
+reason, and with priors :data:`PRIOR_COLUMNS`). No patient data. A CSV table grows by one
+appended line per finished series (a crash loses nothing written); at the end of a run it is
+rewritten with the last row of each series.
 A Parquet table is rewritten periodically and at the end (each time atomically, by rename).
 """
 
@@ -28,10 +29,29 @@ COLUMNS = (
     "seg_series_instance_uid", "seg_sop_instance_uid", "sr_series_instance_uid", "sr_sop_instance_uid", "stored",
     "retryable", "worker", "seconds", "finished_at",
 )
-FLOAT_COLUMNS = frozenset({"slice_thickness_mm", "seconds", *QUANTITY_COLUMNS}) - JSON_COLUMNS
-INT_COLUMNS = frozenset({"instances"})
+#: Follow-up (``lungburden batch --priors``): how many priors were used, the most recent one's
+#: Study Instance UID and Study Date, the change of burden since it (points; current minus prior)
+#: and why there are none. Empty for a series analysed without priors. Last, so that a table
+#: written before them is resumed with its columns in place.
+PRIOR_COLUMNS = ("prior_count", "prior_study_instance_uid", "prior_study_date", "change_burden_points",
+                 "priors_note")
+COLUMNS = (*COLUMNS, *PRIOR_COLUMNS)
+FLOAT_COLUMNS = frozenset({"slice_thickness_mm", "seconds", "change_burden_points", *QUANTITY_COLUMNS}) - JSON_COLUMNS
+INT_COLUMNS = frozenset({"instances", "prior_count"})
 BOOL_COLUMNS = frozenset({"stored", "retryable"})
 STATUSES = ("done", "skipped", "failed")
+
+
+def prior_columns(result: dict) -> dict:
+    """The :data:`PRIOR_COLUMNS` of a result document (none when its priors were not searched)."""
+    if "priors" not in result:
+        return {}
+    priors, change = result["priors"], result.get("change_since_prior")
+    latest = priors[0] if priors else {}
+    return {"prior_count": len(priors), "prior_study_instance_uid": latest.get("study_instance_uid"),
+            "prior_study_date": latest.get("study_date"),
+            "change_burden_points": change["burden_points"] if change else None,
+            "priors_note": result.get("priors_note")}
 
 
 def _typed(row: dict) -> dict:

@@ -1,22 +1,21 @@
 """Analyse one archive series: WADO-RS retrieve, the one pipeline, STOW-RS store; on any engine.
 
 :func:`analyse_series` is the unit of work of ``lungburden batch``. It runs in a process of the
-local pool (``--engine local``) or in a Celery worker (``--engine celery``, :func:`make_app`),
-and is stateless: the pixels come by WADO-RS (PS3.18 10.4), the results go back by STOW-RS
-(PS3.18 10.5, the job engine's :class:`~lungburden.jobs.exporters.DicomwebExporter`) and the
-outcome (the numbers of result.json) returns to the coordinator. Nothing stays on the worker.
+local pool (``--engine local``) or in a Celery worker (``--engine celery``,
+:func:`lungburden.archive.worker.make_app`), and is stateless: the pixels come by WADO-RS
+(PS3.18 10.4), the results go back by STOW-RS (PS3.18 10.5, the job engine's
+:class:`~lungburden.jobs.exporters.DicomwebExporter`) and the outcome (the numbers of
+result.json) returns to the coordinator. Nothing stays on the worker. A task with
+``priors_url`` also gets the patient's priors (:mod:`lungburden.followup`,
+:mod:`lungburden.archive.worker`).
 
 Idempotency: the result UIDs are seeded exactly as the node seeds them
 (:func:`lungburden.jobs.runner.uid_seed`: series, hash of its SOP Instance UIDs, model, version
 and parameters), so running a series twice (a redelivered task, a second batch, the node having
 received the same series) stores the same instances again and never a duplicate.
 
-Celery settings for at-least-once execution: late acknowledgement (``task_acks_late``), a task
-whose worker process dies is rejected back to the queue (``task_reject_on_worker_lost``), one
-message reserved per worker process (``worker_prefetch_multiplier=1``), and the broker's
-visibility timeout after which the unacknowledged message of a lost worker machine is delivered
-again (Redis transport). Credentials for the archive come from the worker's environment
-(``LUNGBURDEN_DICOMWEB_USERNAME``, ``LUNGBURDEN_DICOMWEB_PASSWORD``), never through the broker.
+Credentials for the archive come from the worker's environment (``LUNGBURDEN_DICOMWEB_USERNAME``,
+``LUNGBURDEN_DICOMWEB_PASSWORD``), never through the broker.
 """
 
 from __future__ import annotations
@@ -31,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from lungburden.archive.search import is_transient, with_retries
-from lungburden.config.schema import DicomwebDestination
+from lungburden.config.schema import DicomwebDestination, FollowupConfig
 from lungburden.dicom_io.volume import LoadLimits, SeriesRejected
 from lungburden.jobs.exporters import DicomwebExporter, ExportError, dicomweb_client
 from lungburden.jobs.queue import Job, instance_set_hash
 from lungburden.jobs.runner import uid_seed
-from lungburden.pipeline import OUTPUTS, process_series, result_uids
+from lungburden.pipeline import OUTPUTS, PriorsFn, process_series, result_uids
 from lungburden.segmentation.base import AlgorithmInfo, Segmenter
 from lungburden.segmentation.registry import DEFAULT_SEGMENTER, get_segmenter
 
@@ -65,6 +64,12 @@ class SeriesTask:
     #: Tries of each network step (retrieve, store) on transient failures.
     attempts: int = 4
     timeout_s: float = 120.0
+    #: DICOMweb base URL where the patient's priors are searched (None: no priors), how far back,
+    #: how many, and whether an analysed prior's results are stored there (``followup`` section).
+    priors_url: str | None = None
+    lookback_days: int = FollowupConfig.lookback_days
+    max_priors: int = FollowupConfig.max_priors
+    store_priors: bool = FollowupConfig.store_results
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -174,9 +179,12 @@ def _store(task: SeriesTask, job: Job, username: str | None, password: str | Non
             time.sleep(2.0 ** (attempt - 1))
 
 
-def analyse_series(task: SeriesTask, username: str | None = None, password: str | None = None) -> SeriesOutcome:
+def analyse_series(task: SeriesTask, username: str | None = None, password: str | None = None,
+                   priors: PriorsFn | None = None) -> SeriesOutcome:
     """Retrieve, analyse with :func:`lungburden.pipeline.process_series` and store one series.
 
+    ``priors``: finds the patient's priors (:func:`lungburden.followup.priors.task_priors` for a
+    task with ``priors_url``; the engines pass it, :func:`lungburden.archive.worker.run_series`).
     Input the pipeline refuses (:class:`SeriesRejected`) and errors that remain after the
     retries of transient network failures give a ``failed`` outcome with the reason; nothing
     raises, so one bad series never stops a batch."""
@@ -211,7 +219,7 @@ def analyse_series(task: SeriesTask, username: str | None = None, password: str 
             analysed = time.perf_counter()
             outputs = process_series(files, out_dir, model=task.model, limits=LoadLimits(min_slices=task.min_slices),
                                      segmenter=segmenter, uid_seed=uid_seed(job, name, segmenter.info),
-                                     outputs=task.outputs)
+                                     outputs=task.outputs, priors=priors)
         except SeriesRejected as exc:
             log.info("series %s: not analysed: %s", series, exc)
             return outcome("failed", str(exc).removeprefix(f"series {series} ")[:500], retryable=False)
@@ -230,34 +238,4 @@ def analyse_series(task: SeriesTask, username: str | None = None, password: str 
         return outcome("done", None, outputs.result, task.store)
 
 
-def run_task(data: dict) -> dict:
-    """:func:`analyse_series` on the JSON form of a :class:`SeriesTask` (what the engines call)."""
-    return analyse_series(SeriesTask.from_json(data)).to_json()
-
-
-def make_app(broker: str, backend: str | None = None, visibility_timeout_s: float = 3600.0,
-             restore_interval_s: float = 10.0, rate_limit: str | None = None):
-    """The Celery application of archive mode, with its one task registered as :data:`TASK_NAME`.
-
-    ``visibility_timeout_s`` must exceed the longest series analysis (else a running task is
-    delivered a second time, harmlessly but wastefully); ``rate_limit`` (e.g. ``"60/m"``) caps
-    the tasks each worker starts."""
-    from celery import Celery
-
-    app = Celery("lungburden.archive", broker=broker, backend=backend or broker)
-    transport = {"visibility_timeout": visibility_timeout_s, "unacked_restore_interval": restore_interval_s,
-                 "unacked_restore_throttle": 1}
-    app.conf.update(
-        task_serializer="json", result_serializer="json", accept_content=["json"],
-        task_acks_late=True, task_reject_on_worker_lost=True, worker_prefetch_multiplier=1,
-        task_default_queue=DEFAULT_QUEUE, task_track_started=True, result_expires=7 * 24 * 3600,
-        broker_transport_options=transport, result_backend_transport_options={"retry_policy": {"timeout": 30.0}},
-        broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
-        worker_cancel_long_running_tasks_on_connection_loss=False,
-    )
-    app.task(name=TASK_NAME, rate_limit=rate_limit)(run_task)
-    return app
-
-
-__all__ = ["OUTPUTS", "SeriesOutcome", "SeriesTask", "analyse_series", "expected_result_uids", "make_app",
-           "run_task"]
+__all__ = ["OUTPUTS", "SeriesOutcome", "SeriesTask", "analyse_series", "expected_result_uids"]

@@ -17,7 +17,12 @@ For the study just analysed:
    with the node's selection rules on its WADO-RS metadata
    (:func:`lungburden.archive.search.list_study`), retrieved, analysed and its results stored
    back by STOW-RS (:func:`lungburden.archive.tasks.analyse_series`: the one pipeline, the node's
-   deterministic UIDs), so the next study of the patient reads its SR instead.
+   deterministic UIDs), so the next study of the patient reads its SR instead. A prior is
+   analysed without priors of its own, and each prior study at most once per search.
+
+The node, ``pull`` and the Orthanc plugin build the finder from their configuration
+(:func:`node_priors`), ``lungburden analyze --priors-from`` from its options (the same
+function), and archive mode from its task (:func:`task_priors`).
 
 Nothing of the patient is logged: UIDs and counts only.
 """
@@ -139,11 +144,12 @@ class PriorFinder:
             "StudyDate": f"{start:%Y%m%d}-{current:%Y%m%d}",
         }, fields=["PatientID", "IssuerOfPatientID", "PatientBirthDate", "StudyDate", "StudyTime"])
         current_time = _text(volume.datasets[0], "StudyTime")
-        studies, skipped = [], []
+        studies, skipped, seen = [], [], {volume.study_instance_uid}
         for ds in (Dataset.from_json(item) for item in found):
             uid = _text(ds, "StudyInstanceUID")
-            if uid == volume.study_instance_uid:
+            if uid in seen:
                 continue
+            seen.add(uid)
             when = (_text(ds, "StudyDate"), _text(ds, "StudyTime"))
             if not when[0] or when >= (study_date, current_time):
                 continue
@@ -256,3 +262,14 @@ def node_priors(config, model: str | None = None) -> PriorFinder | None:
         return None
     weights = str(config.processing.weights) if config.processing.weights else None
     return PriorFinder(config.followup, config.selection, model or config.processing.model, weights)
+
+
+def task_priors(task: SeriesTask, username: str | None = None, password: str | None = None) -> PriorFinder | None:
+    """The prior finder an archive task asks for (None without ``task.priors_url``): its source,
+    look-back, number and storing, the task's model, weights, timeout and minimum slices."""
+    if not task.priors_url:
+        return None
+    followup = FollowupConfig(enabled=True, url=task.priors_url, username=username, password=password,
+                              lookback_days=task.lookback_days, max_priors=task.max_priors,
+                              store_results=task.store_priors, timeout_seconds=task.timeout_s)
+    return PriorFinder(followup, SelectionConfig(min_slices=task.min_slices), task.model, task.weights)
