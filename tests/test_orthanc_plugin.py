@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,11 +21,13 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from archive_helpers import ArchiveWorker, RedisServer, redis_available
 from ct_builders import write_phantom
 from node_helpers import sr_numbers, storescu
 from orthanc import PYTHON_PLUGIN, OrthancServer, find_plugin, orthanc_available
 from pydicom.uid import MRImageStorage, generate_uid
 
+from lungburden.archive.tasks import PASSWORD_ENV, USERNAME_ENV
 from lungburden.config.loader import ConfigError
 from lungburden.dicom_node.demo import dcmtk_tool
 from lungburden.orthanc_plugin.settings import parse_section
@@ -75,6 +78,75 @@ def test_section_errors_name_every_bad_key(tmp_path):
         assert key in text
     with pytest.raises(ConfigError, match="selection.min_slices"):
         parse_section({"selection": {"min_slices": "many"}}, tmp_path, "http://127.0.0.1:8042")
+
+
+def test_engine_keys_are_validated(tmp_path):
+    """``Engine``, ``Broker``, ``DicomWebUrl``: defaults, and every bad key named at once."""
+    local = parse_section({}, tmp_path, "http://127.0.0.1:8042")
+    assert (local.engine, local.broker, local.dicomweb_url) == ("local", None, "http://127.0.0.1:8042/dicom-web")
+    celery = parse_section({"Engine": "celery", "Broker": "redis://broker:6379/0", "Queue": "ct",
+                            "DicomWebUrl": "https://orthanc.example.org/dicom-web/"}, tmp_path, "http://127.0.0.1:8042")
+    assert (celery.engine, celery.broker, celery.queue) == ("celery", "redis://broker:6379/0", "ct")
+    assert celery.dicomweb_url == "https://orthanc.example.org/dicom-web"
+    with pytest.raises(ConfigError, match=r"LungBurden.Broker.*required with Engine celery"):
+        parse_section({"Engine": "celery"}, tmp_path, "http://127.0.0.1:8042")
+    with pytest.raises(ConfigError, match="LungBurden.Engine.*must be one of local, celery"):
+        parse_section({"Engine": "remote"}, tmp_path, "http://127.0.0.1:8042")
+    with pytest.raises(ConfigError) as err:
+        parse_section({"Engine": "celery", "Broker": "broker:6379", "DicomWebUrl": "orthanc/dicom-web",
+                       "destinations": [{"name": "out", "type": "folder", "path": str(tmp_path)}],
+                       "processing": {"on_quality_failure": "sr"}}, tmp_path, "http://127.0.0.1:8042")
+    text = str(err.value)
+    for key in ("LungBurden.Broker", "LungBurden.DicomWebUrl", "LungBurden.destinations",
+                "LungBurden.processing.on_quality_failure"):
+        assert key in text
+    assert "redis://" in text and "does not apply with Engine celery" in text
+
+
+def test_celery_dispatcher_keeps_the_job_while_the_broker_is_down_and_records_a_failure(tmp_path):
+    """The broker refuses: the job goes back to ``queued`` with the reason; sent later, a ``failed``
+    outcome fails it with the worker's reason (no Orthanc, no broker: a stand-in Celery app)."""
+    from lungburden.archive.tasks import SeriesOutcome
+    from lungburden.jobs.queue import JobStore
+    from lungburden.orthanc_plugin.celery_engine import CeleryDispatcher
+
+    class App:
+        def __init__(self):
+            self.sent: list[dict] = []
+            self.backend = types.SimpleNamespace(get_task_meta=lambda task_id: {"status": "SUCCESS", "result": (
+                SeriesOutcome("1.2.3", "1.2.3.4", "failed", "contains no lungs", worker="gpu1:7").to_json())})
+
+        def send_task(self, name, args, queue):
+            if not self.sent:
+                self.sent.append({})
+                raise ConnectionError("refused")
+            self.sent.append(args[0])
+            return types.SimpleNamespace(id="task-1")
+
+        def AsyncResult(self, task_id):  # noqa: N802 - Celery's name
+            return types.SimpleNamespace(forget=lambda: None)
+
+    config = parse_section({"Engine": "celery", "Broker": "redis://:secret@broker:6379/0",
+                            "processing": {"model": MODEL}}, tmp_path / "work", "http://127.0.0.1:8042").config
+    store = JobStore.for_storage(config.storage_dir)
+    job, _ = store.add_job("1.2.3", "1.2.3.4", [], ["1.2.3.4.5"], MODEL)
+    app = App()
+    dispatcher = CeleryDispatcher(config, store, "redis://:secret@broker:6379/0", "http://orthanc:8042/dicom-web",
+                                  destinations=lambda: ["orthanc:store"], result_dir=lambda j: tmp_path / "r",
+                                  app=app)
+    assert dispatcher.send_queued() == 0
+    waiting = store.job(job.id)
+    assert waiting.state == "queued" and "Celery broker redis://broker:6379/0 unreachable" in waiting.reason
+    assert "secret" not in waiting.reason and dispatcher.send_queued() == 0  # backing off
+    dispatcher.retry_at = 0.0
+    assert dispatcher.send_queued() == 1
+    task = app.sent[-1]
+    assert (task["url"], task["series_instance_uid"], task["model"], task["store"]) == (
+        "http://orthanc:8042/dicom-web", "1.2.3.4", MODEL, True)
+    assert store.job(job.id).state == "running" and store.job(job.id).reason.startswith("enqueued as Celery task")
+    assert dispatcher.collect() == 1
+    failed = store.job(job.id)
+    assert failed.state == "failed" and failed.reason == "contains no lungs (Celery worker gpu1:7)"
 
 
 def test_weights_key_selects_the_network_weights(tmp_path):
@@ -272,6 +344,18 @@ class PluginOrthanc:
     def send(self, files: list[Path]) -> None:
         storescu(self.server.dicom_port, files, called="ORTHANC").check_returncode()
 
+    def restabilise(self, files: list[Path], orthanc_series_id: str) -> None:
+        """Send a series again and queue the STABLE_SERIES event Orthanc gives an unchanged series
+        (what the plugin writes); returns once the worker has taken every event."""
+        self.send(files)
+        inbox = Path(self.status()["work_dir"]) / "inbox"
+        (inbox / "0-restabilised.json").write_text(json.dumps(
+            {"orthanc_series_id": orthanc_series_id, "event_at": time.time(), "reason": "stable"}))
+        deadline = time.monotonic() + 15
+        while (self.status()["inbox"] or time.monotonic() < deadline - 12) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.5)
+
     def logs(self) -> str:
         worker = self.worker_log.read_text(errors="replace") if self.worker_log.exists() else ""
         return f"--- Orthanc log ---\n{self.server.log_text()[-4000:]}\n--- worker log ---\n{worker[-4000:]}"
@@ -390,14 +474,7 @@ def test_stable_series_gets_seg_and_sr_equal_to_analyze(plugin_orthanc, phantom_
 def test_resent_or_restabilised_series_makes_no_duplicates(plugin_orthanc, phantom_series):
     series_uid, study_uid = _series_and_study(phantom_series[0])
     job = plugin_orthanc.wait_job(series_uid)
-    plugin_orthanc.send(phantom_series)  # re-sent: same instances
-    inbox = Path(plugin_orthanc.status()["work_dir"]) / "inbox"
-    (inbox / "0-restabilised.json").write_text(json.dumps(  # what the plugin writes on STABLE_SERIES
-        {"orthanc_series_id": job["orthanc"]["series"], "event_at": time.time(), "reason": "stable"}))
-    deadline = time.monotonic() + 15
-    while (plugin_orthanc.status()["inbox"] or time.monotonic() < deadline - 12) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    time.sleep(1.5)
+    plugin_orthanc.restabilise(phantom_series, job["orthanc"]["series"])  # re-sent: same instances
     assert [j["id"] for j in plugin_orthanc.jobs(series_uid)] == [job["id"]]
     outputs = plugin_orthanc.study_outputs(study_uid)
     assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
@@ -497,3 +574,54 @@ def test_late_instances_make_a_new_version_that_replaces_the_results(plugin_orth
     outputs = plugin_orthanc.study_outputs(study_uid)
     assert (outputs["SEG"], outputs["SR"]) == ([second["orthanc"]["seg"]], [second["orthanc"]["sr"]])
     assert 6 <= len(outputs["OT"]) <= 12 and len(outputs["DOC"]) == 1  # SC and PDF of version 1 replaced too
+
+
+@needs_orthanc
+@pytest.mark.integration
+@pytest.mark.skipif(not redis_available(), reason="needs redis-server")
+def test_celery_engine_hands_the_series_to_an_archive_worker(tmp_path, phantom_series):
+    """``"Engine": "celery"``: the broker is down at first (the job waits, queued, with the reason),
+    then a ``lungburden worker`` fetches the series by WADO-RS and stores one SEG + SR by STOW-RS;
+    the plugin records the outcome, forwards the results and ignores the re-sent series."""
+    series_uid, study_uid = _series_and_study(phantom_series[0])
+    redis = RedisServer(tmp_path / "redis")  # not started yet
+    pacs = OrthancServer(tmp_path / "pacs", aet="PACS", dicomweb=False).start()
+    orthanc = PluginOrthanc(tmp_path, {"Engine": "celery", "Broker": redis.url, "ForwardToModalities": ["pacs"]},
+                            extra_config={"DicomModalities": {"pacs": ["PACS", "127.0.0.1", pacs.dicom_port]}})
+    user, password = orthanc.server.auth
+    worker = ArchiveWorker(tmp_path / "workers", redis.url, "w1", env={USERNAME_ENV: user, PASSWORD_ENV: password})
+    try:
+        orthanc.start()
+        assert orthanc.status()["engine"] == "celery"
+        orthanc.send(phantom_series)
+        deadline = time.monotonic() + 60
+        while not any("unreachable" in (j["reason"] or "") for j in orthanc.jobs(series_uid)):
+            assert time.monotonic() < deadline, f"{orthanc.jobs(series_uid)}\n{orthanc.logs()}"
+            time.sleep(0.2)
+        (waiting,) = orthanc.jobs(series_uid)
+        assert waiting["state"] == "queued" and f"Celery broker {redis.url} unreachable" in waiting["reason"]
+        assert orthanc.healthy()
+        redis.start()
+        worker.start()
+        job = orthanc.wait_job(series_uid)
+        task_id = job["result"]["celery_task_id"]
+        assert re.search(rf"analyse_series\[{task_id}\] succeeded", worker.log_text()), worker.log_text()[-3000:]
+        assert job["result"]["worker"] and job["result"]["burden_percent"] > 0
+        outputs = orthanc.study_outputs(study_uid)
+        assert len(outputs["SEG"]) == 1 and len(outputs["SR"]) == 1, outputs
+        assert {outputs["SEG"][0], outputs["SR"][0]} == {job["orthanc"]["seg"], job["orthanc"]["sr"]}
+        assert sorted((d["destination"], d["state"]) for d in job["deliveries"]) == [
+            ("orthanc:modality:pacs", "done"), ("orthanc:store", "done")]
+        assert {"SEG", "SR"} <= {s["MainDicomTags"]["Modality"] for s in pacs.series_in_study(study_uid)}
+        sr = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.server.instance_file(job["orthanc"]["sr"])))
+        assert str(sr.SOPInstanceUID) == job["result"]["sr_sop_instance_uid"] and sr_numbers(sr)
+
+        orthanc.restabilise(phantom_series, job["orthanc"]["series"])  # re-sent, unchanged
+        assert [j["id"] for j in orthanc.jobs()] == [job["id"]]  # and no job for the results' own series
+        assert orthanc.study_outputs(study_uid) == outputs
+        assert worker.log_text().count("analyse_series[") == 2  # received, succeeded: one task
+    finally:
+        worker.stop()
+        orthanc.stop()
+        redis.stop()
+        pacs.stop()

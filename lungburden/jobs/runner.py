@@ -44,6 +44,14 @@ RESULT_KEYS = (
 )
 
 
+def result_summary(result: dict) -> dict:
+    """The job record's copy of a result.json (:data:`RESULT_KEYS`; of ``quality`` only the flags)."""
+    summary = {k: result[k] for k in RESULT_KEYS if k in result}
+    if isinstance(summary.get("quality"), dict):  # the flags; thresholds stay in result.json
+        summary["quality"] = {k: summary["quality"].get(k) for k in ("passed", "flags")}
+    return summary
+
+
 #: Makes the prior finder (:data:`lungburden.pipeline.PriorsFn`) of a configuration and model, or
 #: None when follow-up is off (:func:`lungburden.followup.priors.node_priors`). Passed in by the
 #: engine: the runner does not import the follow-up package (it uses archive mode, which uses this).
@@ -190,9 +198,7 @@ class JobRunner:
         finally:
             stop_beat.set()
         result = dict(getattr(outputs, "result", {}) or {})
-        summary = {k: result[k] for k in RESULT_KEYS if k in result}
-        if isinstance(summary.get("quality"), dict):  # the flags; thresholds stay in result.json
-            summary["quality"] = {k: summary["quality"].get(k) for k in ("passed", "flags")}
+        summary = result_summary(result)
         refused = result.get("refused")
         if refused:
             log.warning("job %d: %s; delivering an SR that says so", job.id, refused)

@@ -72,6 +72,7 @@ def default_section(python: str, work_dir: str | None = None) -> dict:
         "ForwardToModalities": [],
         "ForwardToDicomWebServers": [],
         "ReplacePrevious": True,
+        "Engine": "local",
     }
     if work_dir is not None:
         section["WorkDir"] = work_dir

@@ -12,6 +12,8 @@ dead-letters them like any destination; :func:`orthanc_exporters` names them:
   ``sr.dcm`` (they carry the source study's UIDs, so Orthanc files them in the source study).
   With ``ReplacePrevious`` the SEG/SR stored earlier for the same source series (an older version
   of it, or the same version before a re-run) are deleted from Orthanc once the new ones are stored.
+  With ``Engine: celery`` the workers have stored them by STOW-RS already:
+  :class:`StoredByWorkers` finds them by their UIDs instead and does the same bookkeeping.
 - ``orthanc:modality:<name>`` (:class:`OrthancForwarder`): ``POST /modalities/<name>/store``
   (C-STORE by Orthanc to a peer of its ``DicomModalities``).
 - ``orthanc:dicomweb:<name>`` (:class:`OrthancForwarder`): ``POST /dicom-web/servers/<name>/stow``
@@ -162,23 +164,24 @@ class OrthancStoreExporter:
         self.links = links
         self.replace_previous = replace_previous
 
-    def _store(self, job: Job) -> tuple[list[str], str | None, str | None, list[tuple[str | None, str]]]:
-        """Store every result file; ``(all Orthanc IDs, SEG ID, SR ID, [(ID, series UID)] of the others)``.
+    def _record_output_series(self, job: Job, seg_series: str, sr_series: str, other_series: list[str]) -> None:
+        """Record the result series UIDs before they reach Orthanc, so that Orthanc's events for them
+        are recognised as results, not input (the Orthanc IDs of earlier extras are kept)."""
+        self.links.set_output_uids(job.id, seg_series, sr_series)
+        previous = self.links.extra_ids(job.id)
+        self.links.set_extras(job.id, [(oid, "") for oid in previous] + [(None, uid) for uid in other_series])
 
-        The series UIDs are recorded before storing, so that Orthanc's events for them are
-        recognised as results, not input.
-        """
+    def _store(self, job: Job) -> tuple[list[str], str | None, str | None, list[tuple[str | None, str]]]:
+        """Store every result file; ``(all Orthanc IDs, SEG ID, SR ID, [(ID, series UID)] of the others)``."""
         paths = result_files(job)
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths]
         classes = [str(h.SOPClassUID) for h in headers]
         seg = next((i for i, c in enumerate(classes) if c == _SEG_CLASS), None)
         sr = next((i for i, c in enumerate(classes) if c.startswith(_SR_CLASS_PREFIX)), None)
         others = [i for i in range(len(paths)) if i not in (seg, sr)]
-        self.links.set_output_uids(job.id, str(headers[seg].SeriesInstanceUID) if seg is not None else "",
-                                   str(headers[sr].SeriesInstanceUID) if sr is not None else "")
-        previous = self.links.extra_ids(job.id)
-        self.links.set_extras(job.id, [(oid, uid) for oid, uid in zip(previous, [""] * len(previous), strict=True)]
-                              + [(None, str(headers[i].SeriesInstanceUID)) for i in others])
+        self._record_output_series(job, str(headers[seg].SeriesInstanceUID) if seg is not None else "",
+                                   str(headers[sr].SeriesInstanceUID) if sr is not None else "",
+                                   [str(headers[i].SeriesInstanceUID) for i in others])
         ids = [_call("storing into Orthanc", self.client.store_instance, p.read_bytes()) for p in paths]
         extras = [(ids[i], str(headers[i].SeriesInstanceUID)) for i in others]
         return ids, ids[seg] if seg is not None else None, ids[sr] if sr is not None else None, extras
@@ -209,14 +212,43 @@ class OrthancStoreExporter:
                  f" {latency:.1f} s after STABLE_SERIES" if latency is not None else "")
 
 
+class StoredByWorkers(OrthancStoreExporter):
+    """``orthanc:store`` of ``Engine: celery``: the Celery worker stored the results by STOW-RS;
+    their Orthanc IDs are found from the UIDs of the job's result (``POST /tools/lookup``) and
+    recorded, so that ``ReplacePrevious`` and the forwards work as with the local engine."""
+
+    def _store(self, job: Job) -> tuple[list[str], str | None, str | None, list[tuple[str | None, str]]]:
+        result = job.result or {}
+        others = [(uid, str(result.get("sc_series_instance_uid") or ""))
+                  for uid in result.get("sc_sop_instance_uids") or []]
+        if result.get("pdf_sop_instance_uid"):
+            others.append((str(result["pdf_sop_instance_uid"]), str(result.get("pdf_series_instance_uid") or "")))
+        self._record_output_series(job, str(result.get("seg_series_instance_uid") or ""),
+                                   str(result.get("sr_series_instance_uid") or ""), [series for _, series in others])
+
+        def find(uid: str | None) -> str | None:
+            if not uid:
+                return None
+            oid = _call("looking up the results in Orthanc", self.client.lookup_instance, uid)
+            if oid is None:
+                raise ExportError(f"result instance {uid} of job {job.id} is not in Orthanc")
+            return oid
+
+        seg_id, sr_id = find(result.get("seg_sop_instance_uid")), find(result.get("sr_sop_instance_uid"))
+        extras = [(find(uid), series) for uid, series in others]
+        return [i for i in (seg_id, sr_id, *(oid for oid, _ in extras)) if i], seg_id, sr_id, extras
+
+
 class OrthancForwarder:
     """Orthanc sends the stored SEG and SR to one of its peers: ``POST <route>`` with their Orthanc IDs."""
 
-    def __init__(self, client: OrthancClient, links: OrthancLinks, what: str, route: str):
+    def __init__(self, client: OrthancClient, links: OrthancLinks, what: str, route: str,
+                 stored_by_workers: bool = False):
         self.client = client
         self.what = what
         self.route = route
-        self.storer = OrthancStoreExporter(client, links, replace_previous=False)
+        self.storer = (StoredByWorkers if stored_by_workers else OrthancStoreExporter)(client, links,
+                                                                                       replace_previous=False)
 
     def send(self, job: Job) -> None:
         ids = self.storer.store(job)
@@ -225,13 +257,16 @@ class OrthancForwarder:
 
 
 def orthanc_exporters(client: OrthancClient, links: OrthancLinks, replace_previous: bool = True,
-                      modalities: Iterable[str] = (), dicomweb_servers: Iterable[str] = ()) -> dict[str, Exporter]:
-    """The plugin's deliveries by destination name: ``orthanc:store`` first, then the forwards."""
-    exporters: dict[str, Exporter] = {STORE_DESTINATION: OrthancStoreExporter(client, links, replace_previous)}
+                      modalities: Iterable[str] = (), dicomweb_servers: Iterable[str] = (),
+                      stored_by_workers: bool = False) -> dict[str, Exporter]:
+    """The plugin's deliveries by destination name: ``orthanc:store`` first, then the forwards
+    (``stored_by_workers``: Celery workers stored the results, :class:`StoredByWorkers`)."""
+    store = StoredByWorkers if stored_by_workers else OrthancStoreExporter
+    exporters: dict[str, Exporter] = {STORE_DESTINATION: store(client, links, replace_previous)}
     for name in modalities:  # C-STORE by Orthanc to one of its DicomModalities
         exporters[f"orthanc:modality:{name}"] = OrthancForwarder(client, links, f"modality {name}",
-                                                                 f"/modalities/{name}/store")
+                                                                 f"/modalities/{name}/store", stored_by_workers)
     for name in dicomweb_servers:  # STOW-RS by Orthanc's DICOMweb plugin to one of its DicomWeb.Servers
         exporters[f"orthanc:dicomweb:{name}"] = OrthancForwarder(client, links, f"DICOMweb server {name}",
-                                                                 f"/dicom-web/servers/{name}/stow")
+                                                                 f"/dicom-web/servers/{name}/stow", stored_by_workers)
     return exporters

@@ -75,5 +75,10 @@ class OrthancClient:
                               headers={"Content-Type": "application/dicom"}).json()
         return str(answer["ID"])
 
+    def lookup_instance(self, sop_instance_uid: str) -> str | None:
+        """The Orthanc ID of the instance with this SOP Instance UID (``POST /tools/lookup``), or None."""
+        answer = self.request("POST", "/tools/lookup", data=sop_instance_uid.encode()).json()
+        return next((str(r["ID"]) for r in answer if r.get("Type") == "Instance"), None)
+
     def system(self) -> dict:
         return self.get_json("/system")

@@ -16,7 +16,9 @@ API from it, keep heavy work out of Orthanc's interpreter lock):
 - a supervisor thread runs the worker, relays its log lines into Orthanc's log, and restarts it
   with a back-off when it exits (a crash of the worker never affects Orthanc);
 - the worker reads the series through Orthanc's REST API, runs the shared pipeline, stores the
-  SEG + SR with ``POST /instances`` and forwards them (see ``worker.py``);
+  SEG + SR with ``POST /instances`` and forwards them (see ``worker.py``); with
+  ``"Engine": "celery"`` it sends each selected series to Celery workers instead, which read it
+  by WADO-RS and store the results by STOW-RS (``celery_engine.py``);
 - REST routes read the worker's job database (SQLite, read-only) and queue re-runs:
   ``GET /lungburden/status``, ``GET /lungburden/jobs``, ``GET /lungburden/jobs/{id}``,
   ``POST /lungburden/series/{orthanc-series-id}/rerun``. Orthanc authenticates them like the
@@ -91,6 +93,7 @@ class Plugin:
         self.python = _find_python(self.section)
         scheme = "https" if config.get("SslEnabled") else "http"
         self.orthanc_url = str(self.section.get("OrthancUrl") or f"{scheme}://127.0.0.1:{config.get('HttpPort', 8042)}")
+        self.dicomweb_root = str((config.get("DicomWeb") or {}).get("Root") or "/dicom-web/")
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.stopping = threading.Event()
         self.restart_requested = threading.Event()
@@ -108,6 +111,7 @@ class Plugin:
             "orthanc_url": self.orthanc_url,
             "orthanc_pid": os.getpid(),
             "orthanc_aet": self.orthanc_aet,
+            "dicomweb_root": self.dicomweb_root,
             "lungburden": self.section,
         }
         path = self.work_dir / SETTINGS_FILE
@@ -282,6 +286,7 @@ class Plugin:
         pending = len([p for p in self.inbox.glob("*.json")]) if self.inbox.is_dir() else 0
         return {
             "enabled": self.enabled,
+            "engine": str(self.section.get("Engine") or "local"),
             "work_dir": str(self.work_dir),
             "python": self.python,
             "worker": {

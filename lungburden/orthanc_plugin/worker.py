@@ -16,6 +16,11 @@ and series completed by Orthanc's events instead of a quiet time:
   ``orthanc:modality:<name>`` and ``orthanc:dicomweb:<name>`` (Orthanc forwards to its configured
   peers), plus the YAML ``destinations``.
 
+Engines (``LungBurden.Engine``): ``local`` analyses the queued jobs in this process (one
+thread); ``celery`` sends each one to archive-mode Celery workers instead
+(:class:`~lungburden.orthanc_plugin.celery_engine.CeleryDispatcher`), which fetch the series from
+Orthanc's DICOMweb and store the results back; events, selection and jobs stay here.
+
 Idempotency: a job is keyed on the series' SOP Instance UID set (and model), so a re-sent or
 re-stabilised unchanged series creates no job and no SEG/SR; a re-run request re-processes the
 same job and (``ReplacePrevious``) replaces the SEG/SR it stored before.
@@ -49,13 +54,18 @@ from lungburden.jobs.engine import JobEngine
 from lungburden.jobs.logs import configure_logging
 from lungburden.jobs.queue import instance_set_hash
 from lungburden.jobs.runner import set_parent_death_signal
+from lungburden.orthanc_plugin.celery_engine import CeleryDispatcher, safe_url
 from lungburden.orthanc_plugin.forwarding import OrthancLinks, orthanc_exporters
 from lungburden.orthanc_plugin.orthanc_client import OrthancClient, OrthancError, OrthancUnavailable
 from lungburden.orthanc_plugin.settings import PluginSettings, load_settings
+from lungburden.results.seg import MANUFACTURER
 
 log = logging.getLogger("lungburden.orthanc")
 
 INBOX = "inbox"
+#: Modalities of the results (SEG, SR, Secondary Capture, Encapsulated PDF): a series of these made
+#: by lungburden (``Manufacturer``) is a result, e.g. stored by Celery workers, never input.
+RESULT_MODALITIES = ("SEG", "SR", "OT", "DOC")
 #: Seconds between two looks into the inbox.
 INBOX_SECONDS = 0.25
 
@@ -85,14 +95,23 @@ class OrthancWorker:
         self.inbox.mkdir(parents=True, exist_ok=True)
         self.client = client or OrthancClient(settings.orthanc_url, settings.authorization)
         self.stopping = threading.Event()
+        celery = settings.engine == "celery"
         # Orthanc says when a series is complete (STABLE_SERIES): no completion by quiet time here
-        self.engine = JobEngine(self.config, analysis="thread", complete_quiet_series=False)
+        self.engine = JobEngine(self.config, analysis="none" if celery else "thread", complete_quiet_series=False)
         self.store, self.spool = self.engine.store, self.engine.spool
         self.links = OrthancLinks(self.store)
         self.engine.add_exporters(orthanc_exporters(self.client, self.links, settings.replace_previous,
-                                                    settings.forward_modalities, settings.forward_dicomweb_servers))
+                                                    settings.forward_modalities, settings.forward_dicomweb_servers,
+                                                    stored_by_workers=celery))
         self.engine.add_periodic("inbox", INBOX_SECONDS, self.ingest_inbox)
         self.rules = self.config.selection.to_rules()
+        self.dispatcher: CeleryDispatcher | None = None
+        if celery:
+            assert settings.broker is not None  # required by the settings
+            self.dispatcher = CeleryDispatcher(
+                self.config, self.store, settings.broker, settings.dicomweb_url,
+                destinations=lambda: self.engine.runner.destinations, result_dir=self.engine.runner.result_dir,
+                backend=settings.result_backend, queue=settings.queue)
 
     # -- events ----------------------------------------------------------------------------------
     def ingest_inbox(self) -> int:
@@ -131,8 +150,10 @@ class OrthancWorker:
             raise
         tags = series.get("MainDicomTags", {})
         series_uid = str(tags.get("SeriesInstanceUID", ""))
-        if self.links.is_output_series(series_uid):
-            log.debug("series %s holds our own results; ignored", series_uid)
+        modality = str(tags.get("Modality", ""))
+        if self.links.is_output_series(series_uid) or (
+                tags.get("Manufacturer") == MANUFACTURER and modality in RESULT_MODALITIES):
+            log.debug("series %s holds lungburden results; ignored", series_uid)
             return
         study = self.client.get_json(f"/studies/{series['ParentStudy']}")
         study_uid = str(study.get("MainDicomTags", {}).get("StudyInstanceUID", ""))
@@ -145,7 +166,6 @@ class OrthancWorker:
             log.info("series %s unchanged (%d instances): job %d (%s) stands, nothing to do", series_uid,
                      len(instances), existing.id, existing.state)
             return
-        modality = str(tags.get("Modality", ""))
         if existing is None and modality not in self.rules.modalities:
             reason = f"selection: modality {modality or '?'} is not one of {', '.join(self.rules.modalities)}"
             job, _ = self.store.add_job(study_uid, series_uid, [], list(instances), self.engine.model,
@@ -210,6 +230,12 @@ class OrthancWorker:
         self.engine.start()
         log.info("worker ready (pid %d, Orthanc %s, model %s, deliveries: %s)", os.getpid(),
                  self.settings.orthanc_url, self.engine.model, ", ".join(self.engine.exporter.exporters))
+        if self.dispatcher is not None:
+            threading.Thread(target=self.dispatcher.run, args=(self.stopping,), name="celery-dispatch",
+                             daemon=True).start()
+            log.info("engine celery: series are analysed by `lungburden worker` processes (broker %s, queue %s), "
+                     "which read them from %s", safe_url(self.dispatcher.broker), self.dispatcher.queue,
+                     safe_url(self.settings.dicomweb_url))
         while not self.stopping.wait(INBOX_SECONDS):
             if self._orthanc_gone():
                 log.warning("Orthanc is gone; the worker exits")
@@ -222,7 +248,7 @@ def configure_worker_logging(config: Config) -> None:
     """Log lines on stderr start with the level (the plugin relays them into Orthanc's log)."""
     configure_logging(config, stream_format="%(levelname)s %(name)s: %(message)s",
                       file_format="%(asctime)s %(levelname)s %(name)s: %(message)s", replace_handlers=True,
-                      quiet=("pynetdicom", "urllib3", "highdicom"))
+                      quiet=("pynetdicom", "urllib3", "highdicom", "celery", "kombu"))
 
 
 def main(argv: list[str] | None = None) -> int:
