@@ -8,10 +8,12 @@ driven over the DevTools protocol (:mod:`viewer.chromium`), as a user would use 
 * the SEG is opened ("Yes" to OHIF's prompt); on several slices the pixels whose colour changes
   when the overlay is switched on must be the SEG's own pixels of that slice, mapped to the
   screen through the CT geometry and the viewer's world-to-canvas transform, per segment and all
-  together; the same comparison must reject the SEG flipped left-right and front-back;
+  together; the same comparison must reject the SEG's masks flipped left-right and front-back,
+  and a left-right mirrored copy of the SEG stored in Orthanc and opened in OHIF must fail it;
 * the SR is opened: OHIF's SR viewport must show every volume, ratio and the burden, with no
   uncaught error or ``TypeError`` in the browser console;
-* the Secondary Capture series is opened and an image with the burned-in overlay is displayed.
+* the Secondary Capture series is opened and an image with the burned-in overlay is displayed;
+* the encapsulated PDF is opened: OHIF's PDF viewport holds the bytes of ``report.pdf``.
 
 A failing test names the folder with its screenshots and the browser console log.
 """
@@ -33,6 +35,8 @@ import pytest
 from ct_builders import is_dicom
 from orthanc import OrthancServer, orthanc_available
 from PIL import Image
+from pydicom.pixels import pack_bits
+from pydicom.uid import generate_uid
 from viewer.chromium import Chromium, find_chromium
 from viewer.ohif import OHIF_VERSION, OhifServer, ensure_dist
 from viewer.overlay import ScreenMapping, agreement, overlay_pixels, pixel_to_patient, screen_affine
@@ -43,6 +47,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SEGMENTS = {1: "lung field", 2: "ground glass opacity", 3: "high opacity"}
 THUMBNAILS = '[data-cy^="study-browser-thumbnail"]'
+#: Series description of the left-right mirrored copy of a SEG that the viewer test must reject.
+MIRRORED = "MIRRORED TEST COPY"
 
 
 def _missing(what: str) -> None:
@@ -128,11 +134,13 @@ class Viewer:
         )
         return tuple(found) if found else None
 
-    def open_series(self, modality: str) -> None:
-        """Double-click the study browser's entry of the series of ``modality``."""
+    def open_series(self, modality: str, mirrored: bool = False) -> None:
+        """Double-click the study browser's entry of the series of ``modality`` (the mirrored
+        test copy of the SEG, or any other series of that modality)."""
         thumbnail = (
             f"Array.from(document.querySelectorAll('{THUMBNAILS}'))"
-            f".find(e => e.innerText.trim().startsWith({json.dumps(modality + chr(10))}))"
+            f".find(e => e.innerText.trim().startsWith({json.dumps(modality + chr(10))})"
+            f" && e.innerText.includes({json.dumps(MIRRORED)}) === {json.dumps(mirrored)})"
         )
         centre = self.element_centre(thumbnail)
         assert centre is not None, f"no {modality} series in OHIF's study browser"
@@ -205,6 +213,7 @@ class Case:
     seg_pixels: np.ndarray  # (slice in ``order``, row, column, segment 1..3), from the SEG itself
     series_count: int
     sc_series_uid: str
+    out: Path  # the analyze command's output folder
 
 
 def _analysed_case(name: str, source: Path, out: Path, viewer: Viewer) -> Case:
@@ -223,7 +232,7 @@ def _analysed_case(name: str, source: Path, out: Path, viewer: Viewer) -> Case:
     seg = hd.seg.segread(out / "seg.dcm")
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=order, segment_numbers=list(SEGMENTS))
     series = {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in outputs}
-    return Case(name, result, ct, order, pixels.astype(bool), len(series) + 1, result["sc_series_instance_uid"])
+    return Case(name, result, ct, order, pixels.astype(bool), len(series) + 1, result["sc_series_instance_uid"], out)
 
 
 @pytest.fixture(scope="module")
@@ -259,59 +268,99 @@ def _compare(drawn: dict, masks: dict, mapping: ScreenMapping) -> list:
     return [agreement(str(key), screen, mapping.mask(masks[key])) for key, screen in drawn.items()]
 
 
-def test_seg_overlay_lines_up_with_seg_pixels(viewer, case):
+def _open_seg(viewer: Viewer, mirrored: bool = False) -> None:
+    viewer.open_series("SEG", mirrored)
+    # OHIF asks "Do you want to open this Segmentation?" (Yes / No) before it loads it.
+    yes = viewer.button("Yes")
+    viewer.browser.wait_for(f"{yes} !== undefined || {SEG_LOADED}", 60, what="OHIF's prompt to open the SEG")
+    if viewer.browser.evaluate(f"{yes} !== undefined"):
+        viewer.browser.click(*viewer.element_centre(yes))
+    viewer.browser.wait_for(SEG_LOADED, 90, what="the segmentation in the viewport")
+
+
+def _overlay_agreement(viewer: Viewer, case: Case, folder: Path) -> tuple[list[str], bool, bool, bool]:
+    """Per checked slice, what the viewer draws against the SEG's own pixels of that slice:
+    the report lines, whether every slice agrees, whether every slice drew an overlay, and whether
+    the SEG's masks mirrored left-right or front-back would agree too on any slice (they must not,
+    or the comparison could not tell a mirrored overlay)."""
     browser = viewer.browser
+    report, agree, drew, mirror_agrees = [], True, True, False
+    for k in _slices_to_check(case.seg_pixels):
+        ds = case.ct[case.order[k]]
+        points = [pixel_to_patient(ds, 0, 0), pixel_to_patient(ds, 1, 0), pixel_to_patient(ds, 0, 1)]
+        view = browser.evaluate(SHOW_SLICE % {"uid": json.dumps(case.order[k]), "points": json.dumps(points)})
+        assert view and view["shown"] == case.order[k], f"OHIF did not show CT slice {k}"
+        region = tuple(int(round(v)) for v in view["rect"])
+        mapping = ScreenMapping(screen_affine(view["points"], view["rect"][:2]), region,
+                                (int(ds.Rows), int(ds.Columns)))
+
+        # The whole overlay, each lesion segment alone (the lung field holds them), and none.
+        shots = {}
+        for key, visible in [("all", set(SEGMENTS)), (2, {2}), (3, {3}), ("off", set())]:
+            browser.evaluate(SEGMENT_VISIBILITY % json.dumps({s: s in visible for s in SEGMENTS}))
+            shots[key] = viewer.stable_screenshot(region)
+        browser.evaluate(SEGMENT_VISIBILITY % json.dumps({s: True for s in SEGMENTS}))
+        drawn = {key: overlay_pixels(shot, shots["off"]) for key, shot in shots.items() if key != "off"}
+
+        masks = {s: case.seg_pixels[k, :, :, s - 1] for s in (2, 3)}
+        masks["all"] = case.seg_pixels[k].any(axis=-1)
+        result = _compare(drawn, masks, mapping)
+        flipped_lr = _compare(drawn, {key: m[:, ::-1] for key, m in masks.items()}, mapping)
+        flipped_ap = _compare(drawn, {key: m[::-1, :] for key, m in masks.items()}, mapping)
+        report.append(f"slice {k}: " + "; ".join(map(str, result)))
+        report.append(f"slice {k}, SEG flipped left-right: " + "; ".join(map(str, flipped_lr)))
+        report.append(f"slice {k}, SEG flipped front-back: " + "; ".join(map(str, flipped_ap)))
+
+        diff = shots["all"].copy()
+        expected_all = mapping.mask(masks["all"])
+        diff[drawn["all"] & ~expected_all] = (255, 0, 255)  # drawn, not in the SEG
+        diff[expected_all & ~drawn["all"]] = (0, 255, 0)  # in the SEG, not drawn
+        Image.fromarray(diff).save(folder / f"slice-{k:03d}-mismatch.png")
+        Image.fromarray(shots["all"]).save(folder / f"slice-{k:03d}-overlay-on.png")
+        Image.fromarray(shots["off"]).save(folder / f"slice-{k:03d}-overlay-off.png")
+
+        drew = drew and drawn["all"].sum() > 100
+        agree = agree and all(a.ok for a in result)
+        mirror_agrees = mirror_agrees or all(a.ok for a in flipped_lr) or all(a.ok for a in flipped_ap)
+    (folder / "agreement.txt").write_text("\n".join(report) + "\n")
+    return report, agree, drew, mirror_agrees
+
+
+def test_seg_overlay_lines_up_with_seg_pixels(viewer, case):
     with viewer.evidence(f"{case.name}-seg") as folder:
         viewer.open_study(case.result["study_instance_uid"], case.series_count)
-        viewer.open_series("SEG")
-        # OHIF asks "Do you want to open this Segmentation?" (Yes / No) before it loads it.
-        yes = viewer.button("Yes")
-        browser.wait_for(f"{yes} !== undefined || {SEG_LOADED}", 60, what="OHIF's prompt to open the SEG")
-        if browser.evaluate(f"{yes} !== undefined"):
-            browser.click(*viewer.element_centre(yes))
-        browser.wait_for(SEG_LOADED, 90, what="the segmentation in the viewport")
-        report = []
-        for k in _slices_to_check(case.seg_pixels):
-            ds = case.ct[case.order[k]]
-            points = [pixel_to_patient(ds, 0, 0), pixel_to_patient(ds, 1, 0), pixel_to_patient(ds, 0, 1)]
-            view = browser.evaluate(SHOW_SLICE % {"uid": json.dumps(case.order[k]), "points": json.dumps(points)})
-            assert view and view["shown"] == case.order[k], f"OHIF did not show CT slice {k}"
-            region = tuple(int(round(v)) for v in view["rect"])
-            mapping = ScreenMapping(screen_affine(view["points"], view["rect"][:2]), region,
-                                    (int(ds.Rows), int(ds.Columns)))
-
-            # The whole overlay, each lesion segment alone (the lung field holds them), and none.
-            shots = {}
-            for key, visible in [("all", set(SEGMENTS)), (2, {2}), (3, {3}), ("off", set())]:
-                browser.evaluate(SEGMENT_VISIBILITY % json.dumps({s: s in visible for s in SEGMENTS}))
-                shots[key] = viewer.stable_screenshot(region)
-            browser.evaluate(SEGMENT_VISIBILITY % json.dumps({s: True for s in SEGMENTS}))
-            drawn = {key: overlay_pixels(shot, shots["off"]) for key, shot in shots.items() if key != "off"}
-
-            masks = {s: case.seg_pixels[k, :, :, s - 1] for s in (2, 3)}
-            masks["all"] = case.seg_pixels[k].any(axis=-1)
-            result = _compare(drawn, masks, mapping)
-            flipped_lr = _compare(drawn, {key: m[:, ::-1] for key, m in masks.items()}, mapping)
-            flipped_ap = _compare(drawn, {key: m[::-1, :] for key, m in masks.items()}, mapping)
-            report.append(f"slice {k}: " + "; ".join(map(str, result)))
-            report.append(f"slice {k}, SEG flipped left-right: " + "; ".join(map(str, flipped_lr)))
-            report.append(f"slice {k}, SEG flipped front-back: " + "; ".join(map(str, flipped_ap)))
-
-            diff = shots["all"].copy()
-            expected_all = mapping.mask(masks["all"])
-            diff[drawn["all"] & ~expected_all] = (255, 0, 255)  # drawn, not in the SEG
-            diff[expected_all & ~drawn["all"]] = (0, 255, 0)  # in the SEG, not drawn
-            Image.fromarray(diff).save(folder / f"slice-{k:03d}-mismatch.png")
-            Image.fromarray(shots["all"]).save(folder / f"slice-{k:03d}-overlay-on.png")
-            Image.fromarray(shots["off"]).save(folder / f"slice-{k:03d}-overlay-off.png")
-
-            assert drawn["all"].sum() > 100, f"slice {k}: no overlay drawn\n" + "\n".join(report)
-            assert all(a.ok for a in result), "\n".join(report)
-            # The comparison must be able to fail: the SEG mirrored on either axis is rejected.
-            assert not all(a.ok for a in flipped_lr), "\n".join(report)
-            assert not all(a.ok for a in flipped_ap), "\n".join(report)
-        (folder / "agreement.txt").write_text("\n".join(report) + "\n")
+        _open_seg(viewer)
+        report, agree, drew, mirror_agrees = _overlay_agreement(viewer, case, folder)
+        assert drew, "no overlay drawn\n" + "\n".join(report)
+        assert agree, "\n".join(report)
+        assert not mirror_agrees, "the comparison cannot tell a mirrored overlay:\n" + "\n".join(report)
         assert viewer.console_errors() == []
+
+
+def _mirrored_seg(seg_path: Path, out: Path) -> Path:
+    """A copy of the SEG with every frame mirrored left-right, as a new series of the study."""
+    ds = pydicom.dcmread(seg_path)
+    frames = ds.pixel_array.reshape(-1, int(ds.Rows), int(ds.Columns))
+    ds.PixelData = pack_bits(np.ascontiguousarray(frames[:, :, ::-1]).ravel())
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesNumber = int(ds.SeriesNumber) + 50
+    ds.SeriesDescription = MIRRORED
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def test_mirrored_seg_fails_the_overlay_check(viewer, phantom_case, tmp_path):
+    """A SEG whose pixels are mirrored left-right, stored in Orthanc and opened in OHIF, must
+    fail the same screen-against-SEG comparison that the shipped SEG passes."""
+    case = phantom_case
+    viewer.orthanc.upload(_mirrored_seg(case.out / "seg.dcm", tmp_path / "mirrored-seg.dcm"))
+    with viewer.evidence(f"{case.name}-mirrored-seg") as folder:
+        viewer.open_study(case.result["study_instance_uid"], case.series_count + 1)
+        _open_seg(viewer, mirrored=True)
+        report, agree, drew, _ = _overlay_agreement(viewer, case, folder)
+        assert drew, "OHIF drew no overlay for the mirrored SEG\n" + "\n".join(report)
+        assert not agree, "a left-right mirrored SEG passed the overlay check:\n" + "\n".join(report)
 
 
 # -- SR ------------------------------------------------------------------------------------------
@@ -381,4 +430,27 @@ def test_secondary_capture_displayed(viewer, case):
         overlay = ((red > 150) & (blue < 120) & (red - blue > 80)).sum()  # burned-in yellow / red overlay
         assert image.std() > 20, "the viewport is blank"
         assert overlay > 200, f"no burned-in overlay colours on screen ({overlay} pixels)"
+        assert viewer.console_errors() == [], "\n".join(viewer.console_errors())
+
+
+# -- PDF -----------------------------------------------------------------------------------------
+PDF_OBJECT = "document.querySelector('object[type=\"application/pdf\"]')"
+PDF_BYTES = "(async () => { const data = " + PDF_OBJECT + """.data;
+  const bytes = new Uint8Array(await (await fetch(data)).arrayBuffer());
+  return {head: String.fromCharCode(...bytes.slice(0, 5)), size: bytes.length};
+})()"""
+
+
+def test_pdf_report_displayed(viewer, case):
+    browser = viewer.browser
+    with viewer.evidence(f"{case.name}-pdf") as folder:
+        viewer.open_study(case.result["study_instance_uid"], case.series_count)
+        viewer.open_series("DOC")
+        browser.wait_for(f"{PDF_OBJECT} && {PDF_OBJECT}.data", 60, what="OHIF's PDF viewport")
+        shown = browser.evaluate(PDF_BYTES)
+        browser.save_screenshot(folder / "pdf.png")
+        expected = (case.out / "report.pdf").read_bytes()
+        assert shown["head"] == "%PDF-", f"OHIF's PDF viewport holds no PDF: {shown}"
+        # Encapsulated Document is padded to an even length (PS3.5 7.1): at most one byte more.
+        assert 0 <= shown["size"] - len(expected) <= 1, f"{shown['size']} bytes shown, report.pdf has {len(expected)}"
         assert viewer.console_errors() == [], "\n".join(viewer.console_errors())
