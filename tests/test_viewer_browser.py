@@ -363,6 +363,12 @@ def test_mirrored_seg_fails_the_overlay_check(viewer, phantom_case, tmp_path):
         assert not agree, "a left-right mirrored SEG passed the overlay check:\n" + "\n".join(report)
 
 
+def _open_case_series(viewer: Viewer, case: Case, modality: str) -> None:
+    """The case's study in OHIF, with its series of ``modality`` in the viewport."""
+    viewer.open_study(case.result["study_instance_uid"], case.series_count)
+    viewer.open_series(modality)
+
+
 # -- SR ------------------------------------------------------------------------------------------
 NUMBER = re.compile(r"(Volume Ratio|Volume|Attenuation Coefficient): (-?\d+(?:\.\d+)?) (cm3|%|\[hnsf'U\])")
 
@@ -388,8 +394,7 @@ def _expected_numbers(result: dict) -> dict[str, tuple[str, float, str]]:
 def test_sr_shows_volumes_and_burden(viewer, case):
     browser = viewer.browser
     with viewer.evidence(f"{case.name}-sr") as folder:
-        viewer.open_study(case.result["study_instance_uid"], case.series_count)
-        viewer.open_series("SR")
+        _open_case_series(viewer, case, "SR")
         browser.wait_for(f"{SVG_TEXT}.some(t => t.includes('Volume'))", 60, what="SR measurements in the viewport")
         arrows = "document.querySelector('[data-cy=\"viewport-action-arrows-right\"]')"
         seen: list[str] = []
@@ -415,8 +420,7 @@ def test_sr_shows_volumes_and_burden(viewer, case):
 def test_secondary_capture_displayed(viewer, case):
     browser = viewer.browser
     with viewer.evidence(f"{case.name}-sc") as folder:
-        viewer.open_study(case.result["study_instance_uid"], case.series_count)
-        viewer.open_series("OT")
+        _open_case_series(viewer, case, "OT")
         sc_uid = json.dumps(case.sc_series_uid)
         shown = browser.wait_for(
             f"(() => {{ const v = {VIEWPORT_SERIES}; return v && v.series === {sc_uid} && v; }})()",
@@ -444,8 +448,7 @@ PDF_BYTES = "(async () => { const data = " + PDF_OBJECT + """.data;
 def test_pdf_report_displayed(viewer, case):
     browser = viewer.browser
     with viewer.evidence(f"{case.name}-pdf") as folder:
-        viewer.open_study(case.result["study_instance_uid"], case.series_count)
-        viewer.open_series("DOC")
+        _open_case_series(viewer, case, "DOC")
         browser.wait_for(f"{PDF_OBJECT} && {PDF_OBJECT}.data", 60, what="OHIF's PDF viewport")
         shown = browser.evaluate(PDF_BYTES)
         browser.save_screenshot(folder / "pdf.png")
