@@ -125,9 +125,11 @@ def non_chest_series(out_dir: Path, slices: int = 20) -> list[Path]:
 
 
 def build_archive(root: Path, seeds: tuple[int, ...] = (3, 4, 5), size: int = 128, slices: int = 24,
-                  bad: bool = True) -> list[ArchiveStudy]:
-    """Phantom chest studies (``seeds``) and, with ``bad``, a non-chest CT, a series with a
-    missing slice and a study with only a short series."""
+                  bad: bool = True, real_study: Path | None = None) -> list[ArchiveStudy]:
+    """Phantom chest studies (``seeds``); with ``real_study`` (the Lung-PET-CT-Dx A0001 folder, read
+    in place) its lung-kernel series (analysed) and soft-kernel series (the same acquisition, not
+    chosen); with ``bad``, a non-chest CT, a series with a missing slice and a study with only a
+    short series."""
     import pydicom
 
     studies = []
@@ -140,6 +142,9 @@ def build_archive(root: Path, seeds: tuple[int, ...] = (3, 4, 5), size: int = 12
     for seed in seeds:
         study(f"phantom-{seed}", write_phantom(root / f"phantom-{seed}", seed=seed, slices=slices, size=size),
               "done")
+    if real_study is not None:
+        study("real-lung-kernel", sorted((real_study / "lung-kernel-L-5mm").glob("*.dcm")), "done")
+        study("real-soft-kernel", sorted((real_study / "soft-kernel-B-5mm").glob("*.dcm")), "skipped")
     if bad:
         study("non-chest", non_chest_series(root / "non-chest"), "failed")
         gap = write_phantom(root / "missing-slice", seed=41, slices=slices, size=size)
