@@ -6,8 +6,10 @@ counts as "high opacity" the opacity above about -200 HU. A network trained on s
 phantoms calls most consolidation of real scans GGO, so after the network:
 
 1. the patient's own aerated-lung attenuation is measured (:func:`aerated_reference_hu`: a low
-   percentile of the lung field; about -870 HU on an inspiratory scan, higher on an
-   expiratory or miscalibrated one);
+   percentile of the voxels labelled aerated lung; about -870 HU on an inspiratory scan, higher
+   on an expiratory or miscalibrated one). Taken over the whole lung field instead, it rises
+   with the burden: in a lung two-thirds opaque the 15th percentile is GGO, and GGO within
+   ``ggo_delta_hu`` of it would be called aerated lung;
 2. a lesion voxel whose in-plane smoothed attenuation is within ``ggo_delta_hu`` of that
    reference is not increased attenuation and becomes aerated lung (GGO is defined relative to
    the surrounding lung, so a uniformly dense lung is not GGO throughout);
@@ -58,8 +60,9 @@ DEFAULT_REFERENCE_HU = -870.0
 
 
 def aerated_reference_hu(labels: np.ndarray, hu: np.ndarray, percentile: float = 15.0, step: int = 2) -> float:
-    """The ``percentile`` of HU over the lung field (labels >= 1), on a ``step``-subsampled grid."""
-    field = labels[:, ::step, ::step] >= L.LUNG
+    """The ``percentile`` of HU over the voxels labelled aerated lung (label 1), on a
+    ``step``-subsampled grid."""
+    field = labels[:, ::step, ::step] == L.LUNG
     if np.count_nonzero(field) < 100:
         return DEFAULT_REFERENCE_HU
     return float(np.percentile(np.asarray(hu)[:, ::step, ::step][field], percentile))
