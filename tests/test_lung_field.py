@@ -107,6 +107,19 @@ def test_split_relative_to_aerated_lung() -> None:
     assert (labels[16][dense] == L.HIGH_OPACITY).mean() > 0.8  # its smoothed rim is GGO
 
 
+def test_heavily_involved_lung_keeps_its_ggo() -> None:
+    """The aerated reference comes from the voxels labelled aerated lung: in a lung that is mostly
+    GGO, a percentile of the whole field would be GGO and the GGO would be called aerated lung."""
+    hu, labels = chest()
+    field = labels >= L.LUNG
+    ggo = field.copy()
+    ggo[:, :, 52:76] = False  # a medial strip of each lung stays aerated
+    hu[ggo], labels[ggo] = -650.0, L.GGO
+    assert np.count_nonzero(labels == L.GGO) > 0.85 * np.count_nonzero(field)
+    split_opacity(labels, hu, OpacitySplit(min_lung_contact=0.0))  # the reference step alone
+    assert (labels[ggo] == L.GGO).mean() > 0.95
+
+
 def test_opacity_without_lung_around_is_dropped() -> None:
     hu, labels = chest()
     muscle = _ellipse(SIZE, SIZE, 20, 64, 4, 8)  # soft tissue outside the lungs
