@@ -10,12 +10,13 @@ same name, as small phantoms analysed with the fast ``threshold`` model.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
 import pydicom
 import pytest
-from archive_helpers import batch, rows
+from archive_helpers import ArchiveWorker, RedisServer, batch, redis_available, rows
 from ct_builders import write_phantom
 from orthanc import OrthancServer, orthanc_available
 
@@ -269,16 +270,37 @@ def test_analyze_with_priors_from_pacs(pacs, tmp_path, capsys):
     assert len(server.get("/instances")) == instances  # --no-store-priors: nothing stored
 
 
+@contextlib.contextmanager
+def engine_options(engine: str, workdir):
+    """``batch`` options of an engine: a local pool of two, or a real Redis and two Celery workers."""
+    if engine == "local":
+        yield ("--engine", "local", "--workers", "2")
+        return
+    if not redis_available():
+        pytest.skip("redis-server not installed (make test installs it)")
+    with RedisServer(workdir / "redis") as redis:
+        workers = [ArchiveWorker(workdir / "workers", redis.url, f"w{n}") for n in (1, 2)]
+        try:
+            for worker in workers:
+                worker.start()
+            yield ("--engine", "celery", "--broker", redis.url)
+        finally:
+            for worker in workers:
+                worker.stop()
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
-def test_batch_with_priors_writes_the_prior_columns(pacs, tmp_path):
-    """``batch --priors`` (local pool of two, four series at once): each row names the patient's
-    most recent prior and the change since it, computed from the rows of those studies."""
+@pytest.mark.parametrize("engine", ["local", "celery"])
+def test_batch_with_priors_writes_the_prior_columns(pacs, tmp_path, engine):
+    """``batch --priors`` (two workers of either engine, four series at once): each row names the
+    patient's most recent prior and the change since it, computed from the rows of those studies;
+    the Celery workers search and read the priors themselves."""
     server, studies, _ = pacs
     instances = len(server.get("/instances"))
     table = tmp_path / "results.csv"
-    code, summary, log = batch(server, table, "--priors", "--no-store", "--engine", "local", "--workers", "2",
-                               "--max-in-flight", "4")
+    with engine_options(engine, tmp_path) as options:
+        code, summary, log = batch(server, table, "--priors", "--no-store", *options, "--max-in-flight", "4")
     assert code == 0 and summary["done"] == 4, log
     by_study = {r["study_instance_uid"]: r for r in rows(table).values()}
     a1, a2, a3, b1 = (by_study[studies[k]] for k in ("a1", "a2", "a3", "b1"))
