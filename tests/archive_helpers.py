@@ -6,6 +6,7 @@ archive's studies (phantoms, a non-chest CT, a series with a missing slice, a sh
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +98,21 @@ class ArchiveWorker(ManagedProcess):
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(10)
         self.process = None
+
+
+@contextlib.contextmanager
+def celery_workers(workdir: Path, count: int = 2) -> Iterator[tuple[RedisServer, list[ArchiveWorker]]]:
+    """A real Redis and ``count`` started ``lungburden worker`` processes (``w1``, ``w2``, ...),
+    all stopped on exit."""
+    with RedisServer(workdir / "redis") as redis:
+        workers = [ArchiveWorker(workdir / "workers", redis.url, f"w{n}") for n in range(1, count + 1)]
+        try:
+            for worker in workers:
+                worker.start()
+            yield redis, workers
+        finally:
+            for worker in workers:
+                worker.stop()
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,16 @@ import time
 from pathlib import Path
 
 import pytest
-from archive_helpers import LUNGBURDEN, ArchiveWorker, RedisServer, batch, build_archive, redis_available, rows
+from archive_helpers import (
+    LUNGBURDEN,
+    ArchiveWorker,
+    RedisServer,
+    batch,
+    build_archive,
+    celery_workers,
+    redis_available,
+    rows,
+)
 from orthanc import OrthancServer, orthanc_available
 
 pytestmark = pytest.mark.skipif(not (orthanc_available() and redis_available()),
@@ -62,54 +71,47 @@ def archive(tmp_path_factory, real_study):
 
 def test_batch_on_two_celery_workers(archive, tmp_path):
     orthanc, studies, _ = archive
-    with RedisServer(tmp_path / "redis") as redis:
-        workers = [ArchiveWorker(tmp_path / "workers", redis.url, f"w{n}") for n in (1, 2)]
-        try:
-            for worker in workers:
-                worker.start()
-            table = tmp_path / "results.csv"
-            code, summary, log = batch(orthanc, table, "--engine", "celery", "--broker", redis.url,
-                                       "--max-in-flight", "4")
-            assert code == 1, log  # some series failed
-            table_rows = rows(table)
-            assert len(table_rows) == len(studies) and summary["considered"] == len(studies), log
-            for study in studies:
-                row = table_rows[study.series_uid]
-                assert row["status"] == study.expected, (study.name, row["reason"])
-                assert row["study_instance_uid"] == study.study_uid
-                found = results_in(orthanc, study.study_uid)
-                if study.expected == "done":
-                    assert found == {"SEG": [1], "SR": [1]}, study.name
-                    assert row["model"] == MODEL and row["model_version"] and row["sr_sop_instance_uid"]
-                    assert row["kernel"] and float(row["slice_thickness_mm"]) > 0 and row["acquisition_date"]
-                    reference = analyze(study.folder, tmp_path / "analyze" / study.name)
-                    for key in COMPARED:
-                        assert float(row[key]) == pytest.approx(reference[key], abs=1e-6), (study.name, key)
-                else:
-                    assert row["reason"], study.name
-                    if not any(s.expected == "done" and s.study_uid == study.study_uid for s in studies):
-                        assert found == {"SEG": [], "SR": []}, study.name
-            reasons = {s.name: table_rows[s.series_uid]["reason"] for s in studies}
-            assert "no lungs" in reasons["non-chest"]
-            assert "missing slices" in reasons["missing-slice"]
-            assert "fewer than the minimum" in reasons["short"]
-            lung_kernel = next(s.series_uid for s in studies if s.name == "real-lung-kernel")
-            soft_kernel = reasons["real-soft-kernel"]
-            assert "another reconstruction" in soft_kernel and lung_kernel in soft_kernel, soft_kernel
-            done_by = {table_rows[s.series_uid]["worker"] for s in studies if s.expected == "done"}
-            assert len(done_by) >= 2, f"one worker did all the work: {done_by}"
+    with celery_workers(tmp_path) as (redis, _workers):
+        table = tmp_path / "results.csv"
+        code, summary, log = batch(orthanc, table, "--engine", "celery", "--broker", redis.url,
+                                   "--max-in-flight", "4")
+        assert code == 1, log  # some series failed
+        table_rows = rows(table)
+        assert len(table_rows) == len(studies) and summary["considered"] == len(studies), log
+        for study in studies:
+            row = table_rows[study.series_uid]
+            assert row["status"] == study.expected, (study.name, row["reason"])
+            assert row["study_instance_uid"] == study.study_uid
+            found = results_in(orthanc, study.study_uid)
+            if study.expected == "done":
+                assert found == {"SEG": [1], "SR": [1]}, study.name
+                assert row["model"] == MODEL and row["model_version"] and row["sr_sop_instance_uid"]
+                assert row["kernel"] and float(row["slice_thickness_mm"]) > 0 and row["acquisition_date"]
+                reference = analyze(study.folder, tmp_path / "analyze" / study.name)
+                for key in COMPARED:
+                    assert float(row[key]) == pytest.approx(reference[key], abs=1e-6), (study.name, key)
+            else:
+                assert row["reason"], study.name
+                if not any(s.expected == "done" and s.study_uid == study.study_uid for s in studies):
+                    assert found == {"SEG": [], "SR": []}, study.name
+        reasons = {s.name: table_rows[s.series_uid]["reason"] for s in studies}
+        assert "no lungs" in reasons["non-chest"]
+        assert "missing slices" in reasons["missing-slice"]
+        assert "fewer than the minimum" in reasons["short"]
+        lung_kernel = next(s.series_uid for s in studies if s.name == "real-lung-kernel")
+        soft_kernel = reasons["real-soft-kernel"]
+        assert "another reconstruction" in soft_kernel and lung_kernel in soft_kernel, soft_kernel
+        done_by = {table_rows[s.series_uid]["worker"] for s in studies if s.expected == "done"}
+        assert len(done_by) >= 2, f"one worker did all the work: {done_by}"
 
-            # a second run: nothing analysed, nothing stored, the table unchanged
-            before = table.read_text()
-            instances = len(orthanc.get("/instances"))
-            code, summary, log = batch(orthanc, table, "--engine", "celery", "--broker", redis.url)
-            done = sum(s.expected == "done" for s in studies)
-            assert summary["submitted"] == 0 and summary["already_done"] == done, log
-            assert len(orthanc.get("/instances")) == instances
-            assert table.read_text() == before
-        finally:
-            for worker in workers:
-                worker.stop()
+        # a second run: nothing analysed, nothing stored, the table unchanged
+        before = table.read_text()
+        instances = len(orthanc.get("/instances"))
+        code, summary, log = batch(orthanc, table, "--engine", "celery", "--broker", redis.url)
+        done = sum(s.expected == "done" for s in studies)
+        assert summary["submitted"] == 0 and summary["already_done"] == done, log
+        assert len(orthanc.get("/instances")) == instances
+        assert table.read_text() == before
 
 
 def test_killed_worker_and_broker_restart(tmp_path):

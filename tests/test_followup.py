@@ -16,7 +16,7 @@ import time
 
 import pydicom
 import pytest
-from archive_helpers import ArchiveWorker, RedisServer, batch, redis_available, rows
+from archive_helpers import batch, celery_workers, redis_available, rows
 from ct_builders import write_phantom
 from orthanc import OrthancServer, orthanc_available
 
@@ -278,15 +278,8 @@ def engine_options(engine: str, workdir):
         return
     if not redis_available():
         pytest.skip("redis-server not installed (make test installs it)")
-    with RedisServer(workdir / "redis") as redis:
-        workers = [ArchiveWorker(workdir / "workers", redis.url, f"w{n}") for n in (1, 2)]
-        try:
-            for worker in workers:
-                worker.start()
-            yield ("--engine", "celery", "--broker", redis.url)
-        finally:
-            for worker in workers:
-                worker.stop()
+    with celery_workers(workdir) as (redis, _workers):
+        yield ("--engine", "celery", "--broker", redis.url)
 
 
 @pytest.mark.integration

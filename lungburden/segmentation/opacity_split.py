@@ -62,10 +62,10 @@ DEFAULT_REFERENCE_HU = -870.0
 def aerated_reference_hu(labels: np.ndarray, hu: np.ndarray, percentile: float = 15.0, step: int = 2) -> float:
     """The ``percentile`` of HU over the voxels labelled aerated lung (label 1), on a
     ``step``-subsampled grid."""
-    field = labels[:, ::step, ::step] == L.LUNG
-    if np.count_nonzero(field) < 100:
+    aerated = labels[:, ::step, ::step] == L.LUNG
+    if np.count_nonzero(aerated) < 100:
         return DEFAULT_REFERENCE_HU
-    return float(np.percentile(np.asarray(hu)[:, ::step, ::step][field], percentile))
+    return float(np.percentile(np.asarray(hu)[:, ::step, ::step][aerated], percentile))
 
 
 def split_opacity(labels: np.ndarray, hu: np.ndarray, split: OpacitySplit = OpacitySplit(),
