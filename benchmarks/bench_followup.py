@@ -1,14 +1,16 @@
 """What a prior costs: ``lungburden analyze`` of a patient's newest study without priors, with one
 prior whose lungburden SR is in the PACS, and with one prior without (retrieved, analysed, stored).
 
-A real Orthanc (DICOMweb) on this machine holds the prior, a phantom chest CT (512 x 512) of the
-same patient two weeks earlier; the newest study is local files, as ``analyze`` reads them. Each
-configuration runs ``--runs`` times, interleaved, as its own ``lungburden analyze`` process
-(imports and model load included); before each run without the SR the prior's results are
-deleted from Orthanc. Printed: the median wall time, the median of result.json's ``priors``
-step, the seconds a prior adds (median minus the median without priors), the ratio to the run
-without priors, and the peak memory (maximum resident set size of the process; this small
-coordinating process writes the phantoms with ``lungburden phantom`` so as not to count in it).
+A real Orthanc on this machine holds the prior, a phantom chest CT (512 x 512) of the same
+patient two weeks earlier, searched and retrieved by DICOMweb (QIDO-RS, WADO-RS, STOW-RS;
+``--source dicomweb``) or by DIMSE (C-FIND, C-GET, C-STORE; ``--source dimse``); the newest
+study is local files, as ``analyze`` reads them. Each configuration runs ``--runs`` times,
+interleaved, as its own ``lungburden analyze`` process (imports and model load included);
+before each run without the SR the prior's results are deleted from Orthanc. Printed: the
+median wall time, the median of result.json's ``priors`` step, the seconds a prior adds
+(median minus the median without priors), the ratio to the run without priors, and the peak
+memory (maximum resident set size of the process; this small coordinating process writes the
+phantoms with ``lungburden phantom`` so as not to count in it).
 Not a test: ``python benchmarks/bench_followup.py``.
 """
 
@@ -62,6 +64,8 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=5.0, help="slice spacing in mm (default 5)")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--source", choices=("dicomweb", "dimse"), default="dicomweb",
+                        help="how the PACS is searched and read (default dicomweb)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-followup-") as tmp:
         root = Path(tmp)
@@ -70,14 +74,18 @@ def main() -> int:
                             "--spacing", str(args.spacing), "--burden", str(burden), *PATIENT, "--study-date", date],
                            check=True, capture_output=True)
         report: dict[str, dict] = {}
-        with OrthancServer(root / "orthanc") as orthanc:
+        registered = {"DicomModalities": {"lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112,
+                                                         "AllowFind": True, "AllowGet": True, "AllowStore": True}}}
+        with OrthancServer(root / "orthanc", extra_config=registered) as orthanc:
+            source = (orthanc.dicomweb_url if args.source == "dicomweb"
+                      else f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
             for path in sorted((root / "prior").rglob("*.dcm")):
                 orthanc.upload(path)
             for model in [m.strip() for m in args.models.split(",") if m.strip()]:
                 runs: dict[str, list[dict]] = {name: [] for name in CONFIGURATIONS}
                 for n in range(args.runs):
                     for k, (name, sources) in enumerate(CONFIGURATIONS.items()):
-                        url = None if name == "no priors" else orthanc.dicomweb_url
+                        url = None if name == "no priors" else source
                         if sources == ["analysis"]:
                             clear_results(orthanc)
                         run = analyze(root / "current", root / "out" / model / f"{n}-{k}", model, url)
@@ -100,7 +108,8 @@ def main() -> int:
             clear_results(orthanc)
     print(json.dumps({"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
                       "coordinator_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-                      "slices": args.slices, "size": 512, "spacing_mm": args.spacing, "runs": args.runs,
+                      "source": args.source, "slices": args.slices, "size": 512, "spacing_mm": args.spacing,
+                      "runs": args.runs,
                       "results": report}, indent=2))
     return 0
 

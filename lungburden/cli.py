@@ -63,9 +63,24 @@ def _print_summary(document: dict, out_dir: Path) -> None:
 
 
 #: The ``analyze`` option of each configuration key its priors options set.
-_PRIOR_OPTIONS = {"followup.url": "--priors-from", "followup.lookback_days": "--lookback-days",
+_PRIOR_OPTIONS = {"followup.url": "--priors-from", "followup.dimse.host": "--priors-from",
+                  "followup.dimse.port": "--priors-from", "followup.dimse.ae_title": "--priors-from",
+                  "followup.lookback_days": "--lookback-days",
                   "followup.max_priors": "--max-priors", "processing.weights": "--weights",
                   "selection.min_slices": "--min-slices"}
+
+
+def _dicom_peer(address: str) -> dict:
+    """``dicom://AE_TITLE@host:port`` as a ``followup.dimse`` mapping (checked by the configuration)."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return {"name": "priors", "host": parts.hostname or "", "port": port if port is not None else -1,
+            "ae_title": parts.username or ""}
 
 
 def _prior_finder(args: argparse.Namespace):
@@ -78,11 +93,13 @@ def _prior_finder(args: argparse.Namespace):
 
     username, password = credentials()
     processing = {key: value for key, value in (("model", args.model), ("weights", args.weights)) if value}
+    source: dict = {"url": args.priors_from, "username": username, "password": password}
+    if args.priors_from.startswith("dicom://"):
+        source = {"dimse": _dicom_peer(args.priors_from)}
     config = config_from_mapping({
         "selection": {"min_slices": args.min_slices},
         "processing": processing,
-        "followup": {"enabled": True, "url": args.priors_from, "username": username, "password": password,
-                     "lookback_days": args.lookback_days, "max_priors": args.max_priors,
+        "followup": {"enabled": True, **source, "lookback_days": args.lookback_days, "max_priors": args.max_priors,
                      "store_results": not args.no_store_priors},
     }, source="analyze options")
     return node_priors(config, args.model)
@@ -197,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("follow-up", "compare with the patient's prior chest CTs in a PACS (docs/followup.md); "
                                           "credentials from $LUNGBURDEN_DICOMWEB_USERNAME and _PASSWORD")
     g.add_argument("--priors-from", default=None, metavar="URL",
-                   help="DICOMweb base URL of the PACS holding the priors, e.g. http://pacs:8042/dicom-web")
+                   help="the PACS holding the priors: its DICOMweb base URL, e.g. http://pacs:8042/dicom-web, "
+                        "or dicom://AE_TITLE@host:port for C-FIND / C-GET / C-STORE (our AE title LUNGBURDEN)")
     g.add_argument("--lookback-days", type=int, default=FollowupConfig.lookback_days, metavar="DAYS",
                    help=f"priors dated at most this many days earlier (default {FollowupConfig.lookback_days})")
     g.add_argument("--max-priors", type=int, default=FollowupConfig.max_priors, metavar="N",

@@ -56,6 +56,28 @@ def test_patient_matching_rules():
     assert _key("PAT-A").problem() is None
 
 
+def test_followup_source_configuration(tmp_path, capsys):
+    """One source of priors: a DICOMweb URL or a DICOM peer, each checked; the ``analyze`` option
+    takes either form and names itself in the error."""
+    from lungburden.cli import main
+    from lungburden.config import ConfigError
+
+    peer = {"name": "pacs", "host": "pacs.example", "port": 104, "ae_title": "PACS"}
+    config = config_from_mapping({"followup": {"enabled": True, "dimse": peer}})
+    assert config.followup.dimse.ae_title == "PACS" and config.followup.url is None
+    for followup, key in (({"enabled": True}, "followup.url"),
+                          ({"url": "http://pacs/dicom-web", "dimse": peer}, "followup.dimse"),
+                          ({"dimse": {**peer, "port": 0}}, "followup.dimse.port"),
+                          ({"dimse": {**peer, "ae_title": "A\\B"}}, "followup.dimse.ae_title")):
+        with pytest.raises(ConfigError) as exc:
+            config_from_mapping({"followup": followup})
+        assert key in [problem[0] for problem in exc.value.problems], exc.value.problems
+    write_phantom(tmp_path / "ct", seed=36, slices=20, size=128, burden_percent=5.0)
+    assert main(["analyze", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--model", "threshold",
+                 "--priors-from", "dicom://@pacs"]) == 2
+    assert "error: --priors-from must be" in capsys.readouterr().err
+
+
 def test_change_and_trend():
     labels_free = PriorResult("1.2", "1.2.1", "20240101", 10, 5000.0, 400.0, 100.0, 500.0, 10.0, 8.0, 2.0, FROM_SR)
     import numpy as np
@@ -307,3 +329,60 @@ def test_batch_with_priors_writes_the_prior_columns(pacs, tmp_path, engine):
     assert float(a3["change_burden_points"]) < 0 < float(a2["change_burden_points"])
     assert studies["b1"] not in (a1["priors_note"] + a2["prior_study_instance_uid"] + a3["prior_study_instance_uid"])
     assert len(server.get("/instances")) == instances  # --no-store: the priors were not stored either
+
+
+@pytest.fixture(scope="module")
+def dimse_pacs(pacs, tmp_path_factory):
+    """A second Orthanc with the same four studies and no DICOMweb, answering C-FIND and C-GET
+    only to the AE titles it knows (LUNGBURDEN, as a hospital PACS registers a modality)."""
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc-dimse"), dicomweb=False, extra_config={
+        "DicomModalities": {"lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112,
+                                           "AllowFind": True, "AllowGet": True, "AllowStore": True}}})
+    server.start()
+    root = pacs[2]
+    for key, *_ in STUDIES:
+        for path in sorted((root / key).glob("CT*.dcm")):
+            server.upload(path)
+    yield server, pacs[1], root
+    server.stop()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_priors_by_cfind_and_cget(dimse_pacs, tmp_path):
+    """``--priors-from dicom://AET@host:port``: the patient's earlier studies found by C-FIND,
+    retrieved by C-GET and analysed with the same numbers as a plain analysis of their files,
+    their results stored by C-STORE (one SR per prior), then read back from those SRs by the next
+    run; the other patient of the same name is never used; an AE title the PACS does not know
+    gets no priors and a reason, and the analysis still completes."""
+    server, studies, root = dimse_pacs
+    reference = {key: _analyze(root / key, tmp_path / f"plain-{key}") for key in ("a1", "a2")}
+    source = ("--priors-from", f"dicom://{server.aet}@127.0.0.1:{server.dicom_port}", "--lookback-days", "60")
+    result = _analyze(root / "a3", tmp_path / "a3", *source)
+    priors = result["priors"]
+    assert [p["study_instance_uid"] for p in priors] == [studies["a2"], studies["a1"]]
+    assert [(p["days_before"], p["source"]) for p in priors] == [(8, FROM_ANALYSIS), (15, FROM_ANALYSIS)]
+    for prior, key in zip(priors, ("a2", "a1"), strict=True):
+        for name in ("burden_percent", "lung_volume_ml", "ggo_volume_ml", "high_opacity_volume_ml"):
+            assert prior[name] == pytest.approx(reference[key][name], abs=1e-3), (key, name)
+    assert result["change_since_prior"]["prior_study_instance_uid"] == studies["a2"]
+    assert studies["b1"] not in json.dumps(result)
+    assert [len(_srs(server, studies[k])) for k in ("a1", "a2", "b1")] == [1, 1, 0]
+
+    instances = len(server.get("/instances"))
+    again = _analyze(root / "a3", tmp_path / "again", *source)
+    assert [p["source"] for p in again["priors"]] == [FROM_SR, FROM_SR]
+    for first, second in zip(priors, again["priors"], strict=True):
+        assert second["burden_percent"] == pytest.approx(first["burden_percent"], abs=1e-3)
+    assert len(server.get("/instances")) == instances  # nothing analysed or stored again
+
+    from lungburden.dicom_io.volume import load_files
+    from lungburden.segmentation.registry import get_segmenter
+
+    config = config_from_mapping({"followup": {"enabled": True, "dimse": {
+        "name": "pacs", "host": "127.0.0.1", "port": server.dicom_port, "ae_title": server.aet,
+        "calling_ae_title": "STRANGER"}}})
+    refused = PriorFinder(config.followup, config.selection, "threshold")(
+        load_files(sorted((root / "a3").glob("CT*.dcm"))), get_segmenter("threshold").info)
+    assert refused.priors == (), refused
+    assert "priors not available: DimseError: C-FIND at STUDY level failed" in refused.note, refused.note

@@ -35,7 +35,7 @@ from lungburden.dicom_io.volume import LoadLimits, SeriesRejected
 from lungburden.jobs.exporters import DicomwebExporter, ExportError, dicomweb_client
 from lungburden.jobs.queue import Job, instance_set_hash
 from lungburden.jobs.runner import uid_seed
-from lungburden.pipeline import OUTPUTS, PriorsFn, process_series, result_uids
+from lungburden.pipeline import OUTPUTS, AnalysisOutputs, PriorsFn, process_series, result_uids
 from lungburden.segmentation.base import AlgorithmInfo, Segmenter
 from lungburden.segmentation.registry import DEFAULT_SEGMENTER, get_segmenter
 
@@ -179,6 +179,21 @@ def _store(task: SeriesTask, job: Job, username: str | None, password: str | Non
             time.sleep(2.0 ** (attempt - 1))
 
 
+def analyse_files(files: list[Path], sop_uids: list[str], study_uid: str, series_uid: str, out_dir: Path,
+                  model: str | None = None, weights: str | None = None, outputs: tuple[str, ...] = ("seg", "sr"),
+                  min_slices: int = 16, priors: PriorsFn | None = None) -> tuple[Job, AnalysisOutputs]:
+    """:func:`lungburden.pipeline.process_series` on the retrieved files of one series, with the
+    node's deterministic result UIDs; returns the job record (its ``result_dir`` holds the results
+    for an exporter) and the outputs. Raises :class:`SeriesRejected` for input the pipeline refuses."""
+    name = model_name(model)
+    segmenter = segmenter_for(model, weights)
+    job = archive_job(study_uid, series_uid, sop_uids, name, tuple(files), out_dir)
+    result = process_series(files, out_dir, model=model, limits=LoadLimits(min_slices=min_slices),
+                            segmenter=segmenter, uid_seed=uid_seed(job, name, segmenter.info),
+                            outputs=outputs, priors=priors)
+    return job, result
+
+
 def analyse_series(task: SeriesTask, username: str | None = None, password: str | None = None,
                    priors: PriorsFn | None = None) -> SeriesOutcome:
     """Retrieve, analyse with :func:`lungburden.pipeline.process_series` and store one series.
@@ -212,14 +227,10 @@ def analyse_series(task: SeriesTask, username: str | None = None, password: str 
         timings["retrieve"] = round(time.perf_counter() - start, 3)
         if not files:
             return outcome("failed", "WADO-RS retrieve returned no instance")
-        name = model_name(task.model)
+        analysed = time.perf_counter()
         try:
-            segmenter = segmenter_for(task.model, task.weights)
-            job = archive_job(study, series, sop_uids, name, tuple(files), out_dir)
-            analysed = time.perf_counter()
-            outputs = process_series(files, out_dir, model=task.model, limits=LoadLimits(min_slices=task.min_slices),
-                                     segmenter=segmenter, uid_seed=uid_seed(job, name, segmenter.info),
-                                     outputs=task.outputs, priors=priors)
+            job, outputs = analyse_files(files, sop_uids, study, series, out_dir, task.model, task.weights,
+                                         task.outputs, task.min_slices, priors)
         except SeriesRejected as exc:
             log.info("series %s: not analysed: %s", series, exc)
             return outcome("failed", str(exc).removeprefix(f"series {series} ")[:500], retryable=False)
@@ -238,4 +249,4 @@ def analyse_series(task: SeriesTask, username: str | None = None, password: str 
         return outcome("done", None, outputs.result, task.store)
 
 
-__all__ = ["OUTPUTS", "SeriesOutcome", "SeriesTask", "analyse_series", "expected_result_uids"]
+__all__ = ["OUTPUTS", "SeriesOutcome", "SeriesTask", "analyse_files", "analyse_series", "expected_result_uids"]

@@ -476,13 +476,17 @@ DESTINATION_TYPES: dict[str, type] = {c.TYPE: c for c in (DimseDestination, Dico
 
 @dataclass
 class FollowupConfig:
-    """Comparison with the patient's prior chest CTs (README "Follow-up"): QIDO-RS search of
-    ``url``, numbers from a lungburden SR of the same model version, else WADO-RS retrieval,
-    analysis and STOW-RS of the prior's results back to ``url``."""
+    """Comparison with the patient's prior chest CTs (README "Follow-up"), from one PACS: by
+    DICOMweb at ``url`` (QIDO-RS search, WADO-RS retrieval, STOW-RS of an analysed prior's
+    results) or by DIMSE at ``dimse`` (C-FIND, C-GET, C-STORE; Study Root, PS3.4 C.4). Numbers
+    come from a lungburden SR of the same model version, else the prior is analysed."""
 
     enabled: bool = False
     #: DICOMweb base URL of the PACS that holds the priors (e.g. http://pacs:8042/dicom-web).
     url: str | None = None
+    #: Or the PACS as a DICOM peer (host, port, its AE title, our calling AE title, TLS) that
+    #: answers Study Root C-FIND and C-GET and accepts C-STORE of the results.
+    dimse: DimseDestination | None = None
     username: str | None = None
     password: str | None = None
     #: How far back priors are searched (days before the current study's date).
@@ -495,8 +499,14 @@ class FollowupConfig:
 
     def check(self) -> list[Problem]:
         p: list[Problem] = []
-        if self.enabled and not self.url:
-            p.append(("followup.url", self.url, "is needed when followup.enabled is true"))
+        if self.enabled and not self.url and self.dimse is None:
+            p.append(("followup.url", self.url, "is needed when followup.enabled is true (or followup.dimse)"))
+        if self.url and self.dimse is not None:
+            p.append(("followup.dimse", self.dimse.name, "give one source of priors: followup.url or followup.dimse"))
+        if self.dimse is not None:
+            if not self.dimse.host.strip():
+                p.append(("followup.dimse.host", self.dimse.host, "is needed (the PACS's host name or address)"))
+            p += self.dimse.check("followup.dimse")
         if self.url and not re.match(r"^https?://", self.url):
             p.append(("followup.url", self.url, "must be an http:// or https:// DICOMweb base URL"))
         if self.lookback_days < 1:

@@ -1,32 +1,32 @@
-"""Find the patient's prior chest CTs in a PACS and get their numbers (DICOMweb, PS3.18).
+"""Find the patient's prior chest CTs in a PACS and get their numbers (DICOMweb or DIMSE).
 
 For the study just analysed:
 
 1. **Who**: the current series' Patient ID (0010,0020), Issuer of Patient ID (0010,0021) and
-   Patient's Birth Date. Without a Patient ID, or with one that holds QIDO-RS wildcard
-   characters, no search is made and the reason is recorded.
-2. **Search** (QIDO-RS, PS3.18 10.6): studies with that exact Patient ID, ModalitiesInStudy CT,
-   StudyDate within ``lookback_days`` before the current study; the current study and studies
-   not strictly earlier (date and time) are left out. Each candidate must carry the same Patient
-   ID; the same Issuer of Patient ID when either study has one (a prior without an issuer while
-   the current study has one, or the reverse, is ambiguous and skipped); and the same birth
-   date where both have one. The most recent ``max_priors`` are used.
+   Patient's Birth Date. Without a Patient ID, or with one that holds wildcard characters
+   (ambiguous in QIDO-RS and C-FIND matching), no search is made and the reason is recorded.
+2. **Search** (QIDO-RS, PS3.18 10.6, or Study Root C-FIND, PS3.4 C.4.1): studies with that exact
+   Patient ID, ModalitiesInStudy CT, StudyDate within ``lookback_days`` before the current
+   study; the current study and studies not strictly earlier (date and time) are left out. Each
+   candidate must carry the same Patient ID; the same Issuer of Patient ID when either study
+   has one (a prior without an issuer while the current study has one, or the reverse, is
+   ambiguous and skipped); and the same birth date where both have one. The most recent
+   ``max_priors`` are used.
 3. **Numbers**: a lungburden SR in the prior study whose device observer is the current
-   algorithm name and version (:func:`lungburden.results.sr_read.read_sr_numbers`), read by
-   WADO-RS; its patient identifiers are checked again. Otherwise the prior's CT series is chosen
-   with the node's selection rules on its WADO-RS metadata
-   (:func:`lungburden.archive.search.list_study`), retrieved, analysed and its results stored
-   back by STOW-RS (:func:`lungburden.archive.tasks.analyse_series`: the one pipeline, the node's
-   deterministic UIDs), so the next study of the patient reads its SR instead. A prior is
-   analysed without priors of its own, and each prior study at most once per search.
+   algorithm name and version (:func:`lungburden.results.sr_read.read_sr_numbers`), retrieved
+   by WADO-RS or C-GET; its patient identifiers are checked again. Otherwise the prior's CT
+   series is chosen with the node's selection rules, retrieved, analysed by the one pipeline
+   with the node's deterministic UIDs and its results stored back (STOW-RS or C-STORE), so the
+   next study of the patient reads its SR instead (:mod:`lungburden.followup.sources`,
+   :mod:`lungburden.followup.dimse`). A prior is analysed without priors of its own, and each
+   prior study at most once per search.
 
 The node, ``pull`` and the Orthanc plugin build the finder from their configuration
 (:func:`node_priors`), ``lungburden analyze --priors-from`` from its options (the same
-function), and archive mode from its task (:func:`task_priors`).
+function), and archive mode from its task (:func:`task_priors`, DICOMweb).
 
 Nothing of the patient is logged: UIDs and counts only.
 """
-
 from __future__ import annotations
 
 import logging
@@ -36,12 +36,12 @@ from datetime import date, timedelta
 
 from pydicom.dataset import Dataset
 
-from lungburden.archive.search import ArchiveQuery, list_study
-from lungburden.archive.tasks import SeriesTask, analyse_series
+from lungburden.archive.tasks import SeriesTask
 from lungburden.config.schema import FollowupConfig, SelectionConfig
 from lungburden.dicom_io.volume import CTVolume
+from lungburden.followup.dimse import DimsePriors
+from lungburden.followup.sources import DicomwebPriors, PriorSource, PriorUnavailable
 from lungburden.followup.trend import FROM_ANALYSIS, FROM_SR, FollowUp, PriorResult, parse_da
-from lungburden.jobs.exporters import dicomweb_client
 from lungburden.results.sr_read import read_sr_numbers
 from lungburden.segmentation.base import AlgorithmInfo
 
@@ -106,16 +106,20 @@ class PriorFinder:
     """The priors of a series (:data:`lungburden.pipeline.PriorsFn`) from the PACS of ``config``."""
 
     def __init__(self, config: FollowupConfig, selection: SelectionConfig | None = None,
-                 model: str | None = None, weights: str | None = None):
+                 model: str | None = None, weights: str | None = None, calling_ae_title: str = "LUNGBURDEN"):
         self.config = config
+        #: Our AE title towards a DIMSE source without a ``calling_ae_title`` of its own.
+        self.calling_ae_title = calling_ae_title
         self.selection = selection or SelectionConfig()
         self.model = model
         self.weights = weights
         self.last = PriorStats()
 
-    def client(self):
-        return dicomweb_client(str(self.config.url), self.config.username, self.config.password,
-                               timeout=self.config.timeout_seconds)
+    def source(self) -> PriorSource:
+        """The PACS of the configuration: DICOMweb at ``url`` or a DICOM peer at ``dimse``."""
+        if self.config.dimse is not None:
+            return DimsePriors(self.config, self.selection, self.model, self.weights, self.calling_ae_title)
+        return DicomwebPriors(self.config, self.selection, self.model, self.weights)
 
     def __call__(self, volume: CTVolume, algorithm: AlgorithmInfo) -> FollowUp:
         source = volume.datasets[0]
@@ -134,18 +138,14 @@ class PriorFinder:
             log.warning("study %s: priors not available (%s)", volume.study_instance_uid, type(exc).__name__)
             return FollowUp(study_date, note=f"priors not available: {type(exc).__name__}: {exc}"[:300])
 
-    def _candidates(self, client, volume: CTVolume, key: PatientKey, study_date: str
+    def _candidates(self, source: PriorSource, volume: CTVolume, key: PatientKey, study_date: str
                     ) -> tuple[list[Dataset], list[str], str | None]:
         """Earlier studies of the patient (most recent first), skipped ones with reasons, or a refusal."""
         current = parse_da(study_date)
-        start = current - timedelta(days=self.config.lookback_days)
-        found = client.search_for_studies(search_filters={
-            "PatientID": key.patient_id, "ModalitiesInStudy": "CT",
-            "StudyDate": f"{start:%Y%m%d}-{current:%Y%m%d}",
-        }, fields=["PatientID", "IssuerOfPatientID", "PatientBirthDate", "StudyDate", "StudyTime"])
+        found = source.find_studies(key.patient_id, current - timedelta(days=self.config.lookback_days), current)
         current_time = _text(volume.datasets[0], "StudyTime")
         studies, skipped, seen = [], [], {volume.study_instance_uid}
-        for ds in (Dataset.from_json(item) for item in found):
+        for ds in found:
             uid = _text(ds, "StudyInstanceUID")
             if uid in seen:
                 continue
@@ -166,9 +166,16 @@ class PriorFinder:
         return studies[: self.config.max_priors], skipped, None
 
     def _find(self, volume: CTVolume, algorithm: AlgorithmInfo, key: PatientKey, study_date: str) -> FollowUp:
-        client = self.client()
+        source = self.source()
+        try:
+            return self._search(source, volume, algorithm, key, study_date)
+        finally:
+            source.close()
+
+    def _search(self, source: PriorSource, volume: CTVolume, algorithm: AlgorithmInfo, key: PatientKey,
+                study_date: str) -> FollowUp:
         start = time.perf_counter()
-        studies, skipped, refusal = self._candidates(client, volume, key, study_date)
+        studies, skipped, refusal = self._candidates(source, volume, key, study_date)
         self.last.search_s = time.perf_counter() - start
         if refusal is not None:
             log.info("study %s: %s", volume.study_instance_uid, refusal)
@@ -179,8 +186,9 @@ class PriorFinder:
             uid = _text(ds, "StudyInstanceUID")
             began = time.perf_counter()
             try:
-                prior = self._from_sr(client, uid, key, algorithm, current) or self._analyse(client, uid, current)
-            except _Skip as exc:
+                prior = (self._from_sr(source, uid, key, algorithm, current)
+                         or self._analyse(source, uid, _text(ds, "StudyDate"), current))
+            except PriorUnavailable as exc:
                 skipped.append(f"{uid}: {exc}")
                 continue
             self.last.seconds[uid] = time.perf_counter() - began
@@ -193,47 +201,30 @@ class PriorFinder:
         note = None if priors else "no prior chest CT of this patient in the look-back window"
         return FollowUp(study_date, tuple(priors), note, tuple(skipped))
 
-    def _from_sr(self, client, study_uid: str, key: PatientKey, algorithm: AlgorithmInfo,
+    def _from_sr(self, source: PriorSource, study_uid: str, key: PatientKey, algorithm: AlgorithmInfo,
                  current: date) -> PriorResult | None:
         """The prior's numbers from a lungburden SR of the same algorithm version, if there is one."""
         wanted = f"{algorithm.name} {algorithm.version}"
-        for series in client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
-            series_uid = _text(Dataset.from_json(series), "SeriesInstanceUID")
-            for inst in client.search_for_instances(study_uid, series_uid):
-                sop_uid = _text(Dataset.from_json(inst), "SOPInstanceUID")
-                sr = client.retrieve_instance(study_uid, series_uid, sop_uid)
-                numbers = read_sr_numbers(sr)
-                if numbers is None or numbers.device_model_name != wanted:
-                    continue
-                reason = key.mismatch(PatientKey.of(sr))
-                if reason is not None:
-                    raise _Skip(f"its lungburden SR names {reason}")
-                self.last.from_sr += 1
-                return self._prior(study_uid, numbers.source_series_instance_uid or "", _text(sr, "StudyDate"),
-                                   current, numbers.values, FROM_SR, sop_uid)
+        for sr in source.sr_instances(study_uid):
+            numbers = read_sr_numbers(sr)
+            if numbers is None or numbers.device_model_name != wanted:
+                continue
+            reason = key.mismatch(PatientKey.of(sr))
+            if reason is not None:
+                raise PriorUnavailable(f"its lungburden SR names {reason}")
+            self.last.from_sr += 1
+            return self._prior(study_uid, numbers.source_series_instance_uid or "", _text(sr, "StudyDate"),
+                               current, numbers.values, FROM_SR, _text(sr, "SOPInstanceUID"))
         return None
 
-    def _analyse(self, client, study_uid: str, current: date) -> PriorResult | None:
+    def _analyse(self, source: PriorSource, study_uid: str, study_date: str, current: date) -> PriorResult | None:
         """Choose, retrieve, analyse and store the prior's CT series (archive mode's unit of work)."""
-        rules = self.selection.to_rules()
-        listing = list_study(client, study_uid, ArchiveQuery(modality="CT"), rules,
-                             self.selection.prefer_one_reconstruction)
-        chosen = [e for e in listing.entries if e.selected]
-        if not chosen:
+        analysed = source.analyse(study_uid)
+        if analysed is None:
             return None
-        entry = chosen[0]
-        task = SeriesTask(url=str(self.config.url), study_instance_uid=study_uid,
-                          series_instance_uid=entry.series_instance_uid, model=self.model, weights=self.weights,
-                          outputs=("seg", "sr"), store=self.config.store_results, min_slices=rules.min_slices,
-                          timeout_s=self.config.timeout_seconds)
-        outcome = analyse_series(task, self.config.username, self.config.password)
-        if outcome.status != "done" or outcome.result is None:
-            raise _Skip(f"analysis of series {entry.series_instance_uid} failed: {outcome.reason}")
         self.last.analysed += 1
-        study = client.search_for_studies(search_filters={"StudyInstanceUID": study_uid}, fields=["StudyDate"])
-        study_date = _text(Dataset.from_json(study[0]), "StudyDate") if study else ""
-        return self._prior(study_uid, entry.series_instance_uid, study_date, current, outcome.result,
-                           FROM_ANALYSIS, outcome.result.get("sr_sop_instance_uid"))
+        return self._prior(study_uid, analysed.series_instance_uid, study_date, current, analysed.result,
+                           FROM_ANALYSIS, analysed.sr_sop_instance_uid)
 
     @staticmethod
     def _prior(study_uid: str, series_uid: str, study_date: str, current: date, values: dict, source: str,
@@ -251,17 +242,14 @@ class PriorFinder:
         )
 
 
-class _Skip(Exception):
-    """This prior cannot be used (the message says why)."""
-
-
 def node_priors(config, model: str | None = None) -> PriorFinder | None:
     """The prior finder of a node/plugin configuration (:class:`~lungburden.config.schema.Config`),
     or None when ``followup.enabled`` is off."""
     if not config.followup.enabled:
         return None
     weights = str(config.processing.weights) if config.processing.weights else None
-    return PriorFinder(config.followup, config.selection, model or config.processing.model, weights)
+    return PriorFinder(config.followup, config.selection, model or config.processing.model, weights,
+                       config.node.ae_title)
 
 
 def task_priors(task: SeriesTask, username: str | None = None, password: str | None = None) -> PriorFinder | None:

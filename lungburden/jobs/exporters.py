@@ -93,6 +93,24 @@ def result_files(job: Job) -> list[Path]:
     return files
 
 
+def peer_tls_args(dest: DimseDestination) -> tuple | None:
+    """pynetdicom's ``tls_args`` (SSL context, server name) towards a DICOM peer, or None for
+    plain TCP: DICOM TLS (PS3.15 B.1, BCP 195: TLS 1.2+, the peer's certificate and name
+    verified, our client certificate when configured)."""
+    import ssl
+
+    tls = dest.tls
+    if tls is None:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                     cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = tls.verify_server_name
+    if tls.certificate is not None and tls.private_key is not None:
+        ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
+    return ctx, tls.server_name or dest.host
+
+
 class DimseExporter:
     """C-STORE SCU to one DICOM peer; with ``tls``, DICOM TLS (PS3.15 B.1, BCP 195: TLS 1.2+, the
     peer's certificate and name verified, our client certificate when configured)."""
@@ -101,20 +119,7 @@ class DimseExporter:
         self.dest = dest
         self.calling = dest.calling_ae_title or calling_ae_title
         self.timeout = timeout
-        self.tls_args = self._tls_args() if dest.tls is not None else None
-
-    def _tls_args(self) -> tuple:
-        import ssl
-
-        tls = self.dest.tls
-        assert tls is not None
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                         cafile=str(tls.ca_certificates) if tls.ca_certificates else None)
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-        ctx.check_hostname = tls.verify_server_name
-        if tls.certificate is not None and tls.private_key is not None:
-            ctx.load_cert_chain(str(tls.certificate), str(tls.private_key))
-        return ctx, tls.server_name or self.dest.host
+        self.tls_args = peer_tls_args(dest)
 
     def send(self, job: Job) -> None:
         from pynetdicom import AE
