@@ -29,9 +29,7 @@ def clear_results(orthanc: OrthancServer) -> None:
     """Delete the SEG and SR series (so that the next run analyses everything again)."""
     for series in orthanc.get("/series?expand"):  # type: ignore[union-attr]
         if series["MainDicomTags"].get("Modality") in ("SEG", "SR", "OT", "DOC"):
-            import requests
-
-            requests.delete(f"{orthanc.url}/series/{series['ID']}", timeout=30).raise_for_status()
+            orthanc.delete(f"/series/{series['ID']}")
 
 
 def run(orthanc: OrthancServer, table: Path, model: str, engine: list[str]) -> dict:

@@ -3,7 +3,8 @@ prior whose lungburden SR is in the PACS, and with one prior without (retrieved,
 
 A real Orthanc on this machine holds the prior, a phantom chest CT (512 x 512) of the same
 patient two weeks earlier, searched and retrieved by DICOMweb (QIDO-RS, WADO-RS, STOW-RS;
-``--source dicomweb``) or by DIMSE (C-FIND, C-GET, C-STORE; ``--source dimse``); the newest
+``--source dicomweb``) or by DIMSE (C-FIND, C-GET, C-STORE; ``--source dimse``; C-MOVE instead of
+C-GET: ``--source dimse-move``); the newest
 study is local files, as ``analyze`` reads them. Each configuration runs ``--runs`` times,
 interleaved, as its own ``lungburden analyze`` process (imports and model load included);
 before each run without the SR the prior's results are deleted from Orthanc. Printed: the
@@ -34,17 +35,18 @@ sys.path.insert(0, str(REPO / "tests"))
 from archive_helpers import LUNGBURDEN  # noqa: E402
 from bench_archive import clear_results  # noqa: E402
 from orthanc import OrthancServer  # noqa: E402
+from processes import free_port  # noqa: E402
 
 PATIENT = ("--patient-id", "BENCH-FOLLOWUP", "--patient-name", "BENCH^FOLLOWUP")
 #: Each configuration and the source its prior must have (the run without SR stores it for the next).
 CONFIGURATIONS = {"no priors": [], "1 prior without SR": ["analysis"], "1 prior, SR in the PACS": ["sr"]}
 
 
-def analyze(folder: Path, out: Path, model: str, priors_url: str | None) -> dict:
+def analyze(folder: Path, out: Path, model: str, priors_from: list[str] | None) -> dict:
     """One ``lungburden analyze`` process: wall seconds, the priors step, peak RSS (MiB), priors found."""
     command = [LUNGBURDEN, "analyze", str(folder), "--out", str(out), "--model", model]
-    if priors_url:
-        command += ["--priors-from", priors_url, "--max-priors", "1"]
+    if priors_from:
+        command += ["--priors-from", *priors_from, "--max-priors", "1"]
     out.mkdir(parents=True)
     with (out / "stderr.txt").open("w") as log:
         start = time.perf_counter()
@@ -64,7 +66,7 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=48)
     parser.add_argument("--spacing", type=float, default=5.0, help="slice spacing in mm (default 5)")
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--source", choices=("dicomweb", "dimse"), default="dicomweb",
+    parser.add_argument("--source", choices=("dicomweb", "dimse", "dimse-move"), default="dicomweb",
                         help="how the PACS is searched and read (default dicomweb)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-followup-") as tmp:
@@ -74,11 +76,16 @@ def main() -> int:
                             "--spacing", str(args.spacing), "--burden", str(burden), *PATIENT, "--study-date", date],
                            check=True, capture_output=True)
         report: dict[str, dict] = {}
-        registered = {"DicomModalities": {"lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112,
-                                                         "AllowFind": True, "AllowGet": True, "AllowStore": True}}}
+        receiver = free_port()
+        registered = {"DicomModalities": {
+            "lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112, "AllowFind": True,
+                           "AllowGet": True, "AllowMove": True, "AllowStore": True},
+            "lungburden-priors": {"AET": "LBPRIORS", "Host": "127.0.0.1", "Port": receiver}}}
         with OrthancServer(root / "orthanc", extra_config=registered) as orthanc:
-            source = (orthanc.dicomweb_url if args.source == "dicomweb"
-                      else f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+            source = [orthanc.dicomweb_url if args.source == "dicomweb"
+                      else f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"]
+            if args.source == "dimse-move":
+                source += ["--priors-move-to", f"LBPRIORS:{receiver}"]
             for path in sorted((root / "prior").rglob("*.dcm")):
                 orthanc.upload(path)
             for model in [m.strip() for m in args.models.split(",") if m.strip()]:

@@ -65,6 +65,8 @@ def _print_summary(document: dict, out_dir: Path) -> None:
 #: The ``analyze`` option of each configuration key its priors options set.
 _PRIOR_OPTIONS = {"followup.url": "--priors-from", "followup.dimse.host": "--priors-from",
                   "followup.dimse.port": "--priors-from", "followup.dimse.ae_title": "--priors-from",
+                  "followup.move_to": "--priors-move-to", "followup.move_to.ae_title": "--priors-move-to",
+                  "followup.move_to.port": "--priors-move-to",
                   "followup.lookback_days": "--lookback-days",
                   "followup.max_priors": "--max-priors", "processing.weights": "--weights",
                   "selection.min_slices": "--min-slices"}
@@ -96,6 +98,9 @@ def _prior_finder(args: argparse.Namespace):
     source: dict = {"url": args.priors_from, "username": username, "password": password}
     if args.priors_from.startswith("dicom://"):
         source = {"dimse": _dicom_peer(args.priors_from)}
+    if args.priors_move_to:
+        title, _, port = args.priors_move_to.rpartition(":")
+        source["move_to"] = {"ae_title": title, "port": int(port) if port.isdigit() else -1}
     config = config_from_mapping({
         "selection": {"min_slices": args.min_slices},
         "processing": processing,
@@ -216,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--priors-from", default=None, metavar="URL",
                    help="the PACS holding the priors: its DICOMweb base URL, e.g. http://pacs:8042/dicom-web, "
                         "or dicom://AE_TITLE@host:port for C-FIND / C-GET / C-STORE (our AE title LUNGBURDEN)")
+    g.add_argument("--priors-move-to", default=None, metavar="AE_TITLE:PORT",
+                   help="with dicom://: retrieve the priors by C-MOVE to this AE title (known to the PACS), received "
+                        "on this port, instead of by C-GET")
     g.add_argument("--lookback-days", type=int, default=FollowupConfig.lookback_days, metavar="DAYS",
                    help=f"priors dated at most this many days earlier (default {FollowupConfig.lookback_days})")
     g.add_argument("--max-priors", type=int, default=FollowupConfig.max_priors, metavar="N",

@@ -163,6 +163,9 @@ class OrthancServer(ManagedProcess):
         response.raise_for_status()
         return response.json() if response.content else None
 
+    def delete(self, path: str) -> None:
+        requests.delete(f"{self.url}{path}", timeout=30, auth=self.auth).raise_for_status()
+
     def upload(self, path: Path) -> dict:
         """Store a DICOM file through the REST API (``POST /instances``)."""
         return self.post("/instances", data=Path(path).read_bytes())  # type: ignore[return-value]

@@ -19,6 +19,7 @@ import pytest
 from archive_helpers import batch, celery_workers, redis_available, rows
 from ct_builders import write_phantom
 from orthanc import OrthancServer, orthanc_available
+from processes import free_port
 
 from lungburden.archive.tasks import SeriesTask
 from lungburden.config import config_from_mapping
@@ -76,6 +77,9 @@ def test_followup_source_configuration(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--model", "threshold",
                  "--priors-from", "dicom://@pacs"]) == 2
     assert "error: --priors-from must be" in capsys.readouterr().err
+    assert main(["analyze", str(tmp_path / "ct"), "--out", str(tmp_path / "out"), "--model", "threshold",
+                 "--priors-from", "http://pacs/dicom-web", "--priors-move-to", "LBPRIORS:11113"]) == 2
+    assert "error: --priors-move-to needs a DIMSE source of priors" in capsys.readouterr().err
 
 
 def test_change_and_trend():
@@ -335,9 +339,14 @@ def test_batch_with_priors_writes_the_prior_columns(pacs, tmp_path, engine):
 def dimse_pacs(pacs, tmp_path_factory):
     """A second Orthanc with the same four studies and no DICOMweb, answering C-FIND and C-GET
     only to the AE titles it knows (LUNGBURDEN, as a hospital PACS registers a modality)."""
+    receiver = free_port()
     server = OrthancServer(tmp_path_factory.mktemp("orthanc-dimse"), dicomweb=False, extra_config={
-        "DicomModalities": {"lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112,
-                                           "AllowFind": True, "AllowGet": True, "AllowStore": True}}})
+        "DicomModalities": {
+            "lungburden": {"AET": "LUNGBURDEN", "Host": "127.0.0.1", "Port": 11112, "AllowFind": True,
+                           "AllowGet": True, "AllowMove": True, "AllowStore": True},
+            # The C-MOVE destination: lungburden's receiver for priors.
+            "lungburden-priors": {"AET": "LBPRIORS", "Host": "127.0.0.1", "Port": receiver}}})
+    server.receiver_port = receiver
     server.start()
     root = pacs[2]
     for key, *_ in STUDIES:
@@ -386,3 +395,68 @@ def test_priors_by_cfind_and_cget(dimse_pacs, tmp_path):
         load_files(sorted((root / "a3").glob("CT*.dcm"))), get_segmenter("threshold").info)
     assert refused.priors == (), refused
     assert "priors not available: DimseError: C-FIND at STUDY level failed" in refused.note, refused.note
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not orthanc_available(), reason="Orthanc + DICOMweb plugin not installed")
+def test_priors_by_cmove(dimse_pacs, tmp_path):
+    """``followup.move_to``: the same priors retrieved by C-MOVE to lungburden's receiver (a PACS
+    without C-GET): analysed with the numbers of a plain analysis and stored, then read from their
+    SRs; the receiver takes only the series being retrieved and is stopped after the search."""
+    from lungburden.dicom_io.volume import load_files
+    from lungburden.segmentation.registry import get_segmenter
+
+    server, studies, root = dimse_pacs
+    for key in ("a1", "a2"):  # no lungburden results yet, whichever test ran before
+        for series in server.series_in_study(studies[key]):
+            if series["MainDicomTags"].get("Modality") != "CT":
+                server.delete(f"/series/{series['ID']}")
+    config = config_from_mapping({"followup": {
+        "enabled": True, "lookback_days": 60,
+        "dimse": {"name": "pacs", "host": "127.0.0.1", "port": server.dicom_port, "ae_title": server.aet},
+        "move_to": {"ae_title": "LBPRIORS", "port": server.receiver_port, "host": "127.0.0.1"}}})
+    finder = PriorFinder(config.followup, config.selection, "threshold")
+    volume = load_files(sorted((root / "a3").glob("CT*.dcm")))
+    info = get_segmenter("threshold").info
+    first = finder(volume, info)
+    assert [p.study_instance_uid for p in first.priors] == [studies["a2"], studies["a1"]], first
+    assert [p.source for p in first.priors] == [FROM_ANALYSIS, FROM_ANALYSIS] and finder.last.analysed == 2
+    for prior, key in zip(first.priors, ("a2", "a1"), strict=True):
+        plain = _analyze(root / key, tmp_path / f"plain-{key}")
+        assert prior.burden_percent == pytest.approx(plain["burden_percent"], abs=1e-3), key
+    assert [len(_srs(server, studies[k])) for k in ("a1", "a2", "b1")] == [1, 1, 0]
+    again = finder(volume, info)
+    assert [p.source for p in again.priors] == [FROM_SR, FROM_SR] and finder.last.analysed == 0
+    # The receiver runs only during a search: nothing listens on its port any more (closed
+    # connections may linger in TIME_WAIT, which SO_REUSEADDR allows; a listener would not).
+    import socket
+
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(("127.0.0.1", server.receiver_port))
+
+
+def test_move_receiver_takes_only_the_series_being_retrieved(tmp_path):
+    """The C-MOVE receiver refuses a C-STORE that no retrieval waits for (any peer can reach its
+    port while a search runs)."""
+    from pynetdicom import AE
+
+    from lungburden.config.schema import DimseDestination, MoveReceiver
+    from lungburden.followup.dimse import DimseQueryRetrieve
+
+    files = write_phantom(tmp_path / "ct", seed=37, slices=16, size=64, burden_percent=0.0)
+    port = free_port()
+    scu = DimseQueryRetrieve(DimseDestination("pacs", "127.0.0.1", free_port(), "PACS"), "LUNGBURDEN", 10,
+                             MoveReceiver("LBPRIORS", port, "127.0.0.1"))
+    scu.start_receiver()
+    try:
+        ds = pydicom.dcmread(files[0])
+        ae = AE(ae_title="INTRUDER")
+        ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        assoc = ae.associate("127.0.0.1", port, ae_title="LBPRIORS")
+        assert assoc.is_established
+        status = assoc.send_c_store(ds)
+        assoc.release()
+        assert status.Status == 0xA700
+    finally:
+        scu.close()

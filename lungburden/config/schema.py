@@ -475,6 +475,20 @@ DESTINATION_TYPES: dict[str, type] = {c.TYPE: c for c in (DimseDestination, Dico
 
 
 @dataclass
+class MoveReceiver:
+    """Where a C-MOVE sends the priors: the AE title the PACS knows for lungburden as a move
+    destination (with this host's address and ``port``), served by a Storage SCP lungburden runs
+    on ``host``:``port`` for the time of a prior search."""
+
+    ae_title: str
+    port: int
+    host: str = "0.0.0.0"
+
+    def check(self, key: str) -> list[Problem]:
+        return _check_ae(f"{key}.ae_title", self.ae_title) + _check_port(f"{key}.port", self.port)
+
+
+@dataclass
 class FollowupConfig:
     """Comparison with the patient's prior chest CTs (README "Follow-up"), from one PACS: by
     DICOMweb at ``url`` (QIDO-RS search, WADO-RS retrieval, STOW-RS of an analysed prior's
@@ -487,6 +501,9 @@ class FollowupConfig:
     #: Or the PACS as a DICOM peer (host, port, its AE title, our calling AE title, TLS) that
     #: answers Study Root C-FIND and C-GET and accepts C-STORE of the results.
     dimse: DimseDestination | None = None
+    #: With ``dimse``: retrieve by C-MOVE to this receiver instead of by C-GET (for a PACS
+    #: without C-GET); null = C-GET.
+    move_to: MoveReceiver | None = None
     username: str | None = None
     password: str | None = None
     #: How far back priors are searched (days before the current study's date).
@@ -507,6 +524,11 @@ class FollowupConfig:
             if not self.dimse.host.strip():
                 p.append(("followup.dimse.host", self.dimse.host, "is needed (the PACS's host name or address)"))
             p += self.dimse.check("followup.dimse")
+        if self.move_to is not None:
+            if self.dimse is None:
+                p.append(("followup.move_to", self.move_to.ae_title,
+                          "needs a DIMSE source of priors (followup.dimse; C-MOVE is DIMSE)"))
+            p += self.move_to.check("followup.move_to")
         if self.url and not re.match(r"^https?://", self.url):
             p.append(("followup.url", self.url, "must be an http:// or https:// DICOMweb base URL"))
         if self.lookback_days < 1:

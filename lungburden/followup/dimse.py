@@ -7,8 +7,11 @@ Many PACS answer queries and retrievals over DICOM networking and not over DICOM
   (PS3.4 C.4.1) at STUDY or SERIES level;
 - :meth:`~DimseQueryRetrieve.get_series`: C-GET of one series (PS3.4 C.4.3) on the same
   association as the C-STORE sub-operations it triggers, so the PACS needs no route back to
-  lungburden (a C-MOVE would need one); our side takes the Storage SCP role for CT images and
-  SR documents (SCP/SCU Role Selection, PS3.7 D.3.3.4).
+  lungburden; our side takes the Storage SCP role for CT images and SR documents (SCP/SCU Role
+  Selection, PS3.7 D.3.3.4). For a PACS without C-GET, ``move_to``
+  (:class:`~lungburden.config.schema.MoveReceiver`) makes it a C-MOVE (PS3.4 C.4.2) to an AE
+  title the PACS knows for lungburden, received by a Storage SCP that lungburden runs on that
+  port for the time of the search and that takes only instances of the series being retrieved.
 
 One association carries the requests of a search; it is released before a prior is analysed
 (a PACS ends idle associations) and opened again for the next request.
@@ -39,7 +42,7 @@ from pydicom.uid import (
 
 from lungburden.archive.search import choose_series
 from lungburden.archive.tasks import analyse_files
-from lungburden.config.schema import DimseDestination, FollowupConfig, SelectionConfig
+from lungburden.config.schema import DimseDestination, FollowupConfig, MoveReceiver, SelectionConfig
 from lungburden.dicom_io.series import discover_series
 from lungburden.dicom_io.volume import SeriesRejected
 from lungburden.dicom_node.scp import TRANSFER_SYNTAXES
@@ -48,8 +51,9 @@ from lungburden.jobs.exporters import DimseExporter, ExportError, peer_tls_args
 
 log = logging.getLogger(__name__)
 
-#: Study Root Query/Retrieve Information Model - FIND and - GET (PS3.4 C.4.1, C.4.3).
+#: Study Root Query/Retrieve Information Model - FIND, - MOVE and - GET (PS3.4 C.4.1-C.4.3).
 FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
 GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
 #: Storage SOP classes taken in a C-GET: CT images and the SR documents a lungburden SR may be.
 GET_STORAGE_CLASSES = (
@@ -60,6 +64,8 @@ GET_STORAGE_CLASSES = (
     "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
 )
 _SUCCESS, _PENDING = 0x0000, (0xFF00, 0xFF01)
+#: C-STORE status for an instance no retrieval is waiting for (Refused: Out of Resources).
+_REFUSED = 0xA700
 
 
 class DimseError(RuntimeError):
@@ -70,22 +76,42 @@ class DimseQueryRetrieve:
     """C-FIND and C-GET SCU towards ``peer`` (module docstring), on one association kept open
     from the first request to :meth:`close` (opened again if the peer ended it)."""
 
-    def __init__(self, peer: DimseDestination, calling_ae_title: str, timeout: float):
+    def __init__(self, peer: DimseDestination, calling_ae_title: str, timeout: float,
+                 move_to: MoveReceiver | None = None):
         self.peer = peer
         self.calling = peer.calling_ae_title or calling_ae_title
         self.timeout = timeout
         self.tls_args = peer_tls_args(peer)
+        self.move_to = move_to
         self._assoc = None
+        self._server = None
         self._sink: Callable[[Dataset], None] | None = None
+        self._series: str | None = None
 
     def _on_store(self, event) -> int:
-        """A C-STORE sub-operation of our C-GET: the instance goes to the current sink."""
-        if self._sink is None:
-            return 0xA700  # Out of resources: no C-GET is waiting for it
+        """A C-STORE sub-operation of our retrieval: an instance of the series being retrieved
+        goes to the current sink; anything else is refused."""
         ds = event.dataset
+        if self._sink is None or str(ds.get("SeriesInstanceUID", "")) != self._series:
+            log.info("C-STORE of an instance no retrieval waits for refused (from %s)",
+                     event.assoc.requestor.ae_title)
+            return _REFUSED
         ds.file_meta = event.file_meta
         self._sink(ds)
         return _SUCCESS
+
+    def start_receiver(self) -> None:
+        """Start the Storage SCP of ``move_to`` (once per search)."""
+        if self._server is not None or self.move_to is None:
+            return
+        from pynetdicom import AE, evt
+
+        ae = AE(ae_title=self.move_to.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        for sop_class in GET_STORAGE_CLASSES:
+            ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self._server = ae.start_server((self.move_to.host, self.move_to.port), block=False,
+                                       evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def _association(self):
         """The open association: FIND and GET models, the storage classes in the SCP role."""
@@ -97,12 +123,16 @@ class DimseQueryRetrieve:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
         ae.add_requested_context(FIND_MODEL)
-        ae.add_requested_context(GET_MODEL)
-        for sop_class in GET_STORAGE_CLASSES:
-            ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
-        roles = [build_role(sop_class, scp_role=True) for sop_class in GET_STORAGE_CLASSES]
+        roles = []
+        if self.move_to is not None:
+            ae.add_requested_context(MOVE_MODEL)
+        else:
+            ae.add_requested_context(GET_MODEL)
+            for sop_class in GET_STORAGE_CLASSES:
+                ae.add_requested_context(sop_class, TRANSFER_SYNTAXES)
+            roles = [build_role(sop_class, scp_role=True) for sop_class in GET_STORAGE_CLASSES]
         assoc = ae.associate(self.peer.host, self.peer.port, ae_title=self.peer.ae_title, tls_args=self.tls_args,
-                             ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+                             ext_neg=roles or None, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
         if not assoc.is_established:
             how = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
             raise DimseError(f"association with {self.peer.ae_title}@{self.peer.host}:{self.peer.port} {how}")
@@ -110,10 +140,13 @@ class DimseQueryRetrieve:
         return assoc
 
     def close(self) -> None:
-        """Release the association (if open)."""
+        """Release the association and stop the C-MOVE receiver (if running)."""
         if self._assoc is not None and self._assoc.is_established:
             self._assoc.release()
         self._assoc = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
 
     def find(self, level: str, keys: dict[str, str], returned: tuple[str, ...] = ()) -> list[Dataset]:
         """The identifiers of every match of a C-FIND at ``level`` (STUDY, SERIES): ``keys`` are
@@ -135,8 +168,9 @@ class DimseQueryRetrieve:
         return matches
 
     def get_series(self, study_uid: str, series_uid: str, sink: Callable[[Dataset], None]) -> int:
-        """C-GET of one series; each instance received is passed to ``sink`` (with its file meta).
-        Returns the number received; raises :class:`DimseError` when a sub-operation failed."""
+        """C-GET (or with ``move_to`` C-MOVE) of one series; each instance received is passed to
+        ``sink`` (with its file meta). Returns the number received; raises :class:`DimseError`
+        when a sub-operation failed."""
         received = 0
 
         def count(ds: Dataset) -> None:
@@ -148,18 +182,25 @@ class DimseQueryRetrieve:
         query.QueryRetrieveLevel = "SERIES"
         query.StudyInstanceUID, query.SeriesInstanceUID = study_uid, series_uid
         final, failed = -1, 0
-        self._sink = count
+        assoc = self._association()
+        if self.move_to is not None:
+            self.start_receiver()
+            responses = assoc.send_c_move(query, self.move_to.ae_title, MOVE_MODEL)
+        else:
+            responses = assoc.send_c_get(query, GET_MODEL)
+        self._sink, self._series = count, series_uid
         try:
-            for status, _ in self._association().send_c_get(query, GET_MODEL):
+            for status, _ in responses:
                 final = int(getattr(status, "Status", -1)) if status else -1
                 failed = int(getattr(status, "NumberOfFailedSuboperations", 0) or 0) if status else failed
                 if final not in _PENDING:
                     break
         finally:
-            self._sink = None
+            self._sink = self._series = None
         if final != _SUCCESS or failed:
             self.close()
-            raise DimseError(f"C-GET of series {series_uid}: status 0x{final & 0xFFFF:04X}, "
+            how = "C-MOVE" if self.move_to is not None else "C-GET"
+            raise DimseError(f"{how} of series {series_uid}: status 0x{final & 0xFFFF:04X}, "
                              f"{failed} failed sub-operations, {received} instances received")
         return received
 
@@ -179,7 +220,7 @@ class DimsePriors:
         self.config, self.selection, self.model, self.weights = config, selection, model, weights
         self.peer = config.dimse
         self.calling_ae_title = calling_ae_title
-        self.scu = DimseQueryRetrieve(config.dimse, calling_ae_title, config.timeout_seconds)
+        self.scu = DimseQueryRetrieve(config.dimse, calling_ae_title, config.timeout_seconds, config.move_to)
 
     def close(self) -> None:
         self.scu.close()
