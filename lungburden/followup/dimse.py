@@ -1,4 +1,4 @@
-"""Priors from a PACS that speaks DIMSE only: Study Root C-FIND and C-GET, results back by C-STORE.
+"""Priors from a PACS that speaks DIMSE only: Study Root C-FIND, C-GET or C-MOVE, results back by C-STORE.
 
 Many PACS answer queries and retrievals over DICOM networking and not over DICOMweb.
 :class:`DimseQueryRetrieve` is the SCU (pynetdicom) towards one such peer:
@@ -17,8 +17,8 @@ One association carries the requests of a search; it is released before a prior 
 (a PACS ends idle associations) and opened again for the next request.
 
 :class:`DimsePriors` is the :class:`~lungburden.followup.sources.PriorSource` built on it: the
-patient's CT studies by C-FIND; the SR series of a prior by C-FIND and C-GET; a prior without a
-lungburden SR has its CT series retrieved by C-GET, chosen with the node's rules on the
+patient's CT studies by C-FIND; the SR series of a prior by C-FIND and C-GET (or C-MOVE); a prior
+without a lungburden SR has its CT series retrieved the same way, chosen with the node's rules on the
 retrieved headers (:func:`lungburden.archive.search.choose_series`), analysed by the one
 pipeline (:func:`lungburden.archive.tasks.analyse_files`) and its results sent back by C-STORE
 (:class:`lungburden.jobs.exporters.DimseExporter`, DICOM TLS when configured).
@@ -73,8 +73,9 @@ class DimseError(RuntimeError):
 
 
 class DimseQueryRetrieve:
-    """C-FIND and C-GET SCU towards ``peer`` (module docstring), on one association kept open
-    from the first request to :meth:`close` (opened again if the peer ended it)."""
+    """C-FIND and C-GET (or C-MOVE to ``move_to``) SCU towards ``peer`` (module docstring), on one
+    association kept open from the first request to :meth:`close` (opened again if the peer
+    ended it)."""
 
     def __init__(self, peer: DimseDestination, calling_ae_title: str, timeout: float,
                  move_to: MoveReceiver | None = None):
@@ -114,7 +115,8 @@ class DimseQueryRetrieve:
                                        evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
 
     def _association(self):
-        """The open association: FIND and GET models, the storage classes in the SCP role."""
+        """The open association: the FIND model, and the MOVE model (with ``move_to``) or the GET
+        model with the storage classes in the SCP role."""
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
         from pynetdicom import AE, build_role, evt
@@ -236,14 +238,14 @@ class DimsePriors:
                              ("SeriesInstanceUID", "NumberOfSeriesRelatedInstances"))
 
     def sr_instances(self, study_uid: str) -> Iterator[Dataset]:
-        """The study's SR series by C-FIND, each retrieved by C-GET."""
+        """The study's SR series by C-FIND, each retrieved (C-GET or C-MOVE)."""
         for series in self._series(study_uid, "SR"):
             received: list[Dataset] = []
             self.scu.get_series(study_uid, _text(series, "SeriesInstanceUID"), received.append)
             yield from received
 
     def analyse(self, study_uid: str) -> AnalysedPrior | None:
-        """C-GET of the study's CT series (those with at least ``min_slices`` instances), the
+        """Retrieval of the study's CT series (those with at least ``min_slices`` instances), the
         node's choice among them, the one pipeline, C-STORE of the results (``store_results``)."""
         rules = self.selection.to_rules()
         with tempfile.TemporaryDirectory(prefix="lungburden-prior-") as tmp:
