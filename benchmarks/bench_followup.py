@@ -4,14 +4,13 @@ prior whose lungburden SR is in the PACS, and with one prior without (retrieved,
 A real Orthanc on this machine holds the prior, a phantom chest CT (512 x 512) of the same
 patient two weeks earlier, searched and retrieved by DICOMweb (QIDO-RS, WADO-RS, STOW-RS;
 ``--source dicomweb``) or by DIMSE (C-FIND, C-GET, C-STORE; ``--source dimse``; C-MOVE instead of
-C-GET: ``--source dimse-move``); the newest
-study is local files, as ``analyze`` reads them. Each configuration runs ``--runs`` times,
-interleaved, as its own ``lungburden analyze`` process (imports and model load included);
-before each run without the SR the prior's results are deleted from Orthanc. Printed: the
-median wall time, the median of result.json's ``priors`` step, the seconds a prior adds
-(median minus the median without priors), the ratio to the run without priors, and the peak
-memory (maximum resident set size of the process; this small coordinating process writes the
-phantoms with ``lungburden phantom`` so as not to count in it).
+C-GET: ``--source dimse-move``); the newest study is local files, as ``analyze`` reads them.
+Each configuration runs ``--runs`` times, interleaved, as its own ``lungburden analyze`` process
+(imports and model load included); before each run without the SR the prior's results are
+deleted from Orthanc. Printed: the median wall time, the median of result.json's ``priors``
+step, the seconds a prior adds (median minus the median without priors), the ratio to the run
+without priors, and the peak memory (maximum resident set size of the process; this small
+coordinating process writes the phantoms with ``lungburden phantom`` so as not to count in it).
 Not a test: ``python benchmarks/bench_followup.py``.
 """
 
@@ -92,10 +91,10 @@ def main() -> int:
                 runs: dict[str, list[dict]] = {name: [] for name in CONFIGURATIONS}
                 for n in range(args.runs):
                     for k, (name, sources) in enumerate(CONFIGURATIONS.items()):
-                        url = None if name == "no priors" else source
+                        priors_from = None if name == "no priors" else source
                         if sources == ["analysis"]:
                             clear_results(orthanc)
-                        run = analyze(root / "current", root / "out" / model / f"{n}-{k}", model, url)
+                        run = analyze(root / "current", root / "out" / model / f"{n}-{k}", model, priors_from)
                         assert run["priors"] == sources, (name, run["priors"])
                         runs[name].append(run)
                 base = statistics.median(r["wall_s"] for r in runs["no priors"])

@@ -492,7 +492,7 @@ class MoveReceiver:
 class FollowupConfig:
     """Comparison with the patient's prior chest CTs (README "Follow-up"), from one PACS: by
     DICOMweb at ``url`` (QIDO-RS search, WADO-RS retrieval, STOW-RS of an analysed prior's
-    results) or by DIMSE at ``dimse`` (C-FIND, C-GET, C-STORE; Study Root, PS3.4 C.4). Numbers
+    results) or by DIMSE at ``dimse`` (C-FIND, C-GET or C-MOVE, C-STORE; Study Root, PS3.4 C.4). Numbers
     come from a lungburden SR of the same model version, else the prior is analysed."""
 
     enabled: bool = False

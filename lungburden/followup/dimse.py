@@ -46,7 +46,7 @@ from lungburden.config.schema import DimseDestination, FollowupConfig, MoveRecei
 from lungburden.dicom_io.series import discover_series
 from lungburden.dicom_io.volume import SeriesRejected
 from lungburden.dicom_node.scp import TRANSFER_SYNTAXES
-from lungburden.followup.sources import STUDY_KEYS, AnalysedPrior, PriorUnavailable
+from lungburden.followup.sources import STUDY_KEYS, AnalysedPrior, PriorUnavailable, text_of
 from lungburden.jobs.exporters import DimseExporter, ExportError, peer_tls_args
 
 log = logging.getLogger(__name__)
@@ -207,10 +207,6 @@ class DimseQueryRetrieve:
         return received
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
 
 class DimsePriors:
     """:class:`~lungburden.followup.sources.PriorSource` over DIMSE at ``config.dimse``."""
@@ -241,7 +237,7 @@ class DimsePriors:
         """The study's SR series by C-FIND, each retrieved (C-GET or C-MOVE)."""
         for series in self._series(study_uid, "SR"):
             received: list[Dataset] = []
-            self.scu.get_series(study_uid, _text(series, "SeriesInstanceUID"), received.append)
+            self.scu.get_series(study_uid, text_of(series, "SeriesInstanceUID"), received.append)
             yield from received
 
     def analyse(self, study_uid: str) -> AnalysedPrior | None:
@@ -260,7 +256,7 @@ class DimsePriors:
                 def save(ds: Dataset, folder: Path = folder, number: Iterator[int] = itertools.count()) -> None:
                     ds.save_as(folder / f"{next(number):05d}.dcm", enforce_file_format=True)
 
-                self.scu.get_series(study_uid, _text(series, "SeriesInstanceUID"), save)
+                self.scu.get_series(study_uid, text_of(series, "SeriesInstanceUID"), save)
             self.scu.close()  # not held open through the analysis (a PACS ends idle associations)
             candidates = discover_series(root / "series") if (root / "series").is_dir() else []
             chosen = [c for c, reason in choose_series(candidates, rules, self.selection.prefer_one_reconstruction)

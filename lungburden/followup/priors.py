@@ -27,6 +27,7 @@ function), and archive mode from its task (:func:`task_priors`, DICOMweb).
 
 Nothing of the patient is logged: UIDs and counts only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,7 +41,7 @@ from lungburden.archive.tasks import SeriesTask
 from lungburden.config.schema import FollowupConfig, SelectionConfig
 from lungburden.dicom_io.volume import CTVolume
 from lungburden.followup.dimse import DimsePriors
-from lungburden.followup.sources import DicomwebPriors, PriorSource, PriorUnavailable
+from lungburden.followup.sources import DicomwebPriors, PriorSource, PriorUnavailable, text_of
 from lungburden.followup.trend import FROM_ANALYSIS, FROM_SR, FollowUp, PriorResult, parse_da
 from lungburden.results.sr_read import read_sr_numbers
 from lungburden.segmentation.base import AlgorithmInfo
@@ -97,10 +98,6 @@ class PriorStats:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
-    return "" if value is None else str(value).strip()
-
 
 class PriorFinder:
     """The priors of a series (:data:`lungburden.pipeline.PriorsFn`) from the PACS of ``config``."""
@@ -122,10 +119,10 @@ class PriorFinder:
         return DicomwebPriors(self.config, self.selection, self.model, self.weights)
 
     def __call__(self, volume: CTVolume, algorithm: AlgorithmInfo) -> FollowUp:
-        source = volume.datasets[0]
-        study_date = _text(source, "StudyDate")
+        header = volume.datasets[0]
+        study_date = text_of(header, "StudyDate")
         self.last = PriorStats()
-        key = PatientKey.of(source)
+        key = PatientKey.of(header)
         problem = key.problem()
         if problem is None and not study_date:
             problem = "the current study has no Study Date: priors not searched"
@@ -143,14 +140,14 @@ class PriorFinder:
         """Earlier studies of the patient (most recent first), skipped ones with reasons, or a refusal."""
         current = parse_da(study_date)
         found = source.find_studies(key.patient_id, current - timedelta(days=self.config.lookback_days), current)
-        current_time = _text(volume.datasets[0], "StudyTime")
+        current_time = text_of(volume.datasets[0], "StudyTime")
         studies, skipped, seen = [], [], {volume.study_instance_uid}
         for ds in found:
-            uid = _text(ds, "StudyInstanceUID")
+            uid = text_of(ds, "StudyInstanceUID")
             if uid in seen:
                 continue
             seen.add(uid)
-            when = (_text(ds, "StudyDate"), _text(ds, "StudyTime"))
+            when = (text_of(ds, "StudyDate"), text_of(ds, "StudyTime"))
             if not when[0] or when >= (study_date, current_time):
                 continue
             reason = key.mismatch(PatientKey.of(ds))
@@ -162,7 +159,7 @@ class PriorFinder:
                 skipped.append(f"{uid}: {reason}")
                 continue
             studies.append(ds)
-        studies.sort(key=lambda d: (_text(d, "StudyDate"), _text(d, "StudyTime")), reverse=True)
+        studies.sort(key=lambda d: (text_of(d, "StudyDate"), text_of(d, "StudyTime")), reverse=True)
         return studies[: self.config.max_priors], skipped, None
 
     def _find(self, volume: CTVolume, algorithm: AlgorithmInfo, key: PatientKey, study_date: str) -> FollowUp:
@@ -183,11 +180,11 @@ class PriorFinder:
         current = parse_da(study_date)
         priors: list[PriorResult] = []
         for ds in studies:
-            uid = _text(ds, "StudyInstanceUID")
+            uid = text_of(ds, "StudyInstanceUID")
             began = time.perf_counter()
             try:
                 prior = (self._from_sr(source, uid, key, algorithm, current)
-                         or self._analyse(source, uid, _text(ds, "StudyDate"), current))
+                         or self._analyse(source, uid, text_of(ds, "StudyDate"), current))
             except PriorUnavailable as exc:
                 skipped.append(f"{uid}: {exc}")
                 continue
@@ -213,8 +210,8 @@ class PriorFinder:
             if reason is not None:
                 raise PriorUnavailable(f"its lungburden SR names {reason}")
             self.last.from_sr += 1
-            return self._prior(study_uid, numbers.source_series_instance_uid or "", _text(sr, "StudyDate"),
-                               current, numbers.values, FROM_SR, _text(sr, "SOPInstanceUID"))
+            return self._prior(study_uid, numbers.source_series_instance_uid or "", text_of(sr, "StudyDate"),
+                               current, numbers.values, FROM_SR, text_of(sr, "SOPInstanceUID"))
         return None
 
     def _analyse(self, source: PriorSource, study_uid: str, study_date: str, current: date) -> PriorResult | None:

@@ -62,7 +62,8 @@ class PriorSource(Protocol):
         ...
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def text_of(ds: Dataset, keyword: str) -> str:
+    """An attribute as stripped text ("" when absent): the identifiers compared and logged."""
     value = ds.get(keyword)
     return "" if value is None else str(value).strip()
 
@@ -89,9 +90,9 @@ class DicomwebPriors:
     def sr_instances(self, study_uid: str) -> Iterator[Dataset]:
         """QIDO-RS of the study's SR series and their instances, WADO-RS of each."""
         for series in self.client.search_for_series(study_uid, search_filters={"Modality": "SR"}):
-            series_uid = _text(Dataset.from_json(series), "SeriesInstanceUID")
+            series_uid = text_of(Dataset.from_json(series), "SeriesInstanceUID")
             for inst in self.client.search_for_instances(study_uid, series_uid):
-                sop_uid = _text(Dataset.from_json(inst), "SOPInstanceUID")
+                sop_uid = text_of(Dataset.from_json(inst), "SOPInstanceUID")
                 yield self.client.retrieve_instance(study_uid, series_uid, sop_uid)
 
     def analyse(self, study_uid: str) -> AnalysedPrior | None:
